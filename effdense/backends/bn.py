@@ -1,0 +1,112 @@
+"""Batch-norm arithmetic shared by every backend: statistics, running-stat updates, and the BN-ReLU backward.
+
+Notation, per channel, over the ``P = N*H*W`` pixels of a batch::
+
+    mu = mean(x),  var = mean((x - mu)^2)       (biased: used to normalize)
+    invstd = 1 / sqrt(var + eps),  xhat = (x - mu) * invstd
+    y = relu(gamma * xhat + beta) = relu(scale * x + shift),
+    scale = gamma * invstd,  shift = beta - mu * scale
+
+Every backend applies BN-ReLU as this per-channel affine map plus a ReLU, so the kernels only ever see
+``scale``/``shift`` vectors; in eval mode ``mu``/``var`` are the layer's running statistics instead.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for statistics: float64 stays float64, everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def uses_batch_stats(norm: nn.BatchNorm2d) -> bool:
+    """True where ``nn.BatchNorm2d`` normalizes with the batch's statistics (its ``bn_training``)."""
+    return norm.training or norm.running_mean is None
+
+
+def check_batch_size(shape: torch.Size | tuple) -> None:
+    """Fail exactly where ``nn.BatchNorm2d`` fails in training mode: one value per channel."""
+    n_pixels = shape[0] * shape[2] * shape[3]
+    if n_pixels == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {torch.Size(shape)}"
+        )
+
+
+def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of ``x`` ``[N, c, H, W]`` in the accumulation dtype.
+
+    ``torch.var_mean`` uses Welford's merge, which stays accurate where a raw sum of squares cancels.
+    """
+    var, mean = torch.var_mean(x.to(acc_dtype(x.dtype)), dim=(0, 2, 3), correction=0)
+    return mean, var
+
+
+def update_running_stats(norm: nn.BatchNorm2d, mean: Tensor, var: Tensor, n: int) -> None:
+    """Update ``norm``'s running statistics exactly as one ``nn.BatchNorm2d`` training forward does.
+
+    ``num_batches_tracked += 1``; the factor is ``momentum``, or ``1/num_batches_tracked`` (a cumulative
+    average) when ``momentum is None``; ``running_var`` takes the unbiased variance ``var * n / (n - 1)``.
+    An empty batch (``n == 0``) only counts, as ``nn.BatchNorm2d`` does.
+    """
+    if not (norm.training and norm.track_running_stats):
+        return
+    with torch.no_grad():
+        norm.num_batches_tracked.add_(1)
+        if n == 0:
+            return
+        factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+        unbiased = var * (n / (n - 1)) if n > 1 else var
+        norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), factor)
+        norm.running_var.lerp_(unbiased.to(norm.running_var.dtype), factor)
+
+
+def scale_shift(norm: nn.BatchNorm2d, mean: Tensor | None, var: Tensor | None, dtype: torch.dtype):
+    """``(scale, shift, mu, invstd)`` of ``norm`` in ``dtype`` from the batch ``mean``/``var``, or from its
+    running statistics when ``mean`` is None."""
+    if mean is None:
+        mean, var = norm.running_mean, norm.running_var
+    mean, var = mean.to(dtype), var.to(dtype)
+    invstd = torch.rsqrt(var + norm.eps)
+    gamma = norm.weight.to(dtype) if norm.weight is not None else torch.ones_like(mean)
+    beta = norm.bias.to(dtype) if norm.bias is not None else torch.zeros_like(mean)
+    scale = gamma * invstd
+    return scale, beta - mean * scale, mean, invstd
+
+
+def bn_relu(x: Tensor, scale: Tensor, shift: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
+    """``relu(scale * x + shift)`` per channel of ``x`` ``[N, c, H, W]`` (NaN propagates)."""
+    y = torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1)).relu_()
+    return y if out_dtype is None else y.to(out_dtype)
+
+
+def bn_relu_backward(x: Tensor, grad_y: Tensor, scale: Tensor, shift: Tensor, mean: Tensor, invstd: Tensor,
+                     batch_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``y = relu(gamma * xhat + beta)`` w.r.t. ``x``, ``gamma`` and ``beta``.
+
+    Let ``g = grad_y * [y > 0]`` (the ReLU passes the gradient where its output is positive or NaN, as
+    ``threshold_backward`` does). With sums over the ``P`` pixels of a channel::
+
+        dbeta  = sum(g)
+        dgamma = sum(g * xhat)
+        dx     = scale * g                                                  (running statistics: constants)
+        dx     = scale * (g - dbeta / P - xhat * dgamma / P)                (batch statistics)
+
+    The last line follows from ``d mu / dx = 1/P`` and ``d invstd / dx = -invstd^3 (x - mu) / P``:
+    ``dL/dx = gamma*invstd*(g - mean(g)) - gamma*invstd*xhat*mean(g*xhat)``.
+    ``x`` and ``grad_y`` may be low precision; the arithmetic runs in the dtype of ``scale``.
+    Returns ``(dx, dgamma, dbeta)`` with ``dx`` in that dtype.
+    """
+    dt = scale.dtype
+    x = x.to(dt)
+    pre = torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1))
+    g = grad_y.to(dt).masked_fill(pre <= 0, 0)
+    xhat = (x - mean.view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)
+    dbeta = g.sum(dim=(0, 2, 3))
+    dgamma = (g * xhat).sum(dim=(0, 2, 3))
+    if batch_stats:
+        n = x.shape[0] * x.shape[2] * x.shape[3]
+        g = g - (dbeta / n).view(1, -1, 1, 1) - xhat * (dgamma / n).view(1, -1, 1, 1)
+    return g.mul_(scale.view(1, -1, 1, 1)), dgamma, dbeta

@@ -1,0 +1,211 @@
+"""``"torch"``: the memory-efficient dense block of DESIGN.md in plain PyTorch, the executable specification
+that the kernel backends are tested against.
+
+One ``autograd.Function`` per block:
+
+* **Forward.** One feature buffer ``F`` ``[N, C0 + L*k, H, W]`` (in the input's memory format). ``x0`` is
+  copied into ``F[:, :C0]``; layer ``l`` reads the prefix ``F[:, :c_l]`` (a view) and writes its ``k`` new
+  channels into ``F[:, c_l:c_l+k]``. The block returns ``F`` itself.
+* **Statistics per channel, not per layer.** A channel never changes once written, so in training mode its
+  batch mean/variance are computed once, when it is written, and every later layer's ``norm1`` reuses them;
+  only ``gamma``/``beta`` differ per layer (:func:`effdense.backends.bn.scale_shift`). Running statistics are
+  updated once per forward, never by the recomputation in backward.
+* **Backward.** One gradient buffer ``G`` shaped like ``F`` (fp32 when ``F`` is fp16/bf16) starts as the
+  output gradient. For ``l = L-1 ... 0``, ``G[:, c_l:c_l+k]`` is complete (only later layers read those
+  channels), so the layer recomputes its BN-ReLU/conv1/BN-ReLU from ``F`` and the saved statistics, back-
+  propagates, and adds its input gradient into ``G[:, :c_l]`` in place. Each layer's ``norm1`` is its own
+  function of the shared channels, so summing the per-layer input gradients is exact.
+* **Dropout** masks are regenerated in backward from the RNG state saved before each layer drew its mask.
+
+Saved for backward: ``F`` (alive anyway as the output), two ``C``-vectors of channel statistics, two
+``B``-vectors per layer, and one RNG state per layer: memory ``F + G +`` one layer's transients, linear in
+depth. Under autocast the convolutions run in the autocast dtype and ``F`` is stored in it; statistics and
+BN arithmetic stay in fp32.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .bn import (acc_dtype, bn_relu, bn_relu_backward, channel_stats, check_batch_size, scale_shift,
+                 update_running_stats, uses_batch_stats)
+
+
+@dataclass
+class _Ctx:
+    """Non-tensor arguments of the block function."""
+
+    layers: Sequence[nn.Module]
+    compute_dtype: torch.dtype
+    bottleneck: bool
+    growth_rate: int
+    rng_states: list = field(default_factory=list)
+    bs1: list = field(default_factory=list)
+
+
+def memory_format(x: Tensor) -> torch.memory_format:
+    """Channels-last when ``x`` is laid out channels-last (also as a strided view), else contiguous."""
+    if x.dim() == 4 and not x.is_contiguous() and x.stride(1) == min(x.stride()) and x.shape[1] > 1:
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _conv(x: Tensor, w: Tensor) -> Tensor:
+    return F.conv2d(x, w, padding=w.shape[-1] // 2)
+
+
+def _conv_backward(grad: Tensor, x: Tensor, w: Tensor, need_weight: bool) -> tuple[Tensor, Tensor | None]:
+    pad = w.shape[-1] // 2
+    gx, gw, _ = torch.ops.aten.convolution_backward(
+        grad, x, w, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, [True, need_weight, False])
+    return gx, gw
+
+
+def _rng_state(device: torch.device) -> Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _dropout_mask(like: Tensor, p: float, state: Tensor | None = None) -> Tensor:
+    """The scaled mask ``F.dropout`` multiplies by; replayed from ``state`` when given."""
+    if state is None:
+        return F.dropout(torch.ones_like(like), p, training=True)
+    dev = like.device
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [], device_type=dev.type):
+        if dev.type == "cuda":
+            torch.cuda.set_rng_state(state, dev)
+        else:
+            torch.set_rng_state(state)
+        return F.dropout(torch.ones_like(like), p, training=True)
+
+
+def _weights(layer: nn.Module, dt: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    w2 = layer.conv2.weight.to(dt) if getattr(layer, "norm2", None) is not None else None
+    return layer.conv1.weight.to(dt), w2
+
+
+class _DenseBlockFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, cfg: _Ctx, x: Tensor, *params: Tensor) -> Tensor:
+        layers, cdt, k = cfg.layers, cfg.compute_dtype, cfg.growth_rate
+        adt = acc_dtype(cdt)
+        n, c0, h, w = x.shape
+        npix = n * h * w
+        feat = torch.empty((n, c0 + len(layers) * k, h, w), dtype=cdt, device=x.device,
+                           memory_format=memory_format(x))
+        feat[:, :c0].copy_(x)
+        cfg.bs1 = [uses_batch_stats(layer.norm1) for layer in layers]
+        batch_stats = any(cfg.bs1)
+        mean = var = None
+        if batch_stats:
+            mean = torch.empty(feat.shape[1], dtype=adt, device=x.device)
+            var = torch.empty_like(mean)
+            mean[:c0], var[:c0] = channel_stats(feat[:, :c0])
+        stats2: list[tuple[Tensor, Tensor] | None] = []
+        cfg.rng_states = []
+        for i, layer in enumerate(layers):
+            c = c0 + i * k
+            m1, v1 = (mean[:c], var[:c]) if cfg.bs1[i] else (None, None)
+            s1, t1, _, _ = scale_shift(layer.norm1, m1, v1, adt)
+            update_running_stats(layer.norm1, m1, v1, npix)
+            w1, w2 = _weights(layer, cdt)
+            y = _conv(bn_relu(feat[:, :c], s1, t1, cdt), w1)
+            if w2 is not None:
+                st = channel_stats(y) if uses_batch_stats(layer.norm2) else None
+                stats2.append(st)
+                update_running_stats(layer.norm2, *(st or (None, None)), npix)
+                s2, t2, _, _ = scale_shift(layer.norm2, *(st or (None, None)), adt)
+                y = _conv(bn_relu(y, s2, t2, cdt), w2)
+            if layer.drop_rate > 0 and layer.training:
+                cfg.rng_states.append(_rng_state(y.device))
+                y = y * _dropout_mask(feat[:, c:c + k], layer.drop_rate)
+            else:
+                cfg.rng_states.append(None)
+            new = feat[:, c:c + k]
+            new.copy_(y)
+            if batch_stats:
+                mean[c:c + k], var[c:c + k] = channel_stats(new)
+        ctx.cfg = cfg
+        ctx.stats2 = stats2
+        ctx.save_for_backward(feat, mean, var)
+        ctx.x_dtype = x.dtype
+        return feat
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return (None, *_block_backward(ctx.cfg, ctx.stats2, *ctx.saved_tensors, grad_out, ctx.x_dtype))
+
+
+def _block_backward(cfg: _Ctx, stats2: list, feat: Tensor, mean: Tensor | None, var: Tensor | None,
+                    grad_out: Tensor, x_dtype: torch.dtype) -> list[Tensor | None]:
+    """Gradients of the block input and of every layer parameter (see the module docstring)."""
+    layers, cdt, k = cfg.layers, cfg.compute_dtype, cfg.growth_rate
+    adt = acc_dtype(cdt)
+    c0 = feat.shape[1] - len(layers) * k
+    grad = torch.empty_like(feat, dtype=adt)
+    grad.copy_(grad_out)
+    grads: list[Tensor | None] = []
+    for i in reversed(range(len(layers))):
+        layer, c = layers[i], c0 + i * k
+        params = _layer_params(layer)
+        x = feat[:, :c]
+        m1, v1 = (mean[:c], var[:c]) if cfg.bs1[i] else (None, None)
+        s1, t1, m1, i1 = scale_shift(layer.norm1, m1, v1, adt)
+        u = bn_relu(x, s1, t1, cdt)
+        w1, w2 = _weights(layer, cdt)
+        gy = grad[:, c:c + k]
+        if cfg.rng_states[i] is not None:
+            gy = gy * _dropout_mask(feat[:, c:c + k], layer.drop_rate, cfg.rng_states[i])
+        gy = gy.to(cdt)
+        if w2 is not None:
+            z = _conv(u, w1)
+            s2, t2, m2, i2 = scale_shift(layer.norm2, *(stats2[i] or (None, None)), adt)
+            ga, dw2 = _conv_backward(gy, bn_relu(z, s2, t2, cdt), w2, params[5].requires_grad)
+            gz, dg2, db2 = bn_relu_backward(z, ga, s2, t2, m2, i2, stats2[i] is not None)
+            del ga, z
+            gu, dw1 = _conv_backward(gz.to(cdt), u, w1, params[2].requires_grad)
+            del gz
+            tail = [dw1, dg2, db2, dw2]
+        else:
+            gu, dw1 = _conv_backward(gy, u, w1, params[2].requires_grad)
+            tail = [dw1]
+        del u
+        gx, dg1, db1 = bn_relu_backward(x, gu, s1, t1, m1, i1, cfg.bs1[i])
+        del gu
+        grad[:, :c] += gx
+        del gx
+        grads = [g.to(p.dtype) if g is not None and p.requires_grad else None
+                 for g, p in zip([dg1, db1, *tail], params)] + grads
+    return [grad[:, :c0].to(x_dtype, copy=True), *grads]
+
+
+def _layer_params(layer: nn.Module) -> list[Tensor]:
+    """A layer's differentiable tensors in the order the block function takes them."""
+    ps = [layer.norm1.weight, layer.norm1.bias, layer.conv1.weight]
+    if getattr(layer, "norm2", None) is not None:
+        ps += [layer.norm2.weight, layer.norm2.bias, layer.conv2.weight]
+    return ps
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the convolutions run in: the autocast dtype when autocast is on for ``x``'s device."""
+    dev = x.device.type
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def block_forward(x: Tensor, layers: Sequence[nn.Module]) -> Tensor:
+    """Run a dense block (``layers`` with ``norm1``/``conv1``[/``norm2``/``conv2``]) on ``x``."""
+    if any(uses_batch_stats(layer.norm1) for layer in layers):
+        check_batch_size(x.shape)
+    bottleneck = getattr(layers[0], "norm2", None) is not None
+    k = (layers[0].conv2 if bottleneck else layers[0].conv1).out_channels
+    cfg = _Ctx(layers=layers, compute_dtype=compute_dtype(x), bottleneck=bottleneck, growth_rate=k)
+    params = [p for layer in layers for p in _layer_params(layer)]
+    with torch.autocast(x.device.type, enabled=False):
+        return _DenseBlockFunction.apply(cfg, x, *params)

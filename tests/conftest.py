@@ -1,0 +1,12 @@
+"""Shared test setup. Triton's interpreter must be chosen before ``triton`` is first imported: without a
+GPU the tests run every Triton kernel through ``TRITON_INTERPRET=1``."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
