@@ -34,8 +34,13 @@ setup(
     packages=find_packages(include=["effdense", "effdense.*"]),
     install_requires=["torch>=2.4"],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "numpy"],
+        "triton": ['triton>=3.2; platform_system == "Linux"'],
+        "train": ["tqdm", "scikit-learn"],
+        "plots": ["matplotlib"],
+        "tensorboard": ["tensorboard"],
+        "test": ["pytest>=7", "pytest-timeout", "numpy", "tqdm", "scikit-learn",
+                 'triton>=3.2; platform_system == "Linux"'],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["effdense-train = effdense.train:main", "effdense-eval = effdense.eval:main"]},
     zip_safe=False,
 )
