@@ -77,6 +77,8 @@ def resolve(name: str, device: torch.device | str, dtype: torch.dtype) -> Backen
         reasons = []
         for candidate in AUTO_ORDER:
             why = unavailable_reason(candidate, device, dtype)
+            if why is None and device.type not in BACKENDS[candidate].auto_devices:
+                why = f"'auto' does not pick it on {device.type}"
             if why is None:
                 return BACKENDS[candidate]
             reasons.append(f"{candidate}: {why}")

@@ -20,6 +20,8 @@ class Backend:
     forward: Callable[[Tensor, Sequence[nn.Module]], Tensor]
     #: ``unavailable(device, dtype)``: None when the backend can run there, else the reason it cannot
     unavailable: Callable[[torch.device, torch.dtype], str | None]
+    #: device types on which ``"auto"`` may pick it (an interpreter-only CPU path is for debugging, not speed)
+    auto_devices: tuple[str, ...] = ("cpu", "cuda")
 
 
 def float_only(device: torch.device, dtype: torch.dtype) -> str | None:

@@ -20,9 +20,14 @@ from torch.utils.checkpoint import checkpoint
 
 
 def batch_norm(norm: nn.BatchNorm2d, x: Tensor, update_running_stats: bool = True) -> Tensor:
-    """``norm(x)``, optionally without touching its running statistics (for recomputation)."""
-    if not update_running_stats and norm.training:
-        return F.batch_norm(x, None, None, norm.weight, norm.bias, True, 0.0, norm.eps)
+    """``norm(x)``, optionally without touching its running statistics (for recomputation).
+
+    The recomputation runs the same op on throwaway copies of the running buffers, so checkpointing sees
+    the same saved tensors as in the first forward while the real buffers are updated once.
+    """
+    if not update_running_stats and norm.training and norm.track_running_stats:
+        return F.batch_norm(x, norm.running_mean.clone(), norm.running_var.clone(), norm.weight, norm.bias,
+                            True, 0.0, norm.eps)
     return norm(x)
 
 

@@ -1,0 +1,167 @@
+"""Every backend against ``"naive"`` in float64: outputs, input gradients, every parameter gradient and the
+running statistics, over several optimizer steps, on a table of labelled configurations."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import effdense
+from effdense import EfficientDenseBlock
+from utils import assert_runs_close, rel_err, run_steps
+
+RTOL = {torch.float64: 1e-10}
+
+#: backends that must match naive exactly (same dropout masks under the same seed)
+EXACT_BACKENDS = ["checkpoint", "torch"]
+
+
+def _noncontiguous(shape):
+    n, c, h, w = shape
+    return torch.randn(n, c, h + 3, 2 * w, dtype=torch.float64)[:, :, 1:h + 1, ::2]
+
+
+# label: (block kwargs, input shape, options)
+CONFIGS = {
+    "bc-7x7": (dict(num_layers=3, num_input_features=5, bn_size=2, growth_rate=3), (2, 5, 7, 7), {}),
+    "bc-5x3-channels_last": (dict(num_layers=3, num_input_features=6, bn_size=2, growth_rate=4), (2, 6, 5, 3),
+                             {"channels_last": True}),
+    "bc-1x1-batch3": (dict(num_layers=2, num_input_features=4, bn_size=3, growth_rate=2), (3, 4, 1, 1), {}),
+    "bc-batch2-odd-channels": (dict(num_layers=4, num_input_features=7, bn_size=1, growth_rate=5), (2, 7, 6, 5), {}),
+    "bc-noncontiguous": (dict(num_layers=3, num_input_features=5, bn_size=2, growth_rate=3), (2, 5, 5, 4),
+                         {"noncontiguous": True}),
+    "bc-input-no-grad": (dict(num_layers=2, num_input_features=4, bn_size=2, growth_rate=3), (2, 4, 5, 5),
+                         {"input_grad": False}),
+    "bc-dropout": (dict(num_layers=3, num_input_features=5, bn_size=2, growth_rate=3, drop_rate=0.3),
+                   (2, 5, 7, 7), {}),
+    "bc-dropout-channels_last": (dict(num_layers=2, num_input_features=5, bn_size=2, growth_rate=3, drop_rate=0.5),
+                                 (2, 5, 5, 3), {"channels_last": True}),
+    "bc-momentum-none": (dict(num_layers=3, num_input_features=5, bn_size=2, growth_rate=3), (2, 5, 4, 4),
+                         {"momentum": None}),
+    "bc-eval": (dict(num_layers=3, num_input_features=5, bn_size=2, growth_rate=3), (2, 5, 7, 7), {"train": False}),
+    "bc-eval-dropout": (dict(num_layers=2, num_input_features=5, bn_size=2, growth_rate=3, drop_rate=0.3),
+                        (2, 5, 7, 7), {"train": False}),
+    "plain-7x7": (dict(num_layers=3, num_input_features=5, growth_rate=3, bottleneck=False), (2, 5, 7, 7), {}),
+    "plain-5x3-dropout": (dict(num_layers=3, num_input_features=4, growth_rate=4, bottleneck=False, drop_rate=0.2),
+                          (2, 4, 5, 3), {}),
+    "plain-eval-channels_last": (dict(num_layers=2, num_input_features=4, growth_rate=3, bottleneck=False),
+                                 (2, 4, 3, 5), {"train": False, "channels_last": True}),
+}
+
+
+def make_block(kwargs, options, dtype=torch.float64):
+    torch.manual_seed(0)
+    block = EfficientDenseBlock(**kwargs).to(dtype)
+    for m in block.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            # non-trivial affine parameters and running statistics, so eval mode is a real test
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            if "momentum" in options:
+                m.momentum = options["momentum"]
+    return block
+
+
+def make_input(shape, options, dtype=torch.float64):
+    torch.manual_seed(1)
+    x = _noncontiguous(shape) if options.get("noncontiguous") else torch.randn(shape, dtype=dtype)
+    if options.get("channels_last"):
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+@pytest.mark.parametrize("backend", EXACT_BACKENDS)
+@pytest.mark.parametrize("label", list(CONFIGS))
+def test_block_matches_naive_float64(label, backend):
+    kwargs, shape, options = CONFIGS[label]
+    block, x = make_block(kwargs, options), make_input(shape, options)
+    if options.get("noncontiguous"):
+        assert not x.is_contiguous()
+    train, input_grad = options.get("train", True), options.get("input_grad", True)
+    ref = run_steps(block, "naive", x, train=train, input_grad=input_grad)
+    got = run_steps(block, backend, x, train=train, input_grad=input_grad)
+    assert_runs_close(got, ref, RTOL[torch.float64])
+
+
+@pytest.mark.parametrize("bottleneck", [True, False], ids=["bc", "plain"])
+@pytest.mark.parametrize("backend", EXACT_BACKENDS)
+def test_model_matches_naive_float64(backend, bottleneck):
+    """A whole CIFAR DenseNet (stem, three blocks, transitions, classifier) with dropout."""
+    torch.manual_seed(0)
+    depth = 10 if bottleneck else 7
+    model = effdense.densenet_cifar(depth=depth, growth_rate=4, bottleneck=bottleneck, drop_rate=0.2,
+                                    num_classes=5).double()
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    assert_runs_close(run_steps(model, backend, x), run_steps(model, "naive", x), RTOL[torch.float64])
+
+
+def test_dropout_backward_uses_the_forward_mask():
+    """Loss weight only on the dropped positions of the new channels: no gradient may reach conv2; loss weight
+    on the kept positions: some must. Both through the torch backend's regenerated mask."""
+    block = make_block(dict(num_layers=1, num_input_features=3, bn_size=2, growth_rate=4, drop_rate=0.5), {})
+    block.backend = "torch"
+    x = make_input((2, 3, 6, 6), {})
+    torch.manual_seed(7)
+    dropped = block(x)[:, 3:].detach() == 0
+    assert 0.2 < dropped.double().mean().item() < 0.8
+    for weight_on_dropped in (True, False):
+        torch.manual_seed(7)
+        new = block(x)[:, 3:]
+        assert torch.equal(new.detach() == 0, dropped), "the same seed must draw the same mask"
+        r = torch.randn_like(new) * (dropped if weight_on_dropped else ~dropped)
+        grad_w = torch.autograd.grad((new * r).sum(), block.denselayer1.conv2.weight)[0]
+        assert (grad_w.abs().sum() == 0) == weight_on_dropped
+
+
+def test_gradcheck_small_block():
+    for train in (True, False):
+        block = make_block(dict(num_layers=2, num_input_features=3, bn_size=2, growth_rate=2), {}).train(train)
+        block.backend = "torch"
+        names = [n for n, _ in block.named_parameters()]
+        params = tuple(p.detach().clone().requires_grad_() for p in block.parameters())
+        x = make_input((2, 3, 3, 4), {}).requires_grad_()
+
+        def f(x, *ps):
+            return torch.func.functional_call(block, dict(zip(names, ps)), (x,))
+
+        assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["naive", *EXACT_BACKENDS])
+def test_no_grad_train_mode_updates_stats_and_keeps_nothing(backend):
+    block = make_block(dict(num_layers=2, num_input_features=4, bn_size=2, growth_rate=3), {})
+    ref = make_block(dict(num_layers=2, num_input_features=4, bn_size=2, growth_rate=3), {})
+    x = make_input((2, 4, 5, 5), {})
+    block.backend, ref.backend = backend, "naive"
+    with torch.no_grad():
+        y = block(x)
+    y_ref = ref(x)
+    assert y.grad_fn is None and not y.requires_grad
+    assert rel_err(y, y_ref) < 1e-12
+    for (name, a), b in zip(block.state_dict().items(), ref.state_dict().values()):
+        assert rel_err(a.double(), b.double()) < 1e-12, name
+
+
+def test_running_stats_updated_once_per_forward():
+    block = make_block(dict(num_layers=3, num_input_features=4, bn_size=2, growth_rate=3), {})
+    for backend in ["naive", *EXACT_BACKENDS]:
+        b = run_steps(block, backend, make_input((2, 4, 5, 5), {}), steps=2)
+        counts = {k: int(v) for k, v in b.state.items() if k.endswith("num_batches_tracked")}
+        assert set(counts.values()) == {2}, (backend, counts)
+
+
+@pytest.mark.parametrize("backend", EXACT_BACKENDS)
+def test_autocast_bf16_cpu_close_to_fp32(backend):
+    torch.manual_seed(0)
+    model = effdense.densenet_cifar(depth=16, growth_rate=6, num_classes=10)
+    x = torch.randn(4, 3, 16, 16)
+    model.set_backend("naive")
+    ref = model(x)
+    model.set_backend(backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+        y.float().sum().backward()
+    assert torch.isfinite(y).all()
+    assert rel_err(y.float(), ref) < 5e-2
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

@@ -1,0 +1,78 @@
+"""Test helpers shared by the backend test files: run a module for a few optimizer steps and compare runs."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a - b|| / ||b||`` in float64 (0 when both are all zero); NaN anywhere gives inf."""
+    a, b = a.detach().double(), b.detach().double()
+    if torch.isnan(a).any() or torch.isnan(b).any():
+        return float("inf")
+    den = b.norm().item()
+    num = (a - b).norm().item()
+    return num / den if den > 0 else num
+
+
+@dataclass
+class Run:
+    outputs: list = field(default_factory=list)
+    input_grads: list = field(default_factory=list)
+    param_grads: list = field(default_factory=list)   # per step: {name: grad}
+    state: dict = field(default_factory=dict)          # final state_dict (parameters and running statistics)
+
+
+def set_backend(module: nn.Module, backend: str) -> nn.Module:
+    if hasattr(module, "set_backend"):
+        module.set_backend(backend)
+    else:
+        module.backend = backend
+    return module
+
+
+def run_steps(module: nn.Module, backend: str, x: torch.Tensor, steps: int = 3, *, train: bool = True,
+              input_grad: bool = True, seed: int = 1234, lr: float = 0.05) -> Run:
+    """Copy ``module``, switch it to ``backend`` and run ``steps`` SGD steps (momentum 0.9) on a fixed
+    weighted-sum loss, re-seeding the RNG before each forward so dropout draws the same masks."""
+    m = set_backend(copy.deepcopy(module), backend).train(train)
+    opt = torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9)
+    run = Run()
+    for step in range(steps):
+        xs = x.detach().requires_grad_(input_grad)    # a fresh leaf with x's strides
+        torch.manual_seed(seed + step)
+        y = m(xs)
+        weight = torch.linspace(-1.0, 1.0, y.numel(), dtype=y.dtype, device=y.device).view_as(y)
+        opt.zero_grad(set_to_none=True)
+        (y * weight).sum().backward()
+        run.outputs.append(y.detach().clone())
+        run.input_grads.append(xs.grad.clone() if input_grad else None)
+        run.param_grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+        opt.step()
+    run.state = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    return run
+
+
+def assert_runs_close(got: Run, ref: Run, rtol: float) -> None:
+    """Every output, input gradient, parameter gradient and final state entry agrees to ``rtol`` relative."""
+    for step, (a, b) in enumerate(zip(got.outputs, ref.outputs)):
+        assert a.shape == b.shape, f"step {step}: output shape {tuple(a.shape)} != {tuple(b.shape)}"
+        assert rel_err(a, b) <= rtol, f"step {step}: output rel err {rel_err(a, b):.3g}"
+    for step, (a, b) in enumerate(zip(got.input_grads, ref.input_grads)):
+        if b is not None:
+            assert rel_err(a, b) <= rtol, f"step {step}: input grad rel err {rel_err(a, b):.3g}"
+    for step, (ga, gb) in enumerate(zip(got.param_grads, ref.param_grads)):
+        assert ga.keys() == gb.keys(), f"step {step}: grads of {sorted(ga.keys() ^ gb.keys())} differ in presence"
+        for name in gb:
+            assert rel_err(ga[name], gb[name]) <= rtol, \
+                f"step {step}: grad of {name} rel err {rel_err(ga[name], gb[name]):.3g}"
+    assert got.state.keys() == ref.state.keys()
+    for name in ref.state:
+        a, b = got.state[name], ref.state[name]
+        if name.endswith("num_batches_tracked"):
+            assert int(a) == int(b), f"{name}: {int(a)} != {int(b)}"
+        else:
+            assert rel_err(a, b) <= rtol, f"state {name} rel err {rel_err(a, b):.3g}"
