@@ -7,7 +7,7 @@ import torch
 
 import effdense
 from effdense import EfficientDenseBlock
-from utils import assert_runs_close, rel_err, run_steps
+from utils import DEVICES, assert_runs_close, rel_err, run_steps
 
 RTOL = {torch.float64: 1e-10}
 
@@ -71,11 +71,12 @@ def make_input(shape, options, dtype=torch.float64):
     return x
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", EXACT_BACKENDS)
 @pytest.mark.parametrize("label", list(CONFIGS))
-def test_block_matches_naive_float64(label, backend):
+def test_block_matches_naive_float64(label, backend, device):
     kwargs, shape, options = CONFIGS[label]
-    block, x = make_block(kwargs, options), make_input(shape, options)
+    block, x = make_block(kwargs, options).to(device), make_input(shape, options).to(device)
     if options.get("noncontiguous"):
         assert not x.is_contiguous()
     train, input_grad = options.get("train", True), options.get("input_grad", True)
@@ -84,15 +85,16 @@ def test_block_matches_naive_float64(label, backend):
     assert_runs_close(got, ref, RTOL[torch.float64])
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bottleneck", [True, False], ids=["bc", "plain"])
 @pytest.mark.parametrize("backend", EXACT_BACKENDS)
-def test_model_matches_naive_float64(backend, bottleneck):
+def test_model_matches_naive_float64(backend, bottleneck, device):
     """A whole CIFAR DenseNet (stem, three blocks, transitions, classifier) with dropout."""
     torch.manual_seed(0)
     depth = 10 if bottleneck else 7
     model = effdense.densenet_cifar(depth=depth, growth_rate=4, bottleneck=bottleneck, drop_rate=0.2,
-                                    num_classes=5).double()
-    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+                                    num_classes=5).double().to(device)
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64, device=device)
     assert_runs_close(run_steps(model, backend, x), run_steps(model, "naive", x), RTOL[torch.float64])
 
 

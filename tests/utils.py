@@ -4,8 +4,13 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
+import pytest
 import torch
 from torch import nn
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+#: parametrize over this to run a test on the CPU and, where there is one, on the GPU
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,0 +1,174 @@
+"""What every suite shares: the run's environment record, timing, models, and one training step."""
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+import effdense
+from effdense import backends
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+SCHEMA = 1
+#: ``compile`` is ``naive`` under ``torch.compile``; the rest are block backends
+ALL_BACKENDS = ["naive", "checkpoint", "torch", "cpp", "triton", "compile"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _version(module: str) -> str | None:
+    try:
+        return importlib.import_module(module).__version__
+    except Exception:  # noqa: BLE001 - absent or broken: recorded as None
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    """Device, driver, versions, commit and command of this run."""
+    env = {
+        "device_type": device.type,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or
+                                                                                   platform.machine()),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "effdense": effdense.__version__,
+        "commit": _git("rev-parse", "HEAD"),
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), "-m", "benchmarks",
+                                                     *sys.argv[1:]]),
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(total_memory_bytes=props.total_memory, sm_count=props.multi_processor_count,
+                   capability=f"{props.major}.{props.minor}", driver=_nvidia_driver())
+    return env
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, check=True).stdout
+        return out.strip().splitlines()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return None
+
+
+def device_slug(env: dict) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{env['device_type']}-{env['device']}").strip("-").lower()
+
+
+def backend_unavailable(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    if name == "compile":
+        return None
+    if name not in backends.BACKENDS:
+        return "not part of this installation"
+    why = backends.unavailable_reason(name, device, dtype)
+    if why is None and device.type not in backends.BACKENDS[name].auto_devices:
+        return f"runs on {device.type} only as a debugging path"
+    return why
+
+
+def build_model(name: str, depth: int | None, growth_rate: int, backend: str, device: torch.device,
+                num_classes: int = 10) -> torch.nn.Module:
+    """``name`` is ``"bc"`` (DenseNet-BC of ``depth``) or an ``effdense.MODELS`` key."""
+    block_backend = "naive" if backend == "compile" else backend
+    if name == "bc":
+        model = effdense.densenet_cifar(depth=depth, growth_rate=growth_rate, num_classes=num_classes,
+                                        backend=block_backend)
+    else:
+        model = effdense.MODELS[name](num_classes=num_classes, backend=block_backend)
+    model = model.to(device)
+    return torch.compile(model) if backend == "compile" else model
+
+
+def input_size(name: str) -> int:
+    return 32 if name == "bc" or effdense.MODELS[name]().features.conv0.kernel_size == (3, 3) else 224
+
+
+class Step:
+    """Forward, forward+backward, and full SGD step closures on fixed random data."""
+
+    def __init__(self, model: torch.nn.Module, batch: int, size: int, dtype: str, device: torch.device,
+                 num_classes: int = 10):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        self.model, self.device = model, device
+        self.x = torch.randn(batch, 3, size, size, generator=g).to(device)
+        self.y = torch.randint(0, num_classes, (batch,), generator=g).to(device)
+        self.amp = DTYPES[dtype] if dtype != "fp32" else None
+        self.opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+
+    def _loss(self) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            return torch.nn.functional.cross_entropy(self.model(self.x), self.y)
+
+    def forward(self) -> torch.Tensor:
+        self.opt.zero_grad(set_to_none=False)
+        return self._loss()
+
+    @staticmethod
+    def backward(loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def forward_backward(self) -> None:
+        self.forward().backward()
+
+    def step(self) -> None:
+        self.forward_backward()
+        self.opt.step()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn: Callable, device: torch.device, warmup: int, reps: int,
+              setup: Callable[[], object] | None = None) -> float:
+    """Median wall time of ``fn`` in ms (CUDA events on GPU, ``perf_counter`` on CPU) after ``warmup`` runs.
+    With ``setup``, each call is ``fn(setup())`` and only ``fn`` is timed."""
+    def call() -> float:
+        arg = setup() if setup is not None else None
+        sync(device)
+        args = () if setup is None else (arg,)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(*args)
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn(*args)
+        return (time.perf_counter() - t0) * 1e3
+
+    for _ in range(warmup):
+        call()
+    return statistics.median(call() for _ in range(reps))
+
+
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()

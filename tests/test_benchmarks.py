@@ -1,0 +1,104 @@
+"""The benchmark harness in --quick mode on CPU: every suite writes schema-valid JSON with numbers for every
+requested backend, and the README generator round-trips a stored results file."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import pathlib
+import shutil
+
+import pytest
+
+from benchmarks import __main__ as cli
+from benchmarks import report
+from benchmarks.suites import SUITES
+
+FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "bench_results"
+BACKENDS = ["naive", "torch"]
+ENV_KEYS = {"device_type", "device", "torch", "triton", "cuda", "commit", "dirty", "command", "timestamp",
+            "tf32_matmul", "python"}
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    assert cli.main(["--quick", "--device", "cpu", "--backends", *BACKENDS, "--out", str(out)]) == 0
+    files = glob.glob(str(out / "*" / "*.json"))
+    return {json.loads(pathlib.Path(f).read_text())["suite"]: json.loads(pathlib.Path(f).read_text())
+            for f in files}
+
+
+def test_every_suite_wrote_schema_valid_json(quick_results):
+    assert set(quick_results) == set(SUITES)
+    for suite, data in quick_results.items():
+        assert data["schema"] == 1 and data["suite"] == suite and data["quick"] is True
+        assert ENV_KEYS <= set(data["env"]), suite
+        assert data["backends"] == BACKENDS
+        assert isinstance(data["rows"], list) and data["rows"], suite
+        assert all("status" in r for r in data["rows"]), suite
+        assert set(data["units"]) >= {"peak_bytes", "step_ms"}
+
+
+@pytest.mark.parametrize("suite,fields", [("memory", ["peak_bytes", "floor_bytes"]),
+                                          ("speed", ["forward_ms", "backward_ms", "step_ms", "images_per_s",
+                                                     "peak_bytes"])])
+def test_every_requested_backend_produced_numbers(quick_results, suite, fields):
+    rows = quick_results[suite]["rows"]
+    for backend in BACKENDS:
+        mine = [r for r in rows if r["backend"] == backend]
+        assert mine and all(r["status"] == "ok" for r in mine), (backend, mine)
+        for r in mine:
+            assert all(isinstance(r[f], (int, float)) and r[f] > 0 for f in fields), r
+
+
+def test_kernels_suite_reports_ceilings_and_roofline(quick_results):
+    rows = quick_results["kernels"]["rows"]
+    assert {r["name"] for r in rows if r["kind"] == "ceiling"} >= {"copy", "matmul-fp32"}
+    roof = [r for r in rows if r["kind"] == "roofline"]
+    assert {r["backend"] for r in roof} == set(BACKENDS)
+    assert all(r["over_floor"] > 0 and r["step_flops"] > 0 for r in roof)
+
+
+def test_cuda_only_suites_say_why_on_cpu(quick_results):
+    assert quick_results["capacity"]["rows"][0]["status"].startswith("skipped: needs CUDA")
+
+
+def _parse_tables(markdown: str) -> list[list[dict]]:
+    tables, current, header = [], None, None
+    for line in markdown.splitlines():
+        if line.startswith("|") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if current is None:
+                header, current = cells, []
+                tables.append(current)
+            else:
+                current.append(dict(zip(header, cells)))
+        elif not line.startswith("|---"):
+            current = None
+    return tables
+
+
+def test_readme_generator_round_trips_a_stored_result(tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(FIXTURE, results)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n\n{report.START}\nold text\n{report.END}\n\nrest\n")
+    report.main(["--results", str(results), "--readme", str(readme)])
+    text = readme.read_text()
+    assert text.startswith("intro") and text.rstrip().endswith("rest") and "old text" not in text
+    stored = json.loads(next(results.glob("*/memory-*.json")).read_text())
+    assert stored["env"]["command"] in text and stored["env"]["commit"][:10] in text
+    table = next(t for t in _parse_tables(text) if t and "peak MiB" in t[0])
+    assert len(table) == len(stored["rows"])
+    for parsed, row in zip(table, stored["rows"]):
+        assert parsed["backend"] == row["backend"] and int(parsed["depth"]) == row["depth"]
+        assert float(parsed["peak MiB"]) == pytest.approx(row["peak_bytes"] / 2 ** 20, abs=0.05)
+        assert float(parsed["floor MiB"]) == pytest.approx(row["floor_bytes"] / 2 ** 20, abs=0.05)
+    report.main(["--results", str(results), "--readme", str(readme)])
+    assert readme.read_text() == text, "regenerating must be idempotent"
+    assert os.path.exists(results / stored_folder(results) / "summary.md")
+
+
+def stored_folder(results: pathlib.Path) -> str:
+    return next(p.parent.name for p in results.glob("*/memory-*.json"))
