@@ -4,10 +4,8 @@ For a dense block with ``P = N*H*W`` pixels, input width ``C0``, ``L`` layers, g
 ``B = bn_size*k`` and output width ``C = C0 + L*k`` (``e`` bytes per stored element, ``g`` per gradient
 element: fp32 for fp16/bf16 storage):
 
-* memory floor = ``sum_blocks F + max_blocks (G + T)``: every block's feature buffer ``F = P*C*e`` (each is
-  the next stage's input and is kept for backward), plus, at the worst moment, one block's gradient buffer
-  ``G = P*C*g`` and one layer's transients ``T = P*(C*e + 2*B*e + 2*B*g + 2*C*g)`` (the recomputed
-  BN-ReLU input, bottleneck ``Z`` and its activation, their gradients, and the layer's input gradient);
+* memory floor: :func:`effdense.memory.predicted_activation_bytes` with ``kind="efficient"`` (every block's
+  feature buffer, plus one block's gradient buffer and one layer's transients);
 * bytes floor of a training step: each layer reads its prefix and writes its ``k`` channels and ``Z`` once in
   forward, and in backward reads the prefix, ``Z`` and its ``k``-channel gradient once and reads and writes its
   slice of ``G`` once: ``P*(e*(2*c_l + 2*k + 3*B) + g*(2*c_l + k + B))`` per layer;
@@ -19,47 +17,21 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import effdense
-
-
-def _blocks(model: torch.nn.Module, size: int) -> list[tuple[int, int, int, int, int]]:
-    """(pixels per image, C0, L, k, B) for each dense block, from the model's layout and input size."""
-    out, hw = [], size
-    if hasattr(model.features, "pool0"):
-        hw = (hw + 1) // 2
-        hw = (hw + 1) // 2
-    for name, m in model.features.named_children():
-        if isinstance(m, effdense.EfficientDenseBlock):
-            layer = m.denselayer1
-            b = layer.conv1.out_channels if m.bottleneck else 0
-            out.append((hw * hw, m.num_input_features, len(m), m.growth_rate, b))
-        elif name.startswith("transition"):
-            hw //= 2
-    return out
-
-
-def _sizes(dtype: torch.dtype) -> tuple[int, int]:
-    e = torch.finfo(dtype).bits // 8
-    return e, max(e, 4)
+from effdense.memory import block_shapes, predicted_activation_bytes
 
 
 def memory_floor_bytes(model: torch.nn.Module, batch: int, size: int, dtype: torch.dtype) -> int:
-    e, g = _sizes(dtype)
-    feats, worst = 0, 0
-    for pix, c0, n_layers, k, b in _blocks(model, size):
-        p, c = batch * pix, c0 + n_layers * k
-        feats += p * c * e
-        worst = max(worst, p * c * g + p * (c * e + 2 * b * e + 2 * b * g + 2 * c * g))
-    return feats + worst
+    return predicted_activation_bytes(model, batch, size, dtype, "efficient")
 
 
 def step_bytes_floor(model: torch.nn.Module, batch: int, size: int, dtype: torch.dtype) -> int:
-    e, g = _sizes(dtype)
+    e = torch.finfo(dtype).bits // 8
+    g = max(e, 4)
     total = 0
-    for pix, c0, n_layers, k, b in _blocks(model, size):
-        for layer in range(n_layers):
-            c = c0 + layer * k
-            total += batch * pix * (e * (2 * c + 2 * k + 3 * b) + g * (2 * c + k + b))
+    for s in block_shapes(model, size):
+        for layer in range(s.layers):
+            c = s.c0 + layer * s.k
+            total += batch * s.pixels * (e * (2 * c + 2 * s.k + 3 * s.b) + g * (2 * c + s.k + s.b))
     return total
 
 

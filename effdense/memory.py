@@ -88,3 +88,66 @@ def training_step(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor,
         loss.backward()
         optimizer.step()
     return step
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    pixels: int      # H*W of one image at this block
+    c0: int          # input channels
+    layers: int
+    k: int           # growth rate
+    b: int           # bottleneck width (0 for plain layers)
+
+    @property
+    def c(self) -> int:
+        return self.c0 + self.layers * self.k
+
+
+def block_shapes(model: torch.nn.Module, size: int) -> list[BlockShape]:
+    """The dense blocks of an :class:`~effdense.EfficientDenseNet` on ``size`` x ``size`` inputs."""
+    from .block import EfficientDenseBlock  # noqa: PLC0415 - memory.py is imported by the block's users only
+
+    out, hw = [], size
+    if hasattr(model.features, "pool0"):
+        hw = ((hw + 1) // 2 + 1) // 2                  # 7x7/2 conv, then 3x3/2 max-pool (padding 3 and 1)
+    for name, m in model.features.named_children():
+        if isinstance(m, EfficientDenseBlock):
+            b = m.denselayer1.conv1.out_channels if m.bottleneck else 0
+            out.append(BlockShape(hw * hw, m.num_input_features, len(m), m.growth_rate, b))
+        elif name.startswith("transition"):
+            hw //= 2
+    return out
+
+
+def predicted_activation_bytes(model: torch.nn.Module, batch: int, size: int, dtype: torch.dtype,
+                               kind: str) -> int:
+    """Dense-block activation memory of one training step, predicted from the model's layout.
+
+    ``kind`` is ``"naive"``, ``"checkpoint"`` or ``"efficient"``. With ``P`` pixels, ``c_l = C0 + l*k``,
+    ``C = C0 + L*k``, ``e`` bytes per stored element and ``g`` per gradient element (fp32 for fp16/bf16):
+
+    * naive: each layer keeps its concatenation and BN-ReLU output (``2 c_l``), its bottleneck and that
+      bottleneck's BN-ReLU output (``2B``) and its ``k`` new channels, plus the block's concatenated output;
+    * checkpoint: per layer only ``2B`` (what norm2/conv2 keep), plus the feature maps and the output (``2C``);
+    * efficient (the floor of the shared-buffer algorithm): every block's feature buffer ``P*C*e``, plus, at the
+      worst moment, one block's gradient buffer ``P*C*g`` and one layer's transients
+      ``P*(C*e + 2*B*e + 2*B*g + 2*C*g)`` (recomputed BN-ReLU input, bottleneck and its activation, their
+      gradients, and the layer's input gradient).
+
+    Stem, transitions and classifier are the same for every backend and left out.
+    """
+    e = torch.finfo(dtype).bits // 8
+    g = max(e, 4)
+    kept, worst = 0, 0
+    for s in block_shapes(model, size):
+        p = batch * s.pixels
+        if kind == "efficient":
+            kept += p * s.c * e
+            worst = max(worst, p * s.c * g + p * (s.c * e + 2 * s.b * e + 2 * s.b * g + 2 * s.c * g))
+        elif kind == "checkpoint":
+            kept += p * (2 * s.c + s.layers * 2 * s.b) * e
+        elif kind == "naive":
+            kept += p * (sum(2 * (s.c0 + i * s.k) + 2 * s.b + s.k for i in range(s.layers)) + s.c) * e
+        else:
+            raise ValueError(f"kind must be 'naive', 'checkpoint' or 'efficient', got {kind!r}")
+    return kept + worst

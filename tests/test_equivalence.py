@@ -6,18 +6,12 @@ import pytest
 import torch
 
 import effdense
-from effdense import EfficientDenseBlock
-from utils import DEVICES, assert_runs_close, rel_err, run_steps
+from utils import DEVICES, assert_runs_close, make_block, make_input, rel_err, run_steps
 
 RTOL = {torch.float64: 1e-10}
 
 #: backends that must match naive exactly (same dropout masks under the same seed)
 EXACT_BACKENDS = ["checkpoint", "torch"]
-
-
-def _noncontiguous(shape):
-    n, c, h, w = shape
-    return torch.randn(n, c, h + 3, 2 * w, dtype=torch.float64)[:, :, 1:h + 1, ::2]
 
 
 # label: (block kwargs, input shape, options)
@@ -46,29 +40,6 @@ CONFIGS = {
     "plain-eval-channels_last": (dict(num_layers=2, num_input_features=4, growth_rate=3, bottleneck=False),
                                  (2, 4, 3, 5), {"train": False, "channels_last": True}),
 }
-
-
-def make_block(kwargs, options, dtype=torch.float64):
-    torch.manual_seed(0)
-    block = EfficientDenseBlock(**kwargs).to(dtype)
-    for m in block.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            # non-trivial affine parameters and running statistics, so eval mode is a real test
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.3, 0.3)
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-            if "momentum" in options:
-                m.momentum = options["momentum"]
-    return block
-
-
-def make_input(shape, options, dtype=torch.float64):
-    torch.manual_seed(1)
-    x = _noncontiguous(shape) if options.get("noncontiguous") else torch.randn(shape, dtype=dtype)
-    if options.get("channels_last"):
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
 
 
 @pytest.mark.parametrize("device", DEVICES)

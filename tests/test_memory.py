@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import effdense
-from effdense.memory import LiveBytes, measure_step, training_step
+from effdense.memory import LiveBytes, measure_step, predicted_activation_bytes, training_step
 
 
 def test_live_bytes_counts_allocations_and_frees():
@@ -39,3 +39,14 @@ def test_memory_linear_in_depth():
     assert torch_growth <= 2.3, peak
     assert naive_growth >= 2.8, peak
     assert peak["torch", 32] <= 0.3 * peak["naive", 32], peak
+
+
+def test_predicted_memory_linear_vs_quadratic():
+    """The analytic estimate: efficient grows linearly with depth, naive quadratically, checkpoint between."""
+    def est(layers_per_block, kind):
+        model = effdense.densenet_cifar(depth=6 * layers_per_block + 4, growth_rate=12)
+        return predicted_activation_bytes(model, 64, 32, torch.float32, kind)
+    assert est(64, "efficient") / est(32, "efficient") < 2.2 < 3.0 < est(64, "naive") / est(32, "naive")
+    assert est(32, "efficient") < est(32, "checkpoint") < est(32, "naive")
+    with pytest.raises(ValueError, match="kind must be"):
+        est(4, "fast")

@@ -13,6 +13,37 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 
 
+def make_block(kwargs: dict, options: dict, dtype: torch.dtype = torch.float64, device="cpu") -> nn.Module:
+    """An :class:`~effdense.EfficientDenseBlock` with non-trivial BN affine parameters and running statistics
+    (so eval mode is a real test); ``options["momentum"]`` sets every BN's momentum."""
+    from effdense import EfficientDenseBlock
+
+    torch.manual_seed(0)
+    block = EfficientDenseBlock(**kwargs).to(dtype)
+    for m in block.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            if "momentum" in options:
+                m.momentum = options["momentum"]
+    return block.to(device)
+
+
+def make_input(shape: tuple, options: dict, dtype: torch.dtype = torch.float64, device="cpu") -> torch.Tensor:
+    """A seeded input; ``options``: ``noncontiguous`` (a strided view), ``channels_last``."""
+    torch.manual_seed(1)
+    if options.get("noncontiguous"):
+        n, c, h, w = shape
+        x = torch.randn(n, c, h + 3, 2 * w, dtype=dtype, device=device)[:, :, 1:h + 1, ::2]
+    else:
+        x = torch.randn(shape, dtype=dtype, device=device)
+    if options.get("channels_last"):
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """``||a - b|| / ||b||`` in float64 (0 when both are all zero); NaN anywhere gives inf."""
     a, b = a.detach().double(), b.detach().double()

@@ -41,10 +41,9 @@ class _Ctx:
 
     layers: Sequence[nn.Module]
     compute_dtype: torch.dtype
-    bottleneck: bool
     growth_rate: int
-    rng_states: list = field(default_factory=list)
-    bs1: list = field(default_factory=list)
+    rng_states: list = field(default_factory=list)   # per layer: RNG state before its dropout mask, or None
+    bs1: list = field(default_factory=list)          # per layer: does norm1 normalize with batch statistics
 
 
 def memory_format(x: Tensor) -> torch.memory_format:
@@ -52,6 +51,20 @@ def memory_format(x: Tensor) -> torch.memory_format:
     if x.dim() == 4 and not x.is_contiguous() and x.stride(1) == min(x.stride()) and x.shape[1] > 1:
         return torch.channels_last
     return torch.contiguous_format
+
+
+def init_features(x: Tensor, num_layers: int, k: int, cdt: torch.dtype, batch_stats: bool):
+    """The feature buffer ``F`` with ``x0`` copied into ``[:, :C0]``, and per-channel ``(mean, var)`` buffers
+    holding ``x0``'s statistics (``(None, None)`` without batch statistics)."""
+    n, c0, h, w = x.shape
+    feat = torch.empty((n, c0 + num_layers * k, h, w), dtype=cdt, device=x.device, memory_format=memory_format(x))
+    feat[:, :c0].copy_(x)
+    mean = var = None
+    if batch_stats:
+        mean = torch.empty(feat.shape[1], dtype=acc_dtype(cdt), device=x.device)
+        var = torch.empty_like(mean)
+        mean[:c0], var[:c0] = channel_stats(feat[:, :c0])
+    return feat, mean, var
 
 
 def _conv(x: Tensor, w: Tensor) -> Tensor:
@@ -94,16 +107,9 @@ class _DenseBlockFunction(torch.autograd.Function):
         adt = acc_dtype(cdt)
         n, c0, h, w = x.shape
         npix = n * h * w
-        feat = torch.empty((n, c0 + len(layers) * k, h, w), dtype=cdt, device=x.device,
-                           memory_format=memory_format(x))
-        feat[:, :c0].copy_(x)
         cfg.bs1 = [uses_batch_stats(layer.norm1) for layer in layers]
         batch_stats = any(cfg.bs1)
-        mean = var = None
-        if batch_stats:
-            mean = torch.empty(feat.shape[1], dtype=adt, device=x.device)
-            var = torch.empty_like(mean)
-            mean[:c0], var[:c0] = channel_stats(feat[:, :c0])
+        feat, mean, var = init_features(x, len(layers), k, cdt, batch_stats)
         stats2: list[tuple[Tensor, Tensor] | None] = []
         cfg.rng_states = []
         for i, layer in enumerate(layers):
@@ -203,9 +209,8 @@ def block_forward(x: Tensor, layers: Sequence[nn.Module]) -> Tensor:
     """Run a dense block (``layers`` with ``norm1``/``conv1``[/``norm2``/``conv2``]) on ``x``."""
     if any(uses_batch_stats(layer.norm1) for layer in layers):
         check_batch_size(x.shape)
-    bottleneck = getattr(layers[0], "norm2", None) is not None
-    k = (layers[0].conv2 if bottleneck else layers[0].conv1).out_channels
-    cfg = _Ctx(layers=layers, compute_dtype=compute_dtype(x), bottleneck=bottleneck, growth_rate=k)
+    k = (layers[0].conv2 if getattr(layers[0], "norm2", None) is not None else layers[0].conv1).out_channels
+    cfg = _Ctx(layers=layers, compute_dtype=compute_dtype(x), growth_rate=k)
     params = [p for layer in layers for p in _layer_params(layer)]
     with torch.autocast(x.device.type, enabled=False):
         return _DenseBlockFunction.apply(cfg, x, *params)

@@ -1,0 +1,237 @@
+"""``"triton"``: the memory-efficient dense block of DESIGN.md on fused Triton kernels (:mod:`effdense.kernels`).
+
+Same algorithm, storage and saved state as the ``"torch"`` specification (:mod:`.torch_backend`): one feature
+buffer ``F``, per-channel statistics computed once when a channel is written, per-layer ``scale``/``shift``,
+recomputation in backward, one gradient buffer ``G`` accumulated in place. Per layer:
+
+Forward (2 kernel launches for a bottleneck layer, 1 for a plain layer)
+  1. ``Z = conv1x1(relu(bn1(F[:, :c])))`` with BN2's statistics of ``Z`` from the epilogue
+     (:func:`~effdense.kernels.bn_relu_conv_fwd`; ``Z`` is a channels-last ``[N, B, H, W]`` transient).
+  2. ``F[:, c:c+k] = dropout(conv3x3(relu(bn2(Z))))`` stored in place, with the statistics of the new
+     channels (for every later layer's BN1) from the same epilogue; the dropout mask is Philox(seed, index).
+Backward (recompute ``Z`` with kernel 1, then)
+  3. ``dW2`` = wgrad with ``A = relu(bn2(Z))`` recomputed in its prologue and the dropout mask regenerated.
+  4. ``g2`` = dgrad of conv3x3 with ReLU backward and BN2's ``dbeta``/``dgamma`` sums in the epilogue;
+     ``gZ`` finished in place over ``g2`` by :func:`~effdense.kernels.bn_bwd_apply`.
+  5. ``dW1`` = wgrad with ``relu(bn1(F[:, :c]))`` recomputed in its prologue; ``g1`` = dgrad of conv1x1 with
+     BN1's sums in the epilogue; :func:`~effdense.kernels.bn_bwd_apply` adds ``dx`` into ``G[:, :c]`` in place.
+Backward launches per bottleneck layer: 1 recompute + 2 wgrad + 2 dgrad + 2 elementwise. Not fused yet: the
+finish of each BN backward is a separate elementwise pass (it needs the complete sums; it could move into the
+prologue of the next GEMM that reads ``gZ``), ``gZ`` and ``g1`` are materialized in fp32 (width ``B`` and
+``c``: one layer's transients, linear in depth), the per-tile statistics and sums are merged, and the per-layer
+``scale``/``shift`` vectors computed, with a few small PyTorch ops; ``x0``'s statistics use
+:func:`~effdense.backends.bn.channel_stats`. The 3x3 conv is always the Triton implicit GEMM (no cuDNN
+dispatch by size yet: that needs GPU measurements).
+
+Dropout draws a fresh mask from a Philox seed (taken from PyTorch's CPU generator, so ``torch.manual_seed``
+makes it reproducible) and regenerates it in backward: it is not ``F.dropout``'s mask, so it matches
+``"naive"`` in distribution only.
+
+Runs on CUDA (fp32/fp16/bf16, autocast included) and, with ``TRITON_INTERPRET=1`` set before ``triton`` is
+imported, on CPU tensors in fp32 or fp16 through Triton's interpreter (how CI exercises it). Under
+``torch.compile`` the kernels are called as ``effdense::`` custom ops (:mod:`effdense.kernels.ops`): the block
+compiles with ``fullgraph=True`` (checked with ``backend="aot_eager"`` in the tests).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from . import torch_backend
+from .base import Backend
+from .bn import (acc_dtype, check_batch_size, scale_shift, update_running_stats,
+                 uses_batch_stats)
+from .torch_backend import _layer_params, compute_dtype, init_features
+
+try:
+    from .. import kernels as K
+    _IMPORT_ERROR: str | None = None
+except ImportError as _err:  # triton missing or too old: the backend stays listed, with the reason
+    K = None
+    _IMPORT_ERROR = f"triton is not importable: {type(_err).__name__}: {_err}"
+
+GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: bfloat16 is broken in Triton's interpreter
+INTERPRETER_DTYPES = (torch.float32, torch.float16)
+
+
+@dataclass
+class _Ctx:
+    """Non-tensor arguments of the block function."""
+
+    layers: Sequence[nn.Module]
+    compute_dtype: torch.dtype
+    bottleneck: bool
+    growth_rate: int
+    dropout: list = field(default_factory=list)     # per layer: (p, Philox seed); p = 0 without dropout
+    bs1: list = field(default_factory=list)         # per layer: does norm1 normalize with batch statistics
+
+
+def unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None where the kernels can run on ``device``/``dtype``, else why not."""
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR
+    if device.type == "cpu":
+        if not K.interpreting():
+            return "CPU tensors need TRITON_INTERPRET=1 set before triton is imported (Triton's interpreter)"
+        if dtype not in INTERPRETER_DTYPES:
+            return f"Triton's CPU interpreter runs these kernels in float32 and float16 only, got {dtype}"
+        return None
+    if device.type != "cuda":
+        return f"no Triton kernels for device type {device.type!r}"
+    if K.interpreting():
+        return "TRITON_INTERPRET=1 is set: Triton runs kernels on the CPU, not on CUDA tensors"
+    if dtype not in GPU_DTYPES:
+        return f"dtype {dtype} is not supported (float32, float16, bfloat16)"
+    return None
+
+
+class _Kernels:
+    """The kernel entry points: the launchers in eager mode; under ``torch.compile`` the same calls through the
+    ``effdense::`` custom ops (:mod:`effdense.kernels.ops`), which dynamo treats as opaque."""
+
+    def __getattr__(self, name: str):
+        if torch.compiler.is_compiling():
+            from ..kernels import ops
+            return getattr(ops, f"{name}_dispatch")
+        return getattr(K, name)
+
+
+_K = _Kernels()
+
+
+def _seed() -> int:
+    """A Philox seed from PyTorch's CPU generator (reproducible under ``torch.manual_seed``)."""
+    return int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
+
+
+def _bottleneck_buffer(n: int, width: int, h: int, w: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A ``[N, width, H, W]`` channels-last transient: a plain ``[P, width]`` GEMM operand."""
+    return torch.empty((n, width, h, w), dtype=dtype, device=device, memory_format=torch.channels_last)
+
+
+def _nhwc(g: Tensor, n: int, h: int, w: int) -> Tensor:
+    """A ``[P, C]`` matrix (pixels in NHW order) viewed as ``[N, C, H, W]``."""
+    return g.view(n, h, w, -1).permute(0, 3, 1, 2)
+
+
+class _TritonBlockFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, cfg: _Ctx, x: Tensor, *params: Tensor) -> Tensor:
+        layers, cdt, k = cfg.layers, cfg.compute_dtype, cfg.growth_rate
+        adt = acc_dtype(cdt)
+        n, c0, h, w = x.shape
+        npix = n * h * w
+        cfg.bs1 = [uses_batch_stats(layer.norm1) for layer in layers]
+        batch_stats = any(cfg.bs1)
+        feat, mean, var = init_features(x, len(layers), k, cdt, batch_stats)
+        stats2: list[tuple[Tensor, Tensor] | None] = []
+        for i, layer in enumerate(layers):
+            c = c0 + i * k
+            m1, v1 = (mean[:c], var[:c]) if cfg.bs1[i] else (None, None)
+            s1, t1, _, _ = scale_shift(layer.norm1, m1, v1, adt)
+            update_running_stats(layer.norm1, m1, v1, npix)
+            drop = layer.drop_rate if layer.drop_rate > 0 and layer.training else 0.0
+            seed = _seed() if drop > 0 else 0
+            cfg.dropout.append((drop, seed))
+            new = feat[:, c:c + k]
+            if cfg.bottleneck:
+                z = _bottleneck_buffer(n, layer.conv1.out_channels, h, w, cdt, x.device)
+                st = _K.bn_relu_conv_fwd(feat[:, :c], s1, t1, layer.conv1.weight, z,
+                                        stats=uses_batch_stats(layer.norm2))
+                stats2.append(st)
+                update_running_stats(layer.norm2, *(st or (None, None)), npix)
+                s2, t2, _, _ = scale_shift(layer.norm2, *(st or (None, None)), adt)
+                st_new = _K.bn_relu_conv_fwd(z, s2, t2, layer.conv2.weight, new, stats=batch_stats,
+                                            drop_p=drop, seed=seed)
+                del z
+            else:
+                stats2.append(None)
+                st_new = _K.bn_relu_conv_fwd(feat[:, :c], s1, t1, layer.conv1.weight, new, stats=batch_stats,
+                                            drop_p=drop, seed=seed)
+            if batch_stats:
+                mean[c:c + k], var[c:c + k] = st_new
+        ctx.cfg = cfg
+        ctx.stats2 = stats2
+        ctx.save_for_backward(feat, mean, var)
+        ctx.x_dtype = x.dtype
+        return feat
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return (None, *_block_backward(ctx.cfg, ctx.stats2, *ctx.saved_tensors, grad_out, ctx.x_dtype))
+
+
+def _block_backward(cfg: _Ctx, stats2: list, feat: Tensor, mean: Tensor | None, var: Tensor | None,
+                    grad_out: Tensor, x_dtype: torch.dtype) -> list[Tensor | None]:
+    """Gradients of the block input and of every layer parameter (see the module docstring)."""
+    layers, cdt, k = cfg.layers, cfg.compute_dtype, cfg.growth_rate
+    adt = acc_dtype(cdt)
+    n, _, h, w = feat.shape
+    c0 = feat.shape[1] - len(layers) * k
+    grad = torch.empty_like(feat, dtype=adt)
+    grad.copy_(grad_out)
+    grads: list[Tensor | None] = []
+    for i in reversed(range(len(layers))):
+        layer, c = layers[i], c0 + i * k
+        params = _layer_params(layer)
+        x = feat[:, :c]
+        m1, v1 = (mean[:c], var[:c]) if cfg.bs1[i] else (None, None)
+        s1, t1, m1, i1 = scale_shift(layer.norm1, m1, v1, adt)
+        drop, seed = cfg.dropout[i]
+        gy = grad[:, c:c + k]
+        if cfg.bottleneck:
+            w1, w2 = layer.conv1.weight, layer.conv2.weight
+            z = _bottleneck_buffer(n, w1.shape[0], h, w, cdt, feat.device)
+            _K.bn_relu_conv_fwd(x, s1, t1, w1, z)                      # recompute Z (no statistics)
+            s2, t2, m2, i2 = scale_shift(layer.norm2, *(stats2[i] or (None, None)), adt)
+            dw2 = _K.conv_wgrad(gy, z, s2, t2, w2.shape[-1], cdt, drop, seed) if params[5].requires_grad else None
+            g2, dg2, db2 = _K.conv_dgrad_bn_relu(gy, w2, z, s2, t2, m2, i2, cdt, drop, seed)
+            gz = _nhwc(g2, n, h, w)
+            _K.bn_bwd_apply(g2, z, gz, s2, m2, i2, db2, dg2, stats2[i] is not None, accumulate=False)
+            del z
+            dw1 = _K.conv_wgrad(gz, x, s1, t1, w1.shape[-1], cdt) if params[2].requires_grad else None
+            g1, dg1, db1 = _K.conv_dgrad_bn_relu(gz, w1, x, s1, t1, m1, i1, cdt)
+            del g2, gz
+            tail = [dw1, dg2, db2, dw2]
+        else:
+            w1 = layer.conv1.weight
+            dw1 = (_K.conv_wgrad(gy, x, s1, t1, w1.shape[-1], cdt, drop, seed)
+                   if params[2].requires_grad else None)
+            g1, dg1, db1 = _K.conv_dgrad_bn_relu(gy, w1, x, s1, t1, m1, i1, cdt, drop, seed)
+            tail = [dw1]
+        _K.bn_bwd_apply(g1, x, grad[:, :c], s1, m1, i1, db1, dg1, cfg.bs1[i], accumulate=True)
+        del g1
+        grads = [g.to(p.dtype) if g is not None and p.requires_grad else None
+                 for g, p in zip([dg1, db1, *tail], params)] + grads
+    return [grad[:, :c0].to(x_dtype, copy=True), *grads]
+
+
+def block_forward(x: Tensor, layers: Sequence[nn.Module]) -> Tensor:
+    """Run a dense block on the Triton kernels (same contract as :func:`.torch_backend.block_forward`)."""
+    if any(uses_batch_stats(layer.norm1) for layer in layers):
+        check_batch_size(x.shape)
+    if x.numel() == 0:  # nothing for a kernel to do: the specification handles the empty batch
+        return torch_backend.block_forward(x, layers)
+    cdt = compute_dtype(x)
+    why = unavailable(x.device, cdt)
+    if why is not None:
+        if x.device.type == "cpu" and K.interpreting():
+            # CPU bf16 autocast under the interpreter (a debugging/CI mode without bf16): run the specification
+            return torch_backend.block_forward(x, layers)
+        raise RuntimeError(f"backend 'triton' cannot run on {x.device} with compute dtype {cdt}: {why}")
+    bottleneck = getattr(layers[0], "norm2", None) is not None
+    k = (layers[0].conv2 if bottleneck else layers[0].conv1).out_channels
+    cfg = _Ctx(layers=layers, compute_dtype=cdt, bottleneck=bottleneck, growth_rate=k)
+    params = [p for layer in layers for p in _layer_params(layer)]
+    with torch.autocast(x.device.type, enabled=False):
+        return _TritonBlockFunction.apply(cfg, x, *params)
+
+
+BACKEND = Backend("triton", "fused BN-ReLU-Conv Triton kernels on the shared feature buffer (GPU; CPU through "
+                  "TRITON_INTERPRET=1)", True, block_forward, unavailable,
+                  auto_devices=("cuda",))

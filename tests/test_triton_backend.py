@@ -1,0 +1,230 @@
+"""``backend="triton"`` as a whole against ``"torch"`` (the specification) and ``"naive"``: outputs, input
+gradients, every parameter gradient and the running statistics, train and eval, NCHW and channels-last.
+
+Without a GPU the block runs in Triton's interpreter on CPU tensors (fp32; conftest.py sets
+``TRITON_INTERPRET=1``). Dropout draws its own Philox mask, so with dropout the reference is the ``"torch"``
+backend replaying the mask the Triton forward drew. The CUDA tests (skipped elsewhere) compare with
+``"naive"`` in fp32 (tf32 off) and bf16 autocast.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import effdense
+from effdense import backends
+from effdense.backends import torch_backend
+import utils
+from utils import assert_runs_close, rel_err, run_steps
+
+pytest.importorskip("triton")
+from effdense.kernels import interpreting  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() and not interpreting() else "cpu"
+pytestmark = pytest.mark.skipif(backends.unavailable_reason("triton", DEVICE) is not None,
+                                reason=f"triton backend unavailable: {backends.unavailable_reason('triton', DEVICE)}")
+RTOL_FP32 = 2e-5
+
+# label: (block kwargs, input shape, options)
+CONFIGS = {
+    "bc-5x3-nchw": (dict(num_layers=3, num_input_features=5, bn_size=2, growth_rate=3), (2, 5, 5, 3), {}),
+    "bc-7x7-channels_last": (dict(num_layers=3, num_input_features=6, bn_size=3, growth_rate=5), (2, 6, 7, 7),
+                             {"channels_last": True}),
+    "bc-1x1-batch3": (dict(num_layers=2, num_input_features=4, bn_size=3, growth_rate=2), (3, 4, 1, 1), {}),
+    "bc-noncontiguous-input": (dict(num_layers=2, num_input_features=5, bn_size=2, growth_rate=3), (2, 5, 4, 3),
+                               {"noncontiguous": True}),
+    "bc-momentum-none-no-input-grad": (dict(num_layers=2, num_input_features=4, bn_size=2, growth_rate=3),
+                                       (2, 4, 5, 3), {"momentum": None, "input_grad": False}),
+    "bc-eval": (dict(num_layers=3, num_input_features=5, bn_size=2, growth_rate=3), (2, 5, 5, 3), {"train": False}),
+    "bc-eval-channels_last": (dict(num_layers=2, num_input_features=5, bn_size=2, growth_rate=3, drop_rate=0.3),
+                              (2, 5, 3, 5), {"train": False, "channels_last": True}),
+    "plain-5x3": (dict(num_layers=3, num_input_features=5, growth_rate=3, bottleneck=False), (2, 5, 5, 3), {}),
+    "plain-eval-channels_last": (dict(num_layers=2, num_input_features=4, growth_rate=3, bottleneck=False),
+                                 (2, 4, 3, 5), {"train": False, "channels_last": True}),
+}
+
+
+def make_block(kwargs, options):
+    return utils.make_block(kwargs, options, torch.float32, DEVICE)
+
+
+def make_input(shape, options):
+    return utils.make_input(shape, options, torch.float32, DEVICE)
+
+
+@pytest.mark.parametrize("label", list(CONFIGS))
+def test_triton_matches_torch_and_naive(label):
+    kwargs, shape, options = CONFIGS[label]
+    block, x = make_block(kwargs, options), make_input(shape, options)
+    kw = dict(train=options.get("train", True), input_grad=options.get("input_grad", True), steps=2)
+    got = run_steps(block, "triton", x, **kw)
+    assert got.outputs[0].is_contiguous(memory_format=torch_backend.memory_format(x))
+    for ref_backend in ("torch", "naive"):
+        assert_runs_close(got, run_steps(block, ref_backend, x, **kw), RTOL_FP32)
+
+
+@pytest.mark.parametrize("bottleneck", [True, False], ids=["bc", "plain"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_dropout_matches_torch_replaying_the_triton_mask(bottleneck, channels_last, monkeypatch):
+    """One mask per layer serves forward and backward: the "torch" backend, made to use the mask read off the
+    Triton output (zeros of the new channels), gives the same outputs and every gradient."""
+    p = 0.4
+    kwargs = dict(num_layers=3, num_input_features=4, bn_size=2, growth_rate=3, drop_rate=p, bottleneck=bottleneck)
+    block, x = make_block(kwargs, {}), make_input((2, 4, 5, 3), {"channels_last": channels_last})
+    got = run_steps(block, "triton", x, steps=1)
+    y, k = got.outputs[0], kwargs["growth_rate"]
+    masks = {c: (y[:, c:c + k] != 0).to(y.dtype) / (1 - p) for c in range(4, y.shape[1], k)}
+    dropped = sum((m == 0).sum().item() for m in masks.values()) / sum(m.numel() for m in masks.values())
+    assert 0.15 < dropped < 0.65
+
+    def replay(like, drop_p, state=None):
+        assert drop_p == p
+        return masks[like.storage_offset() // like.stride(1)]
+
+    monkeypatch.setattr(torch_backend, "_dropout_mask", replay)
+    assert_runs_close(got, run_steps(block, "torch", x, steps=1), RTOL_FP32)
+
+
+def test_dropout_is_seeded_by_torch_manual_seed():
+    block = make_block(dict(num_layers=2, num_input_features=3, bn_size=2, growth_rate=3, drop_rate=0.5), {})
+    block.backend = "triton"
+    x = make_input((2, 3, 4, 4), {})
+    outs = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        outs.append(block(x).detach())
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+
+
+def test_no_grad_forward_and_running_stats_once_per_forward():
+    block = make_block(dict(num_layers=3, num_input_features=4, bn_size=2, growth_rate=3), {})
+    ref = make_block(dict(num_layers=3, num_input_features=4, bn_size=2, growth_rate=3), {})
+    block.backend, ref.backend = "triton", "naive"
+    x = make_input((2, 4, 5, 5), {})
+    with torch.no_grad():
+        for _ in range(2):
+            y = block(x)
+            y_ref = ref(x)
+    assert y.grad_fn is None and rel_err(y, y_ref) < RTOL_FP32
+    for (name, a), b in zip(block.state_dict().items(), ref.state_dict().values()):
+        assert rel_err(a.double(), b.double()) < RTOL_FP32, name
+
+
+def test_batch_size_one_fails_like_batchnorm_and_empty_batch_works():
+    block = make_block(dict(num_layers=2, num_input_features=3, bn_size=2, growth_rate=2), {})
+    block.backend = "triton"
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        block(torch.randn(1, 3, 1, 1, device=DEVICE))
+    y = block(torch.randn(0, 3, 4, 4, device=DEVICE, requires_grad=True))
+    assert y.shape == (0, 7, 4, 4)
+    y.sum().backward()
+
+
+def test_unavailable_reasons():
+    from effdense.backends import triton_backend
+    assert triton_backend.unavailable(torch.device(DEVICE), torch.float32) is None
+    assert "float64" in triton_backend.unavailable(torch.device(DEVICE), torch.float64)
+    if DEVICE == "cpu":
+        assert "bfloat16" in triton_backend.unavailable(torch.device("cpu"), torch.bfloat16)
+    assert triton_backend.unavailable(torch.device("meta"), torch.float32)
+    if interpreting():
+        assert "TRITON_INTERPRET" in triton_backend.unavailable(torch.device("cuda"), torch.float32)
+    else:
+        assert "TRITON_INTERPRET=1" in triton_backend.unavailable(torch.device("cpu"), torch.float32)
+    assert effdense.BACKENDS["triton"].memory_efficient
+
+
+@pytest.mark.parametrize("bottleneck", [True, False], ids=["bc", "plain"])
+def test_fp16_autocast_error_matches_torch_backend(bottleneck):
+    """The low-precision path (fp16 storage, fp32 statistics and accumulation; bf16 is broken in the
+    interpreter): error against fp64 no worse than the "torch" backend's own fp16 error."""
+    import copy
+    kwargs = dict(num_layers=3, num_input_features=4, bn_size=2, growth_rate=3, bottleneck=bottleneck)
+    block, x = make_block(kwargs, {}), make_input((2, 4, 5, 3), {"channels_last": True})
+
+    def run(backend, dtype, autocast):
+        m = copy.deepcopy(block).to(dtype)
+        m.backend = backend
+        xs = x.to(dtype).requires_grad_()
+        with torch.autocast(DEVICE, dtype=torch.float16, enabled=autocast):
+            y = m(xs)
+        (y.to(dtype) * torch.linspace(-1, 1, y.numel(), dtype=dtype, device=DEVICE).view_as(y)).sum().backward()
+        return [y.detach(), xs.grad] + [p.grad for p in m.parameters()]
+
+    ref = run("torch", torch.float64, False)
+    spec = run("torch", torch.float32, True)
+    got = run("triton", torch.float32, True)
+    assert got[0].dtype == torch.float16
+    for i, (g, s, r) in enumerate(zip(got, spec, ref)):
+        assert rel_err(g, r) <= 2 * rel_err(s, r) + 1e-4, (i, rel_err(g, r), rel_err(s, r))
+
+
+# ---------------------------------------------------------------------------------------------- CUDA only
+requires_gpu = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU (and TRITON_INTERPRET unset)")
+
+
+@requires_gpu
+@pytest.mark.parametrize("label", list(CONFIGS))
+def test_cuda_fp32_matches_naive(label, monkeypatch):
+    """fp32 with tf32 off (both flags): near 1e-5 relative."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    kwargs, shape, options = CONFIGS[label]
+    block, x = make_block(kwargs, options), make_input(shape, options)
+    kw = dict(train=options.get("train", True), input_grad=options.get("input_grad", True), steps=3)
+    assert_runs_close(run_steps(block, "triton", x, **kw), run_steps(block, "naive", x, **kw), 2e-5)
+
+
+@requires_gpu
+@pytest.mark.parametrize("bottleneck", [True, False], ids=["bc", "plain"])
+def test_cuda_bf16_autocast_error_at_most_twice_pytorchs(bottleneck):
+    """bf16 autocast: error against an fp64 reference no worse than 2x naive's own bf16 error."""
+    torch.manual_seed(0)
+    kwargs = dict(num_layers=4, num_input_features=16, bn_size=4, growth_rate=12, bottleneck=bottleneck)
+    block = make_block(kwargs, {})
+    x = torch.randn(8, 16, 16, 16, device=DEVICE)
+
+    def run(backend, dtype, autocast):
+        m = make_block(kwargs, {}).to(dtype)
+        m.load_state_dict(block.state_dict())
+        m.backend = backend
+        xs = x.to(dtype).requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            y = m(xs)
+        w = torch.linspace(-1, 1, y.numel(), device=DEVICE, dtype=y.dtype).view_as(y)
+        (y * w).sum().backward()
+        return [y.detach(), xs.grad] + [p.grad for p in m.parameters()]
+
+    ref = run("naive", torch.float64, False)
+    naive = run("naive", torch.float32, True)
+    got = run("triton", torch.float32, True)
+    for i, (g, n, r) in enumerate(zip(got, naive, ref)):
+        assert rel_err(g, r) <= 2 * rel_err(n, r) + 1e-3, (i, rel_err(g, r), rel_err(n, r))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    """Under torch.compile the backend calls the ``effdense::`` custom ops: one graph, no breaks, same numbers;
+    dropout still draws a new mask per call."""
+    import copy
+    kwargs = dict(num_layers=2, num_input_features=4, bn_size=2, growth_rate=3, drop_rate=0.3)
+    block = make_block(kwargs, {})
+    block.backend = "triton"
+    eager = copy.deepcopy(block)
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    x = make_input((2, 4, 5, 3), {"channels_last": True})
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    torch.manual_seed(3)
+    y1 = compiled(x1)
+    torch.manual_seed(3)
+    y2 = eager(x2)
+    w = torch.randn_like(y2)
+    (y1 * w).sum().backward()
+    (y2 * w).sum().backward()
+    assert rel_err(y1, y2) < RTOL_FP32 and rel_err(x1.grad, x2.grad) < RTOL_FP32
+    for (name, a), b in zip(block.named_parameters(), eager.parameters()):
+        assert rel_err(a.grad, b.grad) < RTOL_FP32, name
+    for (name, a), b in zip(block.named_buffers(), eager.buffers()):
+        assert rel_err(a.double(), b.double()) < RTOL_FP32, name
+    torch.manual_seed(4)
+    y3 = compiled(x1)
+    assert not torch.equal(y3 != 0, y1 != 0)
