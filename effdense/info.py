@@ -33,6 +33,9 @@ def report() -> str:
         f"triton     {_version('triton')}",
         f"tf32       matmul={torch.backends.cuda.matmul.allow_tf32} cudnn={torch.backends.cudnn.allow_tf32}",
     ]
+    from . import _ext
+    lines.append("effdense._C " + (("loaded, CUDA kernels" if _ext.has_cuda_kernels() else "loaded, CPU kernels only")
+                                   if _ext.available() else _ext.reason()))
     for dev in devices():
         name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
         lines.append(f"device     {dev}: {name}")

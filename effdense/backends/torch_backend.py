@@ -184,7 +184,7 @@ def _block_backward(cfg: _Ctx, stats2: list, feat: Tensor, mean: Tensor | None, 
         del gu
         grad[:, :c] += gx
         del gx
-        grads = [g.to(p.dtype) if g is not None and p.requires_grad else None
+        grads = [g.to(p.dtype) if g is not None and p is not None and p.requires_grad else None
                  for g, p in zip([dg1, db1, *tail], params)] + grads
     return [grad[:, :c0].to(x_dtype, copy=True), *grads]
 

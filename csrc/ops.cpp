@@ -1,0 +1,562 @@
+// effdense::* operator schemas (defined once, here) and their CPU implementations.
+//
+// The per-channel BN statistics, the fused BN-ReLU forward (into a caller-given buffer: the block's shared
+// scratch storage) and the fused BN-ReLU backward with its per-channel reductions. The CUDA implementations
+// of the same ops are in cuda_ops.cpp (torch glue) and cuda/*.cu (kernels); the block driver in block.cpp.
+//
+// CPU kernels: at::parallel_for, any strides (two loop orders: channels innermost for channels-last
+// layouts, one channel plane at a time otherwise), float/double/half/bfloat16 with double accumulation of
+// the per-channel sums. Statistics are exact two-pass per chunk of pixels, merged with Chan's formula.
+#include <Python.h>
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <string>
+#include <type_traits>
+
+#include "common.h"
+
+namespace effdense {
+
+std::string shape_str(const at::Tensor& t) {
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + std::to_string(t.size(i));
+  return s + "]";
+}
+
+void check_feature(const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(x.defined(), "effdense::", op, ": expected ", name, " to be a tensor, got an undefined tensor");
+  TORCH_CHECK(x.dim() == 4, "effdense::", op, ": expected ", name, " to be a 4-D tensor [N, C, H, W], got a ",
+              x.dim(), "-D tensor of shape ", shape_str(x));
+  TORCH_CHECK(is_float_type(x.scalar_type()), "effdense::", op, ": expected ", name,
+              " with dtype float32, float64, float16 or bfloat16, got ", x.scalar_type());
+}
+
+void check_vec(const at::Tensor& v, const at::Tensor& x, at::ScalarType dtype, const char* op, const char* name) {
+  TORCH_CHECK(v.defined() && v.dim() == 1 && v.size(0) == x.size(1) && v.scalar_type() == dtype &&
+                  v.device() == x.device(),
+              "effdense::", op, ": expected ", name, " of shape [", x.size(1), "] (one value per channel of x ",
+              shape_str(x), ") with dtype ", dtype, " on ", x.device(), ", got ",
+              v.defined() ? "shape " + shape_str(v) : std::string("an undefined tensor"),
+              v.defined() ? std::string(" with dtype ") + c10::toString(v.scalar_type()) + " on " + v.device().str()
+                          : std::string());
+}
+
+void check_same_shape(const at::Tensor& a, const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(a.defined() && a.sizes() == x.sizes() && a.device() == x.device(), "effdense::", op, ": expected ",
+              name, " of shape ", shape_str(x), " on ", x.device(), " (the shape of x), got ",
+              a.defined() ? "shape " + shape_str(a) + " on " + a.device().str() : std::string("an undefined tensor"));
+  TORCH_CHECK(is_float_type(a.scalar_type()), "effdense::", op, ": expected ", name,
+              " with dtype float32, float64, float16 or bfloat16, got ", a.scalar_type());
+}
+
+// ------------------------------------------------------------------------------------------------ geometry
+
+// Element (n, c, h, w) of a 4-D strided tensor; pixels p = (n, h, w) in row-major order.
+struct Geo {
+  int64_t N, C, H, W, sN, sC, sH, sW;
+  explicit Geo(const at::Tensor& t)
+      : N(t.size(0)), C(t.size(1)), H(t.size(2)), W(t.size(3)),
+        sN(t.stride(0)), sC(t.stride(1)), sH(t.stride(2)), sW(t.stride(3)) {}
+  int64_t pixels() const { return N * H * W; }
+  int64_t pix(int64_t p) const {
+    const int64_t hw = H * W;
+    const int64_t n = p / hw, r = p - n * hw, h = r / W, w = r - h * W;
+    return n * sN + h * sH + w * sW;
+  }
+};
+
+// Channels innermost: loop over pixels outside, channels inside.
+bool channels_inner(const at::Tensor& x) { return out_format(x) == at::MemoryFormat::ChannelsLast; }
+
+constexpr int64_t kChunk = 256;  // pixels per task of the channels-innermost loops
+
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Chan et al.'s merge of (count, mean, M2) triples.
+struct Moments {
+  double n = 0, mean = 0, m2 = 0;
+  void merge(double nb, double meanb, double m2b) {
+    if (nb == 0) return;
+    const double tot = n + nb, delta = meanb - mean;
+    mean += delta * nb / tot;
+    m2 += m2b + delta * delta * n * nb / tot;
+    n = tot;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------- statistics
+
+template <typename T>
+void stats_cpu_impl(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& var) {
+  using O = acc_t<T>;
+  const Geo g(x);
+  const int64_t P = g.pixels(), C = g.C;
+  const T* px = x.data_ptr<T>();
+  O* pm = mean.data_ptr<O>();
+  O* pv = var.data_ptr<O>();
+  if (P == 0) {  // torch.var_mean of an empty batch: NaN
+    for (int64_t c = 0; c < C; ++c) pm[c] = pv[c] = std::numeric_limits<O>::quiet_NaN();
+    return;
+  }
+  if (channels_inner(x)) {
+    const int64_t nchunks = (P + kChunk - 1) / kChunk;
+    std::vector<double> cm(nchunks * C), cm2(nchunks * C);
+    at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t k = b; k < e; ++k) {
+        const int64_t p0 = k * kChunk, p1 = std::min(P, p0 + kChunk);
+        double* m = cm.data() + k * C;
+        double* m2 = cm2.data() + k * C;
+        std::fill(m, m + C, 0.0);
+        std::fill(m2, m2 + C, 0.0);
+        for (int64_t p = p0; p < p1; ++p) {
+          const T* row = px + g.pix(p);
+          for (int64_t c = 0; c < C; ++c) m[c] += static_cast<double>(row[c * g.sC]);
+        }
+        const double inv = 1.0 / static_cast<double>(p1 - p0);
+        for (int64_t c = 0; c < C; ++c) m[c] *= inv;
+        for (int64_t p = p0; p < p1; ++p) {
+          const T* row = px + g.pix(p);
+          for (int64_t c = 0; c < C; ++c) {
+            const double d = static_cast<double>(row[c * g.sC]) - m[c];
+            m2[c] += d * d;
+          }
+        }
+      }
+    });
+    at::parallel_for(0, C, 16, [&](int64_t b, int64_t e) {
+      for (int64_t c = b; c < e; ++c) {
+        Moments acc;
+        for (int64_t k = 0; k < nchunks; ++k) {
+          const int64_t cnt = std::min(P, (k + 1) * kChunk) - k * kChunk;
+          acc.merge(static_cast<double>(cnt), cm[k * C + c], cm2[k * C + c]);
+        }
+        pm[c] = static_cast<O>(acc.mean);
+        pv[c] = static_cast<O>(acc.m2 / acc.n);
+      }
+    });
+    return;
+  }
+  const int64_t HW = g.H * g.W;
+  at::parallel_for(0, C, 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {
+      Moments acc;
+      for (int64_t n = 0; n < g.N; ++n) {
+        const T* plane = px + n * g.sN + c * g.sC;
+        double s = 0;
+        for (int64_t h = 0; h < g.H; ++h)
+          for (int64_t w = 0; w < g.W; ++w) s += static_cast<double>(plane[h * g.sH + w * g.sW]);
+        const double m = s / static_cast<double>(HW);
+        double m2 = 0;
+        for (int64_t h = 0; h < g.H; ++h)
+          for (int64_t w = 0; w < g.W; ++w) {
+            const double d = static_cast<double>(plane[h * g.sH + w * g.sW]) - m;
+            m2 += d * d;
+          }
+        acc.merge(static_cast<double>(HW), m, m2);
+      }
+      pm[c] = static_cast<O>(acc.mean);
+      pv[c] = static_cast<O>(acc.m2 / acc.n);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> channel_stats_cpu(const at::Tensor& x) {
+  check_feature(x, "channel_stats");
+  const auto opts = x.options().dtype(acc_type(x.scalar_type()));
+  at::Tensor mean = at::empty({x.size(1)}, opts), var = at::empty({x.size(1)}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "effdense_channel_stats_cpu",
+                                  [&] { stats_cpu_impl<scalar_t>(x, mean, var); });
+  return {mean, var};
+}
+
+// ------------------------------------------------------------------------------------------ BN-ReLU forward
+
+template <typename T, typename O>
+void bn_relu_cpu_impl(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& out) {
+  using A = acc_t<T>;
+  const Geo gx(x), go(out);
+  const T* px = x.data_ptr<T>();
+  O* po = out.data_ptr<O>();
+  const A* s = scale.data_ptr<A>();
+  const A* t = shift.data_ptr<A>();
+  const int64_t C = gx.C;
+  auto f = [&](T v, int64_t c) {
+    const A y = static_cast<A>(v) * s[c] + t[c];
+    return static_cast<O>(y <= A(0) ? A(0) : y);  // NaN passes, as torch.relu
+  };
+  if (channels_inner(x)) {
+    at::parallel_for(0, gx.pixels(), std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
+      for (int64_t p = b; p < e; ++p) {
+        const T* xr = px + gx.pix(p);
+        O* orow = po + go.pix(p);
+        if (gx.sC == 1 && go.sC == 1) {
+          for (int64_t c = 0; c < C; ++c) orow[c] = f(xr[c], c);
+        } else {
+          for (int64_t c = 0; c < C; ++c) orow[c * go.sC] = f(xr[c * gx.sC], c);
+        }
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, gx.N * C, 1, [&](int64_t b, int64_t e) {
+    for (int64_t q = b; q < e; ++q) {
+      const int64_t n = q / C, c = q - n * C;
+      const T* xp = px + n * gx.sN + c * gx.sC;
+      O* op = po + n * go.sN + c * go.sC;
+      for (int64_t h = 0; h < gx.H; ++h)
+        for (int64_t w = 0; w < gx.W; ++w) op[h * go.sH + w * go.sW] = f(xp[h * gx.sH + w * gx.sW], c);
+    }
+  });
+}
+
+void check_bn_args(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, const char* op) {
+  check_feature(x, op);
+  const auto a = acc_type(x.scalar_type());
+  check_vec(scale, x, a, op, "scale");
+  check_vec(shift, x, a, op, "shift");
+}
+
+void bn_relu_into_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& out) {
+  check_bn_args(x, scale, shift, "bn_relu_into");
+  check_same_shape(out, x, "bn_relu_into", "out");
+  const bool same = out.scalar_type() == x.scalar_type();
+  TORCH_CHECK(same || out.scalar_type() == acc_type(x.scalar_type()),
+              "effdense::bn_relu_into: expected out with dtype ", x.scalar_type(), " (that of x) or ",
+              acc_type(x.scalar_type()), ", got ", out.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "effdense_bn_relu_cpu", [&] {
+    if (same) bn_relu_cpu_impl<scalar_t, scalar_t>(x, scale, shift, out);
+    else bn_relu_cpu_impl<scalar_t, acc_t<scalar_t>>(x, scale, shift, out);
+  });
+}
+
+// ----------------------------------------------------------------------------------------- BN-ReLU backward
+
+template <typename T, typename O>
+void bn_relu_bwd_cpu_impl(const at::Tensor& x, const at::Tensor& gy, const at::Tensor& scale,
+                          const at::Tensor& shift, const at::Tensor& mean, const at::Tensor& invstd,
+                          bool batch_stats, const at::Tensor& gx, bool accumulate, const at::Tensor& dgamma,
+                          const at::Tensor& dbeta) {
+  using A = acc_t<T>;
+  const Geo g(x), gg(gy), go(gx);
+  const int64_t P = g.pixels(), C = g.C;
+  const T* px = x.data_ptr<T>();
+  const T* pg = gy.data_ptr<T>();
+  O* po = gx.data_ptr<O>();
+  const A* s = scale.data_ptr<A>();
+  const A* t = shift.data_ptr<A>();
+  const A* mu = mean.data_ptr<A>();
+  const A* is = invstd.data_ptr<A>();
+  A* pdg = dgamma.data_ptr<A>();
+  A* pdb = dbeta.data_ptr<A>();
+  // g = grad_y where relu's input is positive (or NaN), xhat = (x - mean) * invstd
+  auto grad = [&](T xv, T gv, int64_t c, A& xhat) {
+    const A xa = static_cast<A>(xv);
+    xhat = (xa - mu[c]) * is[c];
+    return (xa * s[c] + t[c] <= A(0)) ? A(0) : static_cast<A>(gv);
+  };
+  auto finish = [&](A gval, A xhat, int64_t c, A k1, A k2) {
+    return batch_stats ? s[c] * (gval - k1 - xhat * k2) : s[c] * gval;
+  };
+  auto store = [&](O* dst, A v) { *dst = accumulate ? static_cast<O>(static_cast<A>(*dst) + v) : static_cast<O>(v); };
+  const A invP = P > 0 ? A(1) / static_cast<A>(P) : A(0);
+  if (channels_inner(x)) {
+    const int64_t nchunks = (P + kChunk - 1) / kChunk;
+    std::vector<double> sg(nchunks * C), sgx(nchunks * C);
+    at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t k = b; k < e; ++k) {
+        double* a = sg.data() + k * C;
+        double* bb = sgx.data() + k * C;
+        std::fill(a, a + C, 0.0);
+        std::fill(bb, bb + C, 0.0);
+        for (int64_t p = k * kChunk, p1 = std::min(P, (k + 1) * kChunk); p < p1; ++p) {
+          const T* xr = px + g.pix(p);
+          const T* gr = pg + gg.pix(p);
+          for (int64_t c = 0; c < C; ++c) {
+            A xhat;
+            const A gv = grad(xr[c * g.sC], gr[c * gg.sC], c, xhat);
+            a[c] += gv;
+            bb[c] += static_cast<double>(gv) * xhat;
+          }
+        }
+      }
+    });
+    for (int64_t c = 0; c < C; ++c) {
+      double a = 0, bb = 0;
+      for (int64_t k = 0; k < nchunks; ++k) a += sg[k * C + c], bb += sgx[k * C + c];
+      pdb[c] = static_cast<A>(a);
+      pdg[c] = static_cast<A>(bb);
+    }
+    at::parallel_for(0, P, std::max<int64_t>(1, 2048 / std::max<int64_t>(C, 1)), [&](int64_t b, int64_t e) {
+      for (int64_t p = b; p < e; ++p) {
+        const T* xr = px + g.pix(p);
+        const T* gr = pg + gg.pix(p);
+        O* orow = po + go.pix(p);
+        for (int64_t c = 0; c < C; ++c) {
+          A xhat;
+          const A gv = grad(xr[c * g.sC], gr[c * gg.sC], c, xhat);
+          store(orow + c * go.sC, finish(gv, xhat, c, pdb[c] * invP, pdg[c] * invP));
+        }
+      }
+    });
+    return;
+  }
+  // one channel at a time: both passes over its planes, (x, gy, offset into gx) per element
+  auto plane = [&](int64_t c, auto&& f) {
+    for (int64_t n = 0; n < g.N; ++n)
+      for (int64_t h = 0; h < g.H; ++h)
+        for (int64_t w = 0; w < g.W; ++w)
+          f(px[n * g.sN + c * g.sC + h * g.sH + w * g.sW], pg[n * gg.sN + c * gg.sC + h * gg.sH + w * gg.sW],
+            n * go.sN + c * go.sC + h * go.sH + w * go.sW);
+  };
+  at::parallel_for(0, C, 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) {
+      double a = 0, bb = 0;
+      plane(c, [&](T xv, T gv, int64_t) {
+        A xhat;
+        const A gval = grad(xv, gv, c, xhat);
+        a += gval;
+        bb += static_cast<double>(gval) * xhat;
+      });
+      pdb[c] = static_cast<A>(a);
+      pdg[c] = static_cast<A>(bb);
+      const A k1 = pdb[c] * invP, k2 = pdg[c] * invP;
+      plane(c, [&](T xv, T gv, int64_t off) {
+        A xhat;
+        const A gval = grad(xv, gv, c, xhat);
+        store(po + off, finish(gval, xhat, c, k1, k2));
+      });
+    }
+  });
+}
+
+void check_bwd_args(const at::Tensor& x, const at::Tensor& gy, const at::Tensor& scale, const at::Tensor& shift,
+                    const at::Tensor& mean, const at::Tensor& invstd, const char* op) {
+  check_bn_args(x, scale, shift, op);
+  check_same_shape(gy, x, op, "grad_y");
+  TORCH_CHECK(gy.scalar_type() == x.scalar_type(), "effdense::", op, ": expected grad_y with dtype ",
+              x.scalar_type(), " (that of x), got ", gy.scalar_type());
+  const auto a = acc_type(x.scalar_type());
+  check_vec(mean, x, a, op, "mean");
+  check_vec(invstd, x, a, op, "invstd");
+}
+
+void check_grad_x(const at::Tensor& x, const at::Tensor& gx, const char* op) {
+  check_same_shape(gx, x, op, "grad_x");
+  TORCH_CHECK(gx.scalar_type() == x.scalar_type() || gx.scalar_type() == acc_type(x.scalar_type()),
+              "effdense::", op, ": expected grad_x with dtype ", x.scalar_type(), " (that of x) or ",
+              acc_type(x.scalar_type()), ", got ", gx.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_relu_backward_into_cpu(
+    const at::Tensor& x, const at::Tensor& gy, const at::Tensor& scale, const at::Tensor& shift,
+    const at::Tensor& mean, const at::Tensor& invstd, bool batch_stats, const at::Tensor& gx, bool accumulate) {
+  check_bwd_args(x, gy, scale, shift, mean, invstd, "bn_relu_backward_into");
+  check_grad_x(x, gx, "bn_relu_backward_into");
+  at::Tensor dgamma = at::empty({x.size(1)}, scale.options()), dbeta = at::empty({x.size(1)}, scale.options());
+  const bool same = gx.scalar_type() == x.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "effdense_bn_relu_bwd_cpu", [&] {
+    if (same)
+      bn_relu_bwd_cpu_impl<scalar_t, scalar_t>(x, gy, scale, shift, mean, invstd, batch_stats, gx, accumulate,
+                                               dgamma, dbeta);
+    else
+      bn_relu_bwd_cpu_impl<scalar_t, acc_t<scalar_t>>(x, gy, scale, shift, mean, invstd, batch_stats, gx,
+                                                      accumulate, dgamma, dbeta);
+  });
+  return {dgamma, dbeta};
+}
+
+// BN-ReLU then a 1x1 convolution (no bias). The CPU version composes the fused BN-ReLU with ATen's
+// convolution; the CUDA version is one tensor-core kernel (cuda/conv1x1.cu) where it applies.
+void check_conv1x1_args(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& w) {
+  check_bn_args(x, scale, shift, "bn_relu_conv1x1");
+  TORCH_CHECK(w.defined() && w.dim() == 4 && w.size(1) == x.size(1) && w.size(2) == 1 && w.size(3) == 1 &&
+                  w.scalar_type() == x.scalar_type() && w.device() == x.device(),
+              "effdense::bn_relu_conv1x1: expected weight of shape [B, ", x.size(1), ", 1, 1] with dtype ",
+              x.scalar_type(), " on ", x.device(), ", got ", w.defined() ? shape_str(w) : std::string("undefined"),
+              w.defined() ? std::string(" with dtype ") + c10::toString(w.scalar_type()) + " on " + w.device().str()
+                          : std::string());
+}
+
+at::Tensor bn_relu_conv1x1_composite(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                                     const at::Tensor& w) {
+  check_conv1x1_args(x, scale, shift, w);
+  at::Tensor u = at::empty(x.sizes(), x.options(), out_format(x));
+  call_bn_relu_into(x, scale, shift, u);
+  at::Tensor y = at::convolution(u, w, {}, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1);
+  const auto mf = out_format(x);
+  return y.is_contiguous(mf) ? y : y.contiguous(mf);
+}
+
+
+// ------------------------------------------------------------------------------ functional forms (any device)
+
+// The functional ops allocate their output in x's memory format and call the `_into` op of x's device.
+at::Tensor bn_relu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift) {
+  check_bn_args(x, scale, shift, "bn_relu");
+  at::Tensor out = at::empty(x.sizes(), x.options(), out_format(x));
+  call_bn_relu_into(x, scale, shift, out);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward(
+    const at::Tensor& x, const at::Tensor& gy, const at::Tensor& scale, const at::Tensor& shift,
+    const at::Tensor& mean, const at::Tensor& invstd, bool batch_stats) {
+  check_bwd_args(x, gy, scale, shift, mean, invstd, "bn_relu_backward");
+  at::Tensor gx = at::empty(x.sizes(), x.options(), out_format(x));
+  auto [dg, db] = call_bn_relu_backward_into(x, gy, scale, shift, mean, invstd, batch_stats, gx, false);
+  return {gx, dg, db};
+}
+
+// ------------------------------------------------------------------------------------ running statistics
+
+// nn.BatchNorm2d's running-statistics update for a list of layers at once: num_batches_tracked += 1, then
+// running = lerp(running, batch, factor) with factor = momentum, or 1/num_batches_tracked when momentum < 0
+// (PyTorch's momentum=None); running_var takes the unbiased variance var * n / (n - 1). `mean`/`var` are
+// either the block's per-channel statistics [C] (layer i takes the prefix its running_mean is long) or the
+// per-layer bottleneck statistics [L, B] (layer i takes row rows[i]). Device generic (ATen ops only).
+void update_running_stats(at::TensorList running_mean, at::TensorList running_var, at::TensorList nbt,
+                          const at::Tensor& mean, const at::Tensor& var, at::IntArrayRef rows,
+                          at::ArrayRef<double> momentum, int64_t count) {
+  const size_t L = running_mean.size();
+  TORCH_CHECK(running_var.size() == L && nbt.size() == L && rows.size() == L && momentum.size() == L,
+              "effdense::update_running_stats: expected running_var, num_batches_tracked, rows and momentum of "
+              "length ", L, " (that of running_mean), got ", running_var.size(), ", ", nbt.size(), ", ",
+              rows.size(), ", ", momentum.size());
+  TORCH_CHECK(mean.dim() == 1 || mean.dim() == 2, "effdense::update_running_stats: expected mean of shape [C] "
+              "or [L, B], got ", shape_str(mean));
+  TORCH_CHECK(var.sizes() == mean.sizes(), "effdense::update_running_stats: expected var of shape ",
+              shape_str(mean), " (that of mean), got ", shape_str(var));
+  at::NoGradGuard no_grad;
+  for (size_t i = 0; i < L; ++i) {
+    const at::Tensor& rm = running_mean[i];
+    const at::Tensor& rv = running_var[i];
+    const int64_t c = rm.numel();
+    TORCH_CHECK(rv.numel() == c, "effdense::update_running_stats: expected running_var[", i, "] of ", c,
+                " elements (those of running_mean[", i, "]), got ", rv.numel());
+    at::Tensor m, v;
+    if (mean.dim() == 1) {
+      TORCH_CHECK(c <= mean.size(0), "effdense::update_running_stats: running_mean[", i, "] has ", c,
+                  " channels, more than the ", mean.size(0), " of mean");
+      m = mean.narrow(0, 0, c);
+      v = var.narrow(0, 0, c);
+    } else {
+      TORCH_CHECK(rows[i] >= 0 && rows[i] < mean.size(0) && mean.size(1) == c, "effdense::update_running_stats:"
+                  " expected row ", rows[i], " of mean ", shape_str(mean), " to hold ", c, " channels");
+      m = mean.select(0, rows[i]);
+      v = var.select(0, rows[i]);
+    }
+    nbt[i].add_(1);
+    if (count == 0) continue;
+    const double factor = momentum[i] < 0 ? 1.0 / static_cast<double>(nbt[i].item<int64_t>()) : momentum[i];
+    at::Tensor unbiased = count > 1 ? v * (static_cast<double>(count) / static_cast<double>(count - 1)) : v;
+    const_cast<at::Tensor&>(rm).lerp_(m.to(rm.scalar_type()), factor);
+    const_cast<at::Tensor&>(rv).lerp_(unbiased.to(rv.scalar_type()), factor);
+  }
+}
+
+// ------------------------------------------------------------------------------ dispatcher entry points
+
+std::tuple<at::Tensor, at::Tensor> call_channel_stats(const at::Tensor& x) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("effdense::channel_stats", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>();
+  return op.call(x);
+}
+
+void call_bn_relu_into(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& out) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("effdense::bn_relu_into", "")
+                       .typed<void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  op.call(x, scale, shift, out);
+}
+
+at::Tensor call_bn_relu_conv1x1(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                                const at::Tensor& w) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("effdense::bn_relu_conv1x1", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  return op.call(x, scale, shift, w);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_bn_relu_backward(
+    const at::Tensor& x, const at::Tensor& gy, const at::Tensor& scale, const at::Tensor& shift,
+    const at::Tensor& mean, const at::Tensor& invstd, bool batch_stats) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("effdense::bn_relu_backward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&, bool)>();
+  return op.call(x, gy, scale, shift, mean, invstd, batch_stats);
+}
+
+std::tuple<at::Tensor, at::Tensor> call_bn_relu_backward_into(
+    const at::Tensor& x, const at::Tensor& gy, const at::Tensor& scale, const at::Tensor& shift,
+    const at::Tensor& mean, const at::Tensor& invstd, bool batch_stats, const at::Tensor& gx, bool accumulate) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("effdense::bn_relu_backward_into", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const at::Tensor&, const at::Tensor&, bool, const at::Tensor&, bool)>();
+  return op.call(x, gy, scale, shift, mean, invstd, batch_stats, gx, accumulate);
+}
+
+}  // namespace effdense
+
+// ------------------------------------------------------------------------------------------ registration
+
+TORCH_LIBRARY(effdense, m) {
+  m.def("channel_stats(Tensor x) -> (Tensor mean, Tensor var)");
+  m.def("bn_relu(Tensor x, Tensor scale, Tensor shift) -> Tensor");
+  m.def("bn_relu_into(Tensor x, Tensor scale, Tensor shift, Tensor(a!) out) -> ()");
+  m.def("bn_relu_backward(Tensor x, Tensor grad_y, Tensor scale, Tensor shift, Tensor mean, Tensor invstd, "
+        "bool batch_stats) -> (Tensor grad_x, Tensor grad_gamma, Tensor grad_beta)");
+  m.def("bn_relu_backward_into(Tensor x, Tensor grad_y, Tensor scale, Tensor shift, Tensor mean, "
+        "Tensor invstd, bool batch_stats, Tensor(a!) grad_x, bool accumulate) -> (Tensor grad_gamma, "
+        "Tensor grad_beta)");
+  m.def("bn_relu_conv1x1(Tensor x, Tensor scale, Tensor shift, Tensor weight) -> Tensor");
+  m.def("update_running_stats(Tensor(a!)[] running_mean, Tensor(b!)[] running_var, "
+        "Tensor(c!)[] num_batches_tracked, Tensor mean, Tensor var, int[] rows, float[] momentum, int count) -> ()");
+  m.def("dense_block_forward(Tensor x, Tensor[] w1, Tensor[] w2, Tensor[] gamma1, Tensor[] beta1, "
+        "Tensor[] gamma2, Tensor[] beta2, Tensor?[] running_mean1, Tensor?[] running_var1, "
+        "Tensor?[] running_mean2, Tensor?[] running_var2, float[] eps1, float[] eps2, float[] drop_rate) "
+        "-> (Tensor feat, Tensor mean, Tensor var, Tensor mean2, Tensor var2, Tensor drop_mask)");
+  m.def("dense_block_backward(Tensor grad_out, Tensor feat, Tensor mean, Tensor var, Tensor mean2, "
+        "Tensor var2, Tensor drop_mask, Tensor[] w1, Tensor[] w2, Tensor[] gamma1, Tensor[] beta1, "
+        "Tensor[] gamma2, Tensor[] beta2, Tensor?[] running_mean1, Tensor?[] running_var1, "
+        "Tensor?[] running_mean2, Tensor?[] running_var2, float[] eps1, float[] eps2, float[] drop_rate) "
+        "-> (Tensor grad_x, Tensor[] grad_w1, Tensor[] grad_w2, Tensor[] grad_gamma1, Tensor[] grad_beta1, "
+        "Tensor[] grad_gamma2, Tensor[] grad_beta2)");
+}
+
+TORCH_LIBRARY_IMPL(effdense, CPU, m) {
+  m.impl("channel_stats", &effdense::channel_stats_cpu);
+  m.impl("bn_relu", &effdense::bn_relu);
+  m.impl("bn_relu_into", &effdense::bn_relu_into_cpu);
+  m.impl("bn_relu_backward", &effdense::bn_relu_backward);
+  m.impl("bn_relu_backward_into", &effdense::bn_relu_backward_into_cpu);
+  m.impl("bn_relu_conv1x1", &effdense::bn_relu_conv1x1_composite);
+  m.impl("update_running_stats", &effdense::update_running_stats);
+}
+
+#ifdef WITH_CUDA
+TORCH_LIBRARY_IMPL(effdense, CUDA, m) {  // device generic; the CUDA kernels are in cuda_ops.cpp
+  m.impl("bn_relu", &effdense::bn_relu);
+  m.impl("bn_relu_backward", &effdense::bn_relu_backward);
+  m.impl("update_running_stats", &effdense::update_running_stats);
+}
+#endif
+
+// `import effdense._C` loads this library, whose static initializers register the ops above. No pybind11:
+// a bare module keeps the build fast.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "effdense's C++/CUDA operators (torch.ops.effdense)",
+                                   -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+  return PyModule_Create(&def);
+}

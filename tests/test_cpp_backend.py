@@ -1,0 +1,224 @@
+"""The ``"cpp"`` backend (the whole dense block in C++, effdense._C) against ``"naive"`` and ``"torch"``:
+float64 outputs, input and parameter gradients and running statistics over several optimizer steps, dropout
+with the same masks, eval mode, autocast, torch.compile, and the GPU (fp32/fp16/bf16) where one is present."""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+import effdense
+from effdense import _ext
+from effdense.backends import BACKENDS, unavailable_reason
+from test_equivalence import CONFIGS as EQUIV_CONFIGS
+from utils import make_block as _make_block
+from utils import make_input as _make_input
+from utils import assert_runs_close, rel_err, run_steps
+
+if not _ext.available():
+    if os.environ.get("EFFDENSE_REQUIRE_EXT"):
+        raise RuntimeError(f"EFFDENSE_REQUIRE_EXT is set but {_ext.reason()}")
+    pytest.skip(_ext.reason(), allow_module_level=True)
+
+HAS_CUDA = torch.cuda.is_available() and _ext.has_cuda_kernels()
+cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU" if not torch.cuda.is_available()
+                               else "effdense._C was built without CUDA kernels")
+RTOL64 = 1e-10
+
+# the float64 configurations every exact backend runs (tests/test_equivalence.py), plus per-layer BN modes
+CONFIGS = {**EQUIV_CONFIGS,
+           "bc-mixed-modes": (dict(num_layers=3, num_input_features=5, bn_size=2, growth_rate=3), (2, 5, 6, 6),
+                              {"eval_layer": True})}
+
+
+def make_block(kwargs, options, dtype=torch.float64, device="cpu"):
+    block = _make_block(kwargs, options, dtype).to(device)
+    if options.get("eval_layer"):
+        # the middle layer's BNs use running statistics while the others train (per-layer modes)
+        block.train()
+        block.denselayer2.eval()
+    return block
+
+
+def make_input(shape, options, dtype=torch.float64, device="cpu"):
+    return _make_input(shape, options, dtype).to(device)
+
+
+class _KeepModes(torch.nn.Module):
+    """run_steps calls .train(train); this wrapper restores the per-layer eval mode of "mixed-modes"."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.block.denselayer2.eval()
+        return self
+
+    def set_backend(self, name):
+        self.block.backend = name
+
+    def forward(self, x):
+        return self.block(x)
+
+
+@pytest.mark.parametrize("label", list(CONFIGS))
+def test_cpp_block_matches_naive_and_torch_float64(label):
+    kwargs, shape, options = CONFIGS[label]
+    block, x = make_block(kwargs, options), make_input(shape, options)
+    module = _KeepModes(block) if options.get("eval_layer") else block
+    train, input_grad = options.get("train", True), options.get("input_grad", True)
+    got = run_steps(module, "cpp", x, train=train, input_grad=input_grad)
+    assert_runs_close(got, run_steps(module, "naive", x, train=train, input_grad=input_grad), RTOL64)
+    assert_runs_close(got, run_steps(module, "torch", x, train=train, input_grad=input_grad), RTOL64)
+    assert got.outputs[0].stride() == run_steps(module, "torch", x, steps=1, train=train).outputs[0].stride()
+
+
+def test_cpp_block_fused_conv1x1_path(monkeypatch):
+    """EFFDENSE_FUSED_CONV1X1=1 routes conv1 through effdense::bn_relu_conv1x1 (on CPU: BN-ReLU + ATen conv)."""
+    kwargs, shape, options = CONFIGS["bc-5x3-channels_last"]
+    block, x = make_block(kwargs, options), make_input(shape, options)
+    ref = run_steps(block, "torch", x, steps=2)
+    monkeypatch.setenv("EFFDENSE_FUSED_CONV1X1", "1")
+    assert_runs_close(run_steps(block, "cpp", x, steps=2), ref, RTOL64)
+
+
+@pytest.mark.parametrize("bottleneck", [True, False], ids=["bc", "plain"])
+def test_cpp_model_matches_naive_float64(bottleneck):
+    torch.manual_seed(0)
+    model = effdense.densenet_cifar(depth=10 if bottleneck else 7, growth_rate=4, bottleneck=bottleneck,
+                                    drop_rate=0.2, num_classes=5).double()
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    assert_runs_close(run_steps(model, "cpp", x), run_steps(model, "naive", x), RTOL64)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_cpp_block_bn_without_affine_or_running_stats(train):
+    block = make_block(dict(num_layers=2, num_input_features=4, bn_size=2, growth_rate=3), {})
+    for layer in block.values():
+        layer.norm1 = torch.nn.BatchNorm2d(layer.norm1.num_features, affine=False).double()
+        layer.norm2 = torch.nn.BatchNorm2d(layer.norm2.num_features, track_running_stats=False).double()
+    x = make_input((2, 4, 5, 5), {})
+    assert_runs_close(run_steps(block, "cpp", x, steps=2, train=train),
+                      run_steps(block, "naive", x, steps=2, train=train), RTOL64)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_cpp_block_gradcheck(train):
+    block = make_block(dict(num_layers=2, num_input_features=3, bn_size=2, growth_rate=2), {}).train(train)
+    block.backend = "cpp"
+    names = [n for n, _ in block.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for p in block.parameters())
+    x = make_input((2, 3, 3, 4), {}).requires_grad_()
+
+    def f(x, *ps):
+        return torch.func.functional_call(block, dict(zip(names, ps)), (x,))
+
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
+def test_cpp_no_grad_updates_stats_once():
+    block = make_block(dict(num_layers=2, num_input_features=4, bn_size=2, growth_rate=3), {})
+    ref = copy.deepcopy(block)
+    block.backend, ref.backend = "cpp", "naive"
+    x = make_input((2, 4, 5, 5), {})
+    with torch.no_grad():
+        y = block(x)
+        y_ref = ref(x)
+    assert y.grad_fn is None and rel_err(y, y_ref) < 1e-12
+    for (name, a), b in zip(block.state_dict().items(), ref.state_dict().values()):
+        assert rel_err(a.double(), b.double()) < 1e-12, name
+
+
+def test_cpp_batch_of_one_pixel_fails_like_batchnorm_and_empty_batch_works():
+    block = make_block(dict(num_layers=2, num_input_features=4, bn_size=2, growth_rate=3), {})
+    block.backend = "cpp"
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        block(torch.randn(1, 4, 1, 1, dtype=torch.float64))
+    x = torch.randn(0, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    before = block.denselayer1.norm1.running_mean.clone()
+    y = block(x)
+    y.sum().backward()
+    assert y.shape == (0, 10, 3, 3) and x.grad.shape == x.shape
+    assert torch.equal(block.denselayer1.norm1.running_mean, before)
+    assert int(block.denselayer1.norm1.num_batches_tracked) == 1
+    block.eval()
+    assert block(torch.randn(1, 4, 1, 1, dtype=torch.float64)).shape == (1, 10, 1, 1)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)], ids=["f32", "bf16"])
+def test_cpp_block_low_precision_close_to_torch(dtype, tol):
+    kwargs, shape, options = CONFIGS["bc-5x3-channels_last"]
+    block, x = make_block(kwargs, options, dtype=dtype), make_input(shape, options, dtype=dtype)
+    got, ref = run_steps(block, "cpp", x, steps=1), run_steps(block, "torch", x, steps=1)
+    assert rel_err(got.outputs[0], ref.outputs[0]) < tol
+    assert rel_err(got.input_grads[0], ref.input_grads[0]) < tol * 5
+    for name, g in ref.param_grads[0].items():
+        assert rel_err(got.param_grads[0][name], g) < tol * 10, name
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda_only)])
+def test_cpp_autocast_bf16_close_to_fp32(device):
+    torch.manual_seed(0)
+    model = effdense.densenet_cifar(depth=16, growth_rate=6, num_classes=10).to(device)
+    x = torch.randn(4, 3, 16, 16, device=device)
+    model.set_backend("naive")
+    ref = model(x)
+    model.set_backend("cpp")
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y = model(x)
+        y.float().sum().backward()
+    assert torch.isfinite(y).all() and rel_err(y.float(), ref) < 5e-2
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_cpp_block_under_torch_compile():
+    """The fake and autograd registrations let torch.compile trace the block in one graph."""
+    kwargs, shape, options = CONFIGS["bc-7x7"]
+    block, x = make_block(kwargs, options), make_input(shape, options)
+    block.backend = "cpp"
+    ref_block = copy.deepcopy(block)
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    xs, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, y_ref = compiled(xs), ref_block(xr)
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    assert rel_err(y, y_ref) < 1e-12 and rel_err(xs.grad, xr.grad) < 1e-10
+    for (name, a), b in zip(block.state_dict().items(), ref_block.state_dict().values()):
+        assert rel_err(a.double(), b.double()) < 1e-12, name
+
+
+def test_cpp_backend_registered_and_reasons():
+    assert "cpp" in BACKENDS and BACKENDS["cpp"].memory_efficient
+    assert unavailable_reason("cpp", "cpu", torch.float64) is None
+    assert "not a floating-point dtype" in unavailable_reason("cpp", "cpu", torch.int64)
+    assert "CPU and CUDA kernels only" in unavailable_reason("cpp", "meta", torch.float32)
+    if not HAS_CUDA:
+        assert unavailable_reason("cpp", "cuda", torch.float32) is not None
+
+
+# -------------------------------------------------------------------------------------------------- CUDA
+
+@cuda_only
+@pytest.mark.parametrize("fused", [False, True], ids=["cudnn", "fused1x1"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4), (torch.float16, 1e-2),
+                                       (torch.bfloat16, 5e-2)], ids=["f64", "f32", "f16", "bf16"])
+@pytest.mark.parametrize("label", ["bc-5x3-channels_last", "bc-7x7", "bc-mixed-modes", "plain-5x3-dropout"])
+def test_cuda_cpp_block_matches_torch(label, dtype, tol, fused, monkeypatch):
+    if fused:
+        monkeypatch.setenv("EFFDENSE_FUSED_CONV1X1", "1")
+    kwargs, shape, options = CONFIGS[label]
+    block = make_block(kwargs, options, dtype=dtype, device="cuda")
+    x = make_input(shape, options, dtype=dtype, device="cuda")
+    module = _KeepModes(block) if options.get("eval_layer") else block
+    got, ref = run_steps(module, "cpp", x, steps=2), run_steps(module, "torch", x, steps=2)
+    if dtype == torch.float64:
+        assert_runs_close(got, ref, tol)
+        return
+    assert rel_err(got.outputs[0], ref.outputs[0]) < tol
+    assert rel_err(got.input_grads[0], ref.input_grads[0]) < tol * 5
+    for name, g in ref.param_grads[0].items():
+        assert rel_err(got.param_grads[0][name], g) < tol * 10, name
