@@ -40,6 +40,9 @@ def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
 
     ``torch.var_mean`` uses Welford's merge, which stays accurate where a raw sum of squares cancels.
     """
+    if x.numel() == 0:  # an empty batch has no statistics (nn.BatchNorm2d leaves its running ones alone)
+        nan = torch.full((x.shape[1],), float("nan"), dtype=acc_dtype(x.dtype), device=x.device)
+        return nan, nan.clone()
     var, mean = torch.var_mean(x.to(acc_dtype(x.dtype)), dim=(0, 2, 3), correction=0)
     return mean, var
 
