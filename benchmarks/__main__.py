@@ -28,9 +28,10 @@ def write_json_atomic(path: str, data: dict) -> None:
         raise
 
 
-def run_suite(name: str, device: torch.device, quick: bool, backends: list[str], out_dir: str) -> str:
+def run_suite(name: str, device: torch.device, quick: bool, backends: list[str], out_dir: str,
+              overrides: dict | None = None) -> str:
     env = environment(device)
-    config, rows = SUITES[name](device, quick, backends)
+    config, rows = SUITES[name](device, quick, backends, overrides)
     data = dict(schema=SCHEMA, suite=name, quick=quick, backends=backends, env=env, config=config, rows=rows,
                 units=report.UNITS)
     path = os.path.join(out_dir, device_slug(env), f"{name}-{env['timestamp'].replace(':', '')}.json")
@@ -48,11 +49,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="default: all (quick: naive, checkpoint, torch)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=RESULTS, help="results folder (default benchmarks/results)")
+    p.add_argument("--batch", type=int, help="memory: batch size")
+    p.add_argument("--batches", type=int, nargs="+", help="speed: batch sizes")
+    p.add_argument("--depths", type=int, nargs="+", help="memory: DenseNet-BC depths")
+    p.add_argument("--growth-rates", type=int, nargs="+", help="memory: growth rates")
+    p.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16", "fp16"], help="speed: dtypes")
     args = p.parse_args(argv)
+    overrides = {k: v for k, v in dict(batch=args.batch, batches=args.batches, depths=args.depths,
+                                       growth_rates=args.growth_rates, dtypes=args.dtypes).items() if v is not None}
     backends = args.backends or (["naive", "checkpoint", "torch"] if args.quick else ALL_BACKENDS)
     device = torch.device(args.device)
     for suite in args.suite:
-        run_suite(suite, device, args.quick, backends, args.out)
+        run_suite(suite, device, args.quick, backends, args.out, overrides)
     return 0
 
 

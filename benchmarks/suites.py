@@ -1,5 +1,6 @@
-"""The benchmark suites. Each takes ``(device, quick, backends)`` and returns ``(config, rows)``; a row is one
-measurement (or the reason there is none: ``status`` other than ``"ok"``)."""
+"""The benchmark suites. Each takes ``(device, quick, backends, overrides)`` and returns ``(config, rows)``; a
+row is one measurement (or the reason there is none: ``status`` other than ``"ok"``). ``overrides`` replaces
+entries of the suite's configuration by name (``batch``, ``batches``, ``depths``, ``growth_rates``, ``dtypes``)."""
 from __future__ import annotations
 
 import gc
@@ -20,6 +21,11 @@ def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def _override(cfg: dict, overrides: dict | None) -> dict:
+    unknown = set(overrides or {}) - set(cfg)
+    return dict(cfg, **{k: v for k, v in (overrides or {}).items() if k not in unknown})
 
 
 def _measure(name: str, depth: int | None, k: int, backend: str, batch: int, dtype: str, device: torch.device,
@@ -53,12 +59,14 @@ def _measure(name: str, depth: int | None, k: int, backend: str, batch: int, dty
     return row
 
 
-def memory(device: torch.device, quick: bool, backends: list[str]) -> tuple[dict, list[dict]]:
+def memory(device: torch.device, quick: bool, backends: list[str], overrides: dict | None = None
+           ) -> tuple[dict, list[dict]]:
     """Peak memory of one training step vs depth, DenseNet-BC k=12 and k=24, 32x32, with the predicted floor."""
     if quick:
         cfg = dict(batch=2, growth_rates=[12], depths=[10, 16, 22], dtype="fp32")
     else:
         cfg = dict(batch=64, growth_rates=[12, 24], depths=[40, 100, 190, 250, 400, 700, 1000], dtype="fp32")
+    cfg = _override(cfg, overrides)
     rows = []
     for k in cfg["growth_rates"]:
         for backend in backends:
@@ -70,7 +78,8 @@ def memory(device: torch.device, quick: bool, backends: list[str]) -> tuple[dict
     return cfg, rows
 
 
-def speed(device: torch.device, quick: bool, backends: list[str]) -> tuple[dict, list[dict]]:
+def speed(device: torch.device, quick: bool, backends: list[str], overrides: dict | None = None
+          ) -> tuple[dict, list[dict]]:
     """Median forward/backward/step time and images/s (and peak memory) per model, batch and dtype."""
     if quick:
         cfg = dict(models=[("bc", 16, 12)], batches=[2], dtypes=["fp32"], warmup=1, reps=3)
@@ -78,6 +87,7 @@ def speed(device: torch.device, quick: bool, backends: list[str]) -> tuple[dict,
         cfg = dict(models=[("bc", 100, 12), ("bc", 250, 24), ("densenet121", None, 32), ("densenet169", None, 32),
                            ("densenet201", None, 32), ("densenet264", None, 32)],
                    batches=[64, 256], dtypes=["fp32", "bf16"], warmup=5, reps=20)
+    cfg = _override(cfg, overrides)
     rows = []
     for name, depth, k in cfg["models"]:
         for batch in cfg["batches"]:
@@ -105,7 +115,8 @@ def _deepest(backend: str, batch: int, device: torch.device, limit: int) -> int:
     return 6 * lo + 4 if lo else 0
 
 
-def capacity(device: torch.device, quick: bool, backends: list[str]) -> tuple[dict, list[dict]]:
+def capacity(device: torch.device, quick: bool, backends: list[str], overrides: dict | None = None
+             ) -> tuple[dict, list[dict]]:
     """Deepest DenseNet-BC k=12 each backend trains at batch 64 under emulated 4/8/12 GiB cards, and whether
     DenseNet-264 (224x224, batch 64, bf16) trains in 4 GiB. CUDA only (``set_per_process_memory_fraction``)."""
     cfg = dict(caps_gib=[4, 8, 12], batch=64, max_layers_per_block=400)
@@ -158,7 +169,8 @@ def _ceilings(device: torch.device, quick: bool) -> list[dict]:
 FUSED_CONV1X1: dict[str, tuple[Callable, Callable]] = {}
 
 
-def kernels(device: torch.device, quick: bool, backends: list[str]) -> tuple[dict, list[dict]]:
+def kernels(device: torch.device, quick: bool, backends: list[str], overrides: dict | None = None
+            ) -> tuple[dict, list[dict]]:
     """Ceilings, BN-ReLU-Conv1x1 on a feature-buffer prefix (unfused PyTorch, the conv alone, fused kernels),
     and per model the measured step time over the roofline floor of :mod:`benchmarks.floors`."""
     cfg = dict(batch=2 if quick else 64, shapes=[[24 + 12 * l_, 48] for l_ in ((0, 15) if quick else
@@ -211,7 +223,8 @@ def kernels(device: torch.device, quick: bool, backends: list[str]) -> tuple[dic
     return cfg, rows
 
 
-def peers(device: torch.device, quick: bool, backends: list[str]) -> tuple[dict, list[dict]]:
+def peers(device: torch.device, quick: bool, backends: list[str], overrides: dict | None = None
+          ) -> tuple[dict, list[dict]]:
     """torchvision's and timm's DenseNet-121 (with and without ``memory_efficient``) and effdense's, same
     weights and inputs, in one process: peak memory and step time."""
     cfg = dict(batch=2 if quick else 64, size=64 if quick else 224)
