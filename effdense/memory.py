@@ -1,14 +1,22 @@
 """Measuring the activation memory of a training step, on CPU as on CUDA.
 
 On CUDA the caching allocator counts for us (``torch.cuda.max_memory_allocated``). On CPU there is no such
-counter, so :class:`LiveBytes` counts the bytes of every tensor storage that ATen allocates while it is
-active (a ``TorchDispatchMode`` sees each op's outputs, in forward and in backward) and forgets each storage
-when it is freed (a weak reference on the storage). Its peak is the most bytes alive at once: the
-activations kept for backward plus the transients of the worst moment, not just the saved tensors.
-Allocations an op makes and frees internally (e.g. a convolution's workspace) are not seen.
+counter; two independent ones here:
+
+* :class:`CPUAllocatorBytes` (used by :func:`measure_step`): the profiler's record of every allocation and
+  free of PyTorch's CPU allocator, summed in time order. It sees everything, also the buffers an op (a
+  convolution, or the ``cpp`` backend's whole-block op) allocates and frees inside itself.
+* :class:`LiveBytes`: the bytes of every tensor storage an ATen op returns while it is active (a
+  ``TorchDispatchMode`` sees each op's outputs, in forward and in backward), forgotten when the storage is freed
+  (a weak reference). It sees only op outputs, not an op's internal buffers; the tests check that the two agree
+  where that makes no difference.
+
+Either peak is the most bytes alive at once: the activations kept for backward plus the transients of the
+worst moment, not just the saved tensors.
 """
 from __future__ import annotations
 
+import os
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +58,29 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
+class CPUAllocatorBytes:
+    """Context manager: ``peak`` bytes allocated by PyTorch's CPU allocator inside it, beyond what was live
+    on entry (from the profiler's memory events)."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self.live = 0
+
+    def __enter__(self) -> CPUAllocatorBytes:
+        os.environ.setdefault("KINETO_LOG_LEVEL", "5")   # keep kineto's start/stop lines off stderr
+        self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+        self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._prof.__exit__(*exc)
+        events = [e for e in self._prof.profiler.kineto_results.events()
+                  if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+        for e in sorted(events, key=lambda e: e.start_ns()):
+            self.live += e.nbytes()
+            self.peak = max(self.peak, self.live)
+
+
 @dataclass
 class StepMemory:
     peak_bytes: int          # most bytes alive at once during the step, beyond what was alive before it
@@ -74,7 +105,7 @@ def measure_step(step: Callable[[], object], device: torch.device | str) -> Step
         step()
         torch.cuda.synchronize(device)
         return StepMemory(torch.cuda.max_memory_allocated(device) - base, str(device))
-    with LiveBytes() as counter:
+    with CPUAllocatorBytes() as counter:
         step()
     return StepMemory(counter.peak, str(device))
 
