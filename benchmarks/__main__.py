@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=RESULTS, help="results folder (default benchmarks/results)")
     p.add_argument("--batch", type=int, help="memory: batch size")
     p.add_argument("--batches", type=int, nargs="+", help="speed: batch sizes")
-    p.add_argument("--depths", type=int, nargs="+", help="memory: DenseNet-BC depths")
-    p.add_argument("--growth-rates", type=int, nargs="+", help="memory: growth rates")
+    p.add_argument("--depths", type=int, nargs="+", help="memory, speed: DenseNet-BC depths")
+    p.add_argument("--growth-rates", type=int, nargs="+", help="memory, speed: growth rates")
     p.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16", "fp16"], help="speed: dtypes")
     args = p.parse_args(argv)
     overrides = {k: v for k, v in dict(batch=args.batch, batches=args.batches, depths=args.depths,

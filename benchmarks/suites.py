@@ -1,6 +1,7 @@
 """The benchmark suites. Each takes ``(device, quick, backends, overrides)`` and returns ``(config, rows)``; a
 row is one measurement (or the reason there is none: ``status`` other than ``"ok"``). ``overrides`` replaces
-entries of the suite's configuration by name (``batch``, ``batches``, ``depths``, ``growth_rates``, ``dtypes``)."""
+entries of the suite's configuration by name (``batch``, ``batches``, ``depths``, ``growth_rates``, ``dtypes``;
+for ``speed``, ``depths`` and ``growth_rates`` choose DenseNet-BC models instead of the default list)."""
 from __future__ import annotations
 
 import gc
@@ -87,6 +88,9 @@ def speed(device: torch.device, quick: bool, backends: list[str], overrides: dic
         cfg = dict(models=[("bc", 100, 12), ("bc", 250, 24), ("densenet121", None, 32), ("densenet169", None, 32),
                            ("densenet201", None, 32), ("densenet264", None, 32)],
                    batches=[64, 256], dtypes=["fp32", "bf16"], warmup=5, reps=20)
+    overrides = dict(overrides or {})
+    if "depths" in overrides:                  # DenseNet-BC models of these depths instead of the default list
+        cfg["models"] = [("bc", d, k) for k in overrides.pop("growth_rates", [12]) for d in overrides.pop("depths")]
     cfg = _override(cfg, overrides)
     rows = []
     for name, depth, k in cfg["models"]:
