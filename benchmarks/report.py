@@ -132,7 +132,8 @@ def newest(results: str) -> dict[str, dict[str, dict]]:
     return found
 
 
-def section(results: str) -> str:
+def section(results: str, link_from: str | None = None) -> str:
+    """The README section; plots are linked relative to the folder ``link_from`` (the README's)."""
     found = newest(results)
     if not found:
         return "No benchmark results yet: run `python -m benchmarks` and then " \
@@ -143,6 +144,9 @@ def section(results: str) -> str:
     for dev in sorted(found, key=lambda d: (not d.startswith("cuda"), d)):
         for suite in sorted(found[dev], key=order.index):
             parts += ["", suite_markdown(found[dev][suite]).replace("### ", "#### " + dev + ": ", 1)]
+            png = os.path.join(results, dev, "memory_vs_depth.png")
+            if suite == "memory" and link_from is not None and os.path.exists(png):
+                parts += ["", f"![peak memory vs depth, {dev}]({os.path.relpath(png, link_from)})"]
     return "\n".join(parts)
 
 
@@ -203,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.plots and "memory" in suites:
             plot_memory(suites["memory"], os.path.join(folder, "memory_vs_depth.png"))
     if args.readme:
-        update_readme(args.readme, section(args.results))
+        update_readme(args.readme, section(args.results, os.path.dirname(os.path.abspath(args.readme))))
     print(section(args.results))
     return 0
 
