@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import backends, checkpoint_io
+from .backends import bn
 from .baselines import BASELINES
 from .data import DATASETS, Augment, DataError, Split, load_dataset
 from .memory import predicted_activation_bytes
@@ -306,15 +307,16 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
 
 
 def convert_sync_bn(model: nn.Module, device: torch.device, backend: backends.Backend | None) -> nn.Module:
-    """Make every batch norm compute its statistics over all processes."""
-    if backend is not None and backend.name != "naive":
-        raise NotImplementedError(
-            f"--sync-bn with backend {backend.name!r} is not implemented: "
-            + ("the memory-efficient block computes its batch statistics in effdense/backends/bn.py::channel_stats "
-               "and its BN backward sums in bn_relu_backward, which have no cross-process hook yet"
-               if backend.memory_efficient else
-               "its recomputation normalizes with local batch statistics (effdense/backends/naive.py::batch_norm)")
-            + ". Use --backend naive with --sync-bn for now.")
+    """Make every batch norm compute its statistics over all processes: the BN modules (stem, transitions,
+    ``norm5``, and the dense layers of ``naive``/``checkpoint``) become synchronized ones, and the memory-efficient
+    blocks' shared statistics span the process group (:func:`effdense.backends.bn.enable_sync_stats`)."""
+    if backend is not None:
+        bn.enable_sync_stats()
+        try:   # "auto" now resolves to a backend with cross-process statistics; a named one may have none
+            backends.resolve(model.blocks()[0].backend, device, torch.float32)
+        except RuntimeError as err:
+            bn.disable_sync_stats()
+            raise NotImplementedError(f"--sync-bn: {err}") from None
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     for m in model.modules():
@@ -711,6 +713,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except torch.OutOfMemoryError:
         raise SystemExit(f"effdense-train: {oom_message(args)}") from None
     finally:
+        bn.disable_sync_stats()
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0

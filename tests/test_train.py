@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from effdense import backends, checkpoint_io, train
+from effdense.backends import bn
 from effdense import eval as eval_cli
 from effdense.models import densenet_cifar
 
@@ -186,12 +187,17 @@ def test_out_of_memory_message_and_intact_checkpoint(tmp_path, monkeypatch):
     assert checkpoint_io.load(tmp_path / "last.pt")["epoch"] == 1
 
 
-def test_sync_bn_with_efficient_backend_names_the_gap():
-    model = densenet_cifar(depth=10, growth_rate=4, backend="torch")
-    with pytest.raises(NotImplementedError, match="channel_stats"):
-        train.convert_sync_bn(model, torch.device("cpu"), backends.BACKENDS["torch"])
-    with pytest.raises(NotImplementedError, match="naive.py::batch_norm"):
-        train.convert_sync_bn(model, torch.device("cpu"), backends.BACKENDS["checkpoint"])
+def test_sync_bn_with_a_backend_lacking_it_names_the_gap(monkeypatch):
+    fake = backends.Backend("nosync", "no cross-process statistics", True, lambda x, layers: x,
+                            lambda dev, dt: None)
+    monkeypatch.setitem(backends.BACKENDS, "nosync", fake)
+    model = densenet_cifar(depth=10, growth_rate=4, backend="nosync")
+    try:
+        with pytest.raises(NotImplementedError, match="--sync-bn: backend 'nosync' cannot run .*not implemented here"):
+            train.convert_sync_bn(model, torch.device("cpu"), fake)
+        assert not bn.sync_stats_enabled()
+    finally:
+        bn.disable_sync_stats()
 
 
 #: this command measured 86.9% test accuracy (CPU, one thread); the README states the 80% floor

@@ -29,6 +29,15 @@ def max_diff(a, b):
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
 
 
+@pytest.mark.parametrize("backend", ["torch", "checkpoint"])
+def test_sync_bn_equals_one_process(tmp_path, backend):
+    """torch: the block's shared statistics (and their gradient sums) span both processes; checkpoint: the
+    recomputation normalizes with the synchronized statistics too."""
+    _, synced = launch(tmp_path / "sync", "--sync-bn", "--backend", backend)
+    _, single = launch(tmp_path / "single", "--backend", backend, nproc=1)
+    assert max_diff(synced, single) < 1e-3
+
+
 def test_ddp_replicas_agree_and_sync_bn_equals_one_process(tmp_path):
     stdout, ddp = launch(tmp_path / "ddp")
     assert "parameters identical on all 2 processes" in stdout and "2 process(es)" in stdout

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from . import naive, torch_backend
+from . import bn, naive, torch_backend
 from .base import Backend, broken, float_only
 
 BACKENDS: dict[str, Backend] = {}
@@ -23,13 +23,14 @@ def register(backend: Backend) -> Backend:
     return backend
 
 
+# naive and checkpoint call the BN modules, which nn.SyncBatchNorm replaces for cross-process statistics
 register(Backend("naive", "torchvision's eager concatenation (quadratic memory)", False,
-                 naive.block_forward, float_only))
+                 naive.block_forward, float_only, sync_stats=True))
 register(Backend("checkpoint", "torchvision's memory_efficient=True: torch.utils.checkpoint around "
                  "concat-BN-ReLU-conv1", False,
-                 lambda x, layers: naive.block_forward(x, layers, use_checkpoint=True), float_only))
+                 lambda x, layers: naive.block_forward(x, layers, use_checkpoint=True), float_only, sync_stats=True))
 register(Backend("torch", "shared feature buffer, shared statistics, recomputation; plain PyTorch", True,
-                 torch_backend.block_forward, float_only))
+                 torch_backend.block_forward, float_only, sync_stats=True))
 
 # Kernel backends live in their own modules, each exposing ``BACKEND``; one that fails to import is
 # still listed, with the import error as its reason.
@@ -54,6 +55,8 @@ def unavailable_reason(name: str, device: torch.device | str, dtype: torch.dtype
     """None if backend ``name`` can run on ``device``/``dtype``, else why it cannot."""
     if name not in BACKENDS:
         return f"unknown backend {name!r}; known: {', '.join(names())}"
+    if bn.sync_stats_enabled() and not BACKENDS[name].sync_stats:
+        return "cross-process batch statistics (--sync-bn) are not implemented here; the torch backend has them"
     return BACKENDS[name].unavailable(torch.device(device), dtype)
 
 

@@ -22,6 +22,8 @@ class Backend:
     unavailable: Callable[[torch.device, torch.dtype], str | None]
     #: device types on which ``"auto"`` may pick it (an interpreter-only CPU path is for debugging, not speed)
     auto_devices: tuple[str, ...] = ("cpu", "cuda")
+    #: whether its batch statistics follow :func:`effdense.backends.bn.enable_sync_stats` (``--sync-bn``)
+    sync_stats: bool = False
 
 
 def float_only(device: torch.device, dtype: torch.dtype) -> str | None:

@@ -13,7 +13,32 @@ Every backend applies BN-ReLU as this per-channel affine map plus a ReLU, so the
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+
+#: ``--sync-bn``: whether the memory-efficient blocks' batch statistics span a process group, and which
+_SYNC: dict = {"on": False, "group": None}
+
+
+def enable_sync_stats(group: object | None = None) -> None:
+    """Make the ``torch`` backend's batch statistics span every process of ``group`` (None: the default group),
+    as ``nn.SyncBatchNorm`` does: per-channel ``(count, mean, M2)`` are all-gathered and merged (Chan et al.),
+    and the BN backward's per-channel sums are all-reduced."""
+    _SYNC.update(on=True, group=group)
+
+
+def disable_sync_stats() -> None:
+    _SYNC.update(on=False, group=None)
+
+
+def sync_stats_enabled() -> bool:
+    return _SYNC["on"]
+
+
+def _world_sum(*tensors: Tensor) -> list[Tensor]:
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=_SYNC["group"])
+    return list(flat.split([t.numel() for t in tensors]))
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -44,6 +69,16 @@ def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
         nan = torch.full((x.shape[1],), float("nan"), dtype=acc_dtype(x.dtype), device=x.device)
         return nan, nan.clone()
     var, mean = torch.var_mean(x.to(acc_dtype(x.dtype)), dim=(0, 2, 3), correction=0)
+    if _SYNC["on"]:
+        n = x.shape[0] * x.shape[2] * x.shape[3]
+        local = torch.cat([mean.new_tensor([float(n)]), mean, var * n])
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(_SYNC["group"]))]
+        dist.all_gather(parts, local, group=_SYNC["group"])
+        every = torch.stack(parts)
+        c = mean.numel()
+        counts, means, m2 = every[:, :1], every[:, 1:1 + c], every[:, 1 + c:]
+        mean = (counts * means).sum(0) / counts.sum()
+        var = (m2 + counts * (means - mean) ** 2).sum(0) / counts.sum()
     return mean, var
 
 
@@ -60,6 +95,8 @@ def update_running_stats(norm: nn.BatchNorm2d, mean: Tensor, var: Tensor, n: int
         norm.num_batches_tracked.add_(1)
         if n == 0:
             return
+        if _SYNC["on"]:       # the unbiased variance uses the count over every process
+            n = int(_world_sum(mean.new_tensor([float(n)]))[0].item())
         factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
         unbiased = var * (n / (n - 1)) if n > 1 else var
         norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), factor)
@@ -111,5 +148,9 @@ def bn_relu_backward(x: Tensor, grad_y: Tensor, scale: Tensor, shift: Tensor, me
     dgamma = (g * xhat).sum(dim=(0, 2, 3))
     if batch_stats:
         n = x.shape[0] * x.shape[2] * x.shape[3]
-        g = g - (dbeta / n).view(1, -1, 1, 1) - xhat * (dgamma / n).view(1, -1, 1, 1)
-    return g.mul_(scale.view(1, -1, 1, 1)), dgamma, dbeta
+        sum_g, sum_gx = dbeta, dgamma
+        if _SYNC["on"]:      # statistics over every process: so are the sums their gradient needs
+            sum_g, sum_gx, count = _world_sum(dbeta, dgamma, dbeta.new_tensor([float(n)]))
+            n = count.item()
+        g = g - (sum_g / n).view(1, -1, 1, 1) - xhat * (sum_gx / n).view(1, -1, 1, 1)
+    return g.mul_(scale.view(1, -1, 1, 1)), dgamma, dbeta    # parameter gradients stay local (DDP averages)

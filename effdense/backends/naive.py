@@ -26,6 +26,13 @@ def batch_norm(norm: nn.BatchNorm2d, x: Tensor, update_running_stats: bool = Tru
     the same saved tensors as in the first forward while the real buffers are updated once.
     """
     if not update_running_stats and norm.training and norm.track_running_stats:
+        if type(norm) is not nn.BatchNorm2d:  # e.g. SyncBatchNorm: its own forward, buffers restored after
+            saved = [b.clone() for b in (norm.running_mean, norm.running_var, norm.num_batches_tracked)]
+            out = norm(x)
+            with torch.no_grad():
+                for b, v in zip((norm.running_mean, norm.running_var, norm.num_batches_tracked), saved):
+                    b.copy_(v)
+            return out
         return F.batch_norm(x, norm.running_mean.clone(), norm.running_var.clone(), norm.weight, norm.bias,
                             True, 0.0, norm.eps)
     return norm(x)
