@@ -156,17 +156,20 @@ def predicted_activation_bytes(model: torch.nn.Module, batch: int, size: int, dt
 
     ``kind`` is ``"naive"``, ``"checkpoint"`` or ``"efficient"``. With ``P`` pixels, ``c_l = C0 + l*k``,
     ``C = C0 + L*k``, ``e`` bytes per stored element and ``g`` per gradient element (fp32 for fp16/bf16):
+    what is kept for backward, summed over blocks, plus the worst block's backward transients.
 
-    * naive: each layer keeps its concatenation and BN-ReLU output (``2 c_l``), its bottleneck and that
+    * kept, naive: each layer's concatenation and BN-ReLU output (``2 c_l``), its bottleneck and that
       bottleneck's BN-ReLU output (``2B``) and its ``k`` new channels, plus the block's concatenated output;
-    * checkpoint: per layer only ``2B`` (what norm2/conv2 keep), plus the feature maps and the output (``2C``);
-    * efficient (the floor of the shared-buffer algorithm): every block's feature buffer ``P*C*e``, plus, at the
-      worst moment, one block's gradient buffer ``P*C*g`` and one layer's transients
-      ``P*(C*e + 2*B*e + 2*B*g + 2*C*g)`` (recomputed BN-ReLU input, bottleneck and its activation, their
-      gradients, and the layer's input gradient).
+      checkpoint: per layer only ``2B`` (what norm2/conv2 keep), plus the feature maps and the output (``2C``);
+      efficient: the feature buffer ``C``.
+    * transients, every kind: the gradients of the block's features and of one layer's input and bottleneck,
+      ``3C*g + 2B*g``; checkpoint adds the recomputed concatenation and BN-ReLU output (``2C*e``), efficient the
+      recomputed BN-ReLU input and bottleneck (``C*e + 2B*e``).
 
     Stem, transitions and classifier are the same for every backend and left out.
     """
+    if kind not in ("naive", "checkpoint", "efficient"):
+        raise ValueError(f"kind must be 'naive', 'checkpoint' or 'efficient', got {kind!r}")
     e = torch.finfo(dtype).bits // 8
     g = max(e, 4)
     kept, worst = 0, 0
@@ -174,11 +177,12 @@ def predicted_activation_bytes(model: torch.nn.Module, batch: int, size: int, dt
         p = batch * s.pixels
         if kind == "efficient":
             kept += p * s.c * e
-            worst = max(worst, p * s.c * g + p * (s.c * e + 2 * s.b * e + 2 * s.b * g + 2 * s.c * g))
+            extra = s.c * e + 2 * s.b * e
         elif kind == "checkpoint":
             kept += p * (2 * s.c + s.layers * 2 * s.b) * e
-        elif kind == "naive":
-            kept += p * (sum(2 * (s.c0 + i * s.k) + 2 * s.b + s.k for i in range(s.layers)) + s.c) * e
+            extra = 2 * s.c * e
         else:
-            raise ValueError(f"kind must be 'naive', 'checkpoint' or 'efficient', got {kind!r}")
+            kept += p * (sum(2 * (s.c0 + i * s.k) + 2 * s.b + s.k for i in range(s.layers)) + s.c) * e
+            extra = 0
+        worst = max(worst, p * (3 * s.c * g + 2 * s.b * g + extra))
     return kept + worst

@@ -125,6 +125,15 @@ def test_run_outputs_and_eval(tmp_path, capsys):
     assert evaluated["accuracy"] == pytest.approx(results["test_acc"]) and evaluated["images"] == 128
 
 
+@pytest.mark.parametrize("flags", [["--amp", "bf16"], ["--channels-last"], ["--amp", "bf16", "--channels-last"],
+                                   ["--deterministic"]], ids=" ".join)
+def test_precision_and_layout_flags_train(tmp_path, flags):
+    out = tmp_path / "run"
+    assert run(out, "--epochs", "1", "--max-steps", "2", *flags) == 0
+    assert "test_acc" in json.loads((out / "results.json").read_text())
+    assert all(torch.isfinite(v).all() for v in weights(out / "last.pt").values() if v.is_floating_point())
+
+
 def test_resume_is_exact(tmp_path):
     """A run stopped at the end of epoch 1, or inside it, and resumed ends bit-identical to an uninterrupted run."""
     flags = ["--epochs", "2", "--drop-rate", "0.2"]
