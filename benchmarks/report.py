@@ -70,7 +70,7 @@ def targets(data: dict) -> list[dict]:
         for batch in sorted({r["batch"] for r in rows}):
             for dtype in sorted({r["dtype"] for r in rows}):
                 sel = {r["backend"]: r for r in rows if r["model"] == "bc" and r["depth"] == 100
-                       and r["batch"] == batch and r["dtype"] == dtype}
+                       and r.get("growth_rate") == 12 and r["batch"] == batch and r["dtype"] == dtype}
                 eff = [r for b, r in sel.items() if b in ("torch", "cpp", "triton")]
                 if "naive" not in sel or not eff:
                     continue

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from . import backends
@@ -97,6 +98,10 @@ class EfficientDenseBlock(nn.ModuleDict):
         if x.device != param.device:
             raise ValueError(f"expected the input on {param.device}, where the block's parameters are, "
                              f"got it on {x.device}")
+        if x.dtype != param.dtype and not (x.device.type in ("cpu", "cuda")
+                                           and torch.is_autocast_enabled(x.device.type)):
+            raise TypeError(f"expected a {param.dtype} input (the block's parameter dtype), got {x.dtype}; "
+                            "cast one of them, or run under torch.autocast")
 
     def which_backend(self, x: Tensor) -> str:
         """Name of the backend that runs for input ``x``."""

@@ -54,8 +54,9 @@ def report() -> str:
                 if name == "auto":
                     try:
                         cells.append(backends.resolve("auto", dev, dt).name)
-                    except RuntimeError:
-                        cells.append("-")
+                    except (RuntimeError, ValueError) as err:   # ValueError: a bad EFFDENSE_BACKEND
+                        mark = reasons.setdefault(str(err), f"[{len(reasons) + 1}]")
+                        cells.append(f"no {mark}")
                     continue
                 why = backends.unavailable_reason(name, dev, dt)
                 if why is None:

@@ -16,7 +16,6 @@ worst moment, not just the saved tensors.
 """
 from __future__ import annotations
 
-import os
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,7 +66,6 @@ class CPUAllocatorBytes:
         self.live = 0
 
     def __enter__(self) -> CPUAllocatorBytes:
-        os.environ.setdefault("KINETO_LOG_LEVEL", "5")   # keep kineto's start/stop lines off stderr
         self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
         self._prof.__enter__()
         return self
@@ -92,7 +90,8 @@ class StepMemory:
 
 
 def measure_step(step: Callable[[], object], device: torch.device | str) -> StepMemory:
-    """Peak memory that ``step()`` adds on ``device`` (allocator statistics on CUDA, :class:`LiveBytes` on CPU).
+    """Peak memory that ``step()`` adds on ``device`` (allocator statistics on CUDA, :class:`CPUAllocatorBytes`
+    on CPU).
 
     Run a warm-up step first so gradients and optimizer state already exist: then the figure is the step's
     activation memory plus its transients.

@@ -26,14 +26,18 @@ class Transition(nn.Sequential):
     pixels), so they commute; pooling first is exact and does a quarter of the convolution's work.
     """
 
-    def __init__(self, num_input_features: int, num_output_features: int) -> None:
+    def __init__(self, num_input_features: int, num_output_features: int, backend: str = "auto") -> None:
         super().__init__()
         self.norm = nn.BatchNorm2d(num_input_features)
         self.relu = nn.ReLU(inplace=True)
         self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+        self.backend = backends.check_name(backend)
 
     def forward(self, x: Tensor) -> Tensor:
+        fused = backends.resolve(self.backend, x.device, x.dtype).transition if self.backend != "naive" else None
+        if fused is not None:
+            return fused(x, self.norm, self.conv)
         return self.conv(self.pool(self.relu(self.norm(x))))
 
 
@@ -95,7 +99,7 @@ class EfficientDenseNet(nn.Module):
             num_features = block.num_output_features
             if i != len(block_config) - 1:
                 out = int(math.floor(num_features * compression))
-                self.features.add_module(f"transition{i + 1}", Transition(num_features, out))
+                self.features.add_module(f"transition{i + 1}", Transition(num_features, out, backend))
                 num_features = out
         self.features.add_module("norm5", nn.BatchNorm2d(num_features))
         self.num_features = num_features
@@ -116,8 +120,9 @@ class EfficientDenseNet(nn.Module):
     def set_backend(self, backend: str) -> EfficientDenseNet:
         """Switch every dense block to ``backend``; parameters and buffers are untouched."""
         backends.check_name(backend)
-        for block in self.blocks():
-            block.backend = backend
+        for m in self.modules():
+            if isinstance(m, (EfficientDenseBlock, Transition)):
+                m.backend = backend
         return self
 
     def forward_features(self, x: Tensor) -> Tensor:

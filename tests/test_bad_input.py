@@ -24,6 +24,8 @@ BAD_INPUTS = {
     "int dtype": (lambda: torch.ones(2, 4, 5, 5, dtype=torch.int64), TypeError, r"floating-point.*torch.int64"),
     "other device": (lambda: torch.empty(2, 4, 5, 5, device="meta"), ValueError, r"expected the input on cpu.*meta"),
     "not a tensor": (lambda: [[1.0]], TypeError, r"expected a torch.Tensor"),
+    "dtype mismatch": (lambda: torch.randn(2, 4, 5, 5, dtype=torch.float64), TypeError,
+                       r"expected a torch.float32 input \(the block's parameter dtype\), got torch.float64"),
 }
 
 

@@ -138,3 +138,68 @@ def test_autocast_bf16_cpu_close_to_fp32(backend):
     assert torch.isfinite(y).all()
     assert rel_err(y.float(), ref) < 5e-2
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def _grads(block, x):
+    x = x.detach().requires_grad_()
+    (block(x) * torch.linspace(-1, 1, block.num_output_features).view(1, -1, 1, 1)).square().sum().backward()
+    return x.grad, {n: p.grad for n, p in block.named_parameters()}
+
+
+@pytest.mark.parametrize("backend", EXACT_BACKENDS)
+def test_parametrized_weights_get_gradients(backend):
+    """weight_norm on every conv2: the backend must differentiate the tensors it is given, not the modules'."""
+    grads = {}
+    for b in ("naive", backend):
+        block = make_block(dict(num_layers=2, num_input_features=4, bn_size=2, growth_rate=3), {})
+        for layer in block.values():
+            torch.nn.utils.parametrizations.weight_norm(layer.conv2)
+        block.backend = b
+        grads[b] = _grads(block, make_input((2, 4, 5, 5), {}))
+    assert rel_err(grads[backend][0], grads["naive"][0]) < 1e-10
+    for name, g in grads["naive"][1].items():
+        assert grads[backend][1][name] is not None, name
+        assert rel_err(grads[backend][1][name], g) < 1e-10, name
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("backend", EXACT_BACKENDS)
+def test_functional_call_uses_the_given_parameters(backend, train):
+    block = make_block(dict(num_layers=2, num_input_features=4, bn_size=2, growth_rate=3), {}).train(train)
+    other = {n: (t * 1.3 + 0.1) if t.is_floating_point() else t.clone() for n, t in block.state_dict().items()}
+    other = {n: t.abs() + 0.5 if "running_var" in n else t for n, t in other.items()}
+    x = make_input((2, 4, 5, 5), {})
+    outs = {}
+    for b in ("naive", backend):
+        block.backend = b
+        state = {n: t.clone().requires_grad_(t.is_floating_point() and "running" not in n) for n, t in other.items()}
+        y = torch.func.functional_call(block, state, (x,))
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        outs[b] = (y, {n: t.grad for n, t in state.items() if t.requires_grad})
+    assert rel_err(outs[backend][0], outs["naive"][0]) < 1e-10
+    for name, g in outs["naive"][1].items():
+        assert rel_err(outs[backend][1][name], g) < 1e-10, name
+
+
+def test_torch_backend_rejects_double_backward_and_inplace_weight_changes():
+    block = make_block(dict(num_layers=2, num_input_features=4, bn_size=2, growth_rate=3), {})
+    block.backend = "torch"
+    x = make_input((2, 4, 5, 5), {}).requires_grad_()
+    (g,) = torch.autograd.grad(block(x).square().sum(), x, create_graph=False)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        torch.autograd.grad(block(x).square().sum(), x, create_graph=True)
+    y = block(x).square().sum()
+    with torch.no_grad():
+        block.denselayer1.conv2.weight.add_(1.0)      # an optimizer step between forward and backward
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+def test_one_pixel_batch_fails_when_only_norm2_trains():
+    block = make_block(dict(num_layers=2, num_input_features=4, bn_size=2, growth_rate=3), {}).eval()
+    for layer in block.values():
+        layer.norm2.train()
+    for backend in ["naive", *EXACT_BACKENDS]:
+        block.backend = backend
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+            block(make_input((1, 4, 1, 1), {}))

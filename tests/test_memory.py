@@ -1,5 +1,6 @@
-"""Activation memory is linear in depth for the efficient backend and quadratic for naive, measured as live
-bytes of every tensor allocated during a CPU training step (effdense.memory.LiveBytes)."""
+"""Activation memory is linear in depth for the efficient backend and quadratic for naive, measured as the
+live bytes of PyTorch's CPU allocator during a training step (effdense.memory.measure_step), with the two
+counters of effdense.memory checked against each other."""
 from __future__ import annotations
 
 import pytest

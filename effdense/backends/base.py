@@ -24,6 +24,8 @@ class Backend:
     auto_devices: tuple[str, ...] = ("cpu", "cuda")
     #: whether its batch statistics follow :func:`effdense.backends.bn.enable_sync_stats` (``--sync-bn``)
     sync_stats: bool = False
+    #: ``transition(x, norm, conv) -> Tensor``: its BN-ReLU-AvgPool-Conv1x1 transition, or None for PyTorch's
+    transition: Callable[[Tensor, nn.BatchNorm2d, nn.Conv2d], Tensor] | None = None
 
 
 def float_only(device: torch.device, dtype: torch.dtype) -> str | None:

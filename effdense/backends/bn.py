@@ -103,15 +103,18 @@ def update_running_stats(norm: nn.BatchNorm2d, mean: Tensor, var: Tensor, n: int
         norm.running_var.lerp_(unbiased.to(norm.running_var.dtype), factor)
 
 
-def scale_shift(norm: nn.BatchNorm2d, mean: Tensor | None, var: Tensor | None, dtype: torch.dtype):
+def scale_shift(norm: nn.BatchNorm2d, mean: Tensor | None, var: Tensor | None, dtype: torch.dtype,
+                affine: tuple[Tensor | None, Tensor | None] | None = None):
     """``(scale, shift, mu, invstd)`` of ``norm`` in ``dtype`` from the batch ``mean``/``var``, or from its
-    running statistics when ``mean`` is None."""
+    running statistics when ``mean`` is None; ``affine`` is ``(gamma, beta)`` if not the module's own (an
+    autograd function passes the tensors it was given, which may be parametrized or swapped in)."""
     if mean is None:
         mean, var = norm.running_mean, norm.running_var
     mean, var = mean.to(dtype), var.to(dtype)
     invstd = torch.rsqrt(var + norm.eps)
-    gamma = norm.weight.to(dtype) if norm.weight is not None else torch.ones_like(mean)
-    beta = norm.bias.to(dtype) if norm.bias is not None else torch.zeros_like(mean)
+    w, b = (norm.weight, norm.bias) if affine is None else affine
+    gamma = w.to(dtype) if w is not None else torch.ones_like(mean)
+    beta = b.to(dtype) if b is not None else torch.zeros_like(mean)
     scale = gamma * invstd
     return scale, beta - mean * scale, mean, invstd
 

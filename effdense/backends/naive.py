@@ -17,31 +17,44 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 
+def batch_norm(norm: nn.BatchNorm2d, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+               eval_stats: tuple[Tensor | None, Tensor | None], update_running_stats: bool = True) -> Tensor:
+    """``norm(x)`` with its tensors given: ``weight``, ``bias``, and the running statistics it normalizes with
+    in eval mode (so a checkpointed recomputation uses the tensors of the first forward); optionally without
+    touching the running statistics (for that recomputation, which runs the same op on throwaway copies of the
+    buffers, so checkpointing sees the same saved tensors while the real buffers are updated once)."""
+    if type(norm) is not nn.BatchNorm2d:  # e.g. SyncBatchNorm: its own forward, on throwaway buffers if need be
+        if update_running_stats or not (norm.training and norm.track_running_stats):
+            return norm(x)
+        names = ("running_mean", "running_var", "num_batches_tracked")
+        real = [getattr(norm, n) for n in names]
+        for n, b in zip(names, real):
+            setattr(norm, n, b.clone())
+        try:
+            return norm(x)
+        finally:
+            for n, b in zip(names, real):
+                setattr(norm, n, b)
+    factor = 0.0 if norm.momentum is None else norm.momentum
+    running_mean, running_var = eval_stats
+    if norm.training and norm.track_running_stats:
+        running_mean, running_var = norm.running_mean, norm.running_var
+        if update_running_stats:
+            norm.num_batches_tracked.add_(1)
+            factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+        else:
+            running_mean, running_var, factor = running_mean.clone(), running_var.clone(), 0.0
+    return F.batch_norm(x, running_mean, running_var, weight, bias, norm.training or running_mean is None,
+                        factor, norm.eps)
 
 
-def batch_norm(norm: nn.BatchNorm2d, x: Tensor, update_running_stats: bool = True) -> Tensor:
-    """``norm(x)``, optionally without touching its running statistics (for recomputation).
-
-    The recomputation runs the same op on throwaway copies of the running buffers, so checkpointing sees
-    the same saved tensors as in the first forward while the real buffers are updated once.
-    """
-    if not update_running_stats and norm.training and norm.track_running_stats:
-        if type(norm) is not nn.BatchNorm2d:  # e.g. SyncBatchNorm: its own forward, buffers restored after
-            saved = [b.clone() for b in (norm.running_mean, norm.running_var, norm.num_batches_tracked)]
-            out = norm(x)
-            with torch.no_grad():
-                for b, v in zip((norm.running_mean, norm.running_var, norm.num_batches_tracked), saved):
-                    b.copy_(v)
-            return out
-        return F.batch_norm(x, norm.running_mean.clone(), norm.running_var.clone(), norm.weight, norm.bias,
-                            True, 0.0, norm.eps)
-    return norm(x)
-
-
-def _stage1(layer: nn.Module, features: Sequence[Tensor], update_running_stats: bool = True) -> Tensor:
-    """concat -> norm1 -> relu -> conv1 (the bottleneck conv, or the 3x3 conv of a plain layer)."""
+def _stage1(layer: nn.Module, features: Sequence[Tensor], weights: Sequence[Tensor | None],
+            update_running_stats: bool = True) -> Tensor:
+    """concat -> norm1 -> relu -> conv1 (the bottleneck conv, or the 3x3 conv of a plain layer); ``weights`` are
+    norm1's weight and bias, conv1's weight, and the running mean and variance norm1 uses in eval mode."""
     x = torch.cat(list(features), 1)
-    return layer.conv1(F.relu(batch_norm(layer.norm1, x, update_running_stats), inplace=True))
+    y = F.relu(batch_norm(layer.norm1, x, weights[0], weights[1], weights[3:], update_running_stats), inplace=True)
+    return F.conv2d(y, weights[2], None, layer.conv1.stride, layer.conv1.padding)
 
 
 def _rest(layer: nn.Module, out: Tensor) -> Tensor:
@@ -54,16 +67,21 @@ def _rest(layer: nn.Module, out: Tensor) -> Tensor:
 
 def layer_forward(layer: nn.Module, features: Sequence[Tensor], use_checkpoint: bool = False) -> Tensor:
     """One dense layer on the list of earlier feature maps; returns its ``growth_rate`` new channels."""
+    norm = layer.norm1
+    eval_stats = (None, None) if norm.training else (norm.running_mean, norm.running_var)
+    weights = (norm.weight, norm.bias, layer.conv1.weight, *eval_stats)
     if use_checkpoint and torch.is_grad_enabled():
         calls = [0]
 
-        def stage1(*feats: Tensor) -> Tensor:
+        def stage1(*args: Tensor) -> Tensor:
             calls[0] += 1
-            return _stage1(layer, feats, update_running_stats=calls[0] == 1)
+            return _stage1(layer, args[5:], args[:5], update_running_stats=calls[0] == 1)
 
-        out = checkpoint(stage1, *features, use_reentrant=False)
+        # the weights and statistics are inputs of the checkpointed function: the recomputation in backward uses the same
+        # tensors as the forward (torch.func.functional_call, parametrizations), not the module's at that time
+        out = checkpoint(stage1, *weights, *features, use_reentrant=False)
     else:
-        out = _stage1(layer, features)
+        out = _stage1(layer, features, weights)
     return _rest(layer, out)
 
 

@@ -44,6 +44,7 @@ class _Ctx:
     growth_rate: int
     rng_states: list = field(default_factory=list)   # per layer: RNG state before its dropout mask, or None
     bs1: list = field(default_factory=list)          # per layer: does norm1 normalize with batch statistics
+    running: list = field(default_factory=list)      # per layer: [norm1, norm2] running (mean, var) used, or None
 
 
 def memory_format(x: Tensor) -> torch.memory_format:
@@ -95,12 +96,21 @@ def _dropout_mask(like: Tensor, p: float, state: Tensor | None = None) -> Tensor
         return F.dropout(torch.ones_like(like), p, training=True)
 
 
-def _weights(layer: nn.Module, dt: torch.dtype) -> tuple[Tensor, Tensor | None]:
-    w2 = layer.conv2.weight.to(dt) if getattr(layer, "norm2", None) is not None else None
-    return layer.conv1.weight.to(dt), w2
+def _split(params: Sequence[Tensor | None], num_layers: int) -> list[Sequence[Tensor | None]]:
+    """The flat parameter list of the block function, per layer (see :func:`_layer_params`)."""
+    per = len(params) // num_layers
+    return [params[i * per:(i + 1) * per] for i in range(num_layers)]
+
+
+def _cast(w: Tensor | None, dt: torch.dtype) -> Tensor | None:
+    return None if w is None else w.to(dt)
 
 
 class _DenseBlockFunction(torch.autograd.Function):
+    """Forward and backward use the parameter tensors passed to ``apply`` (saved, so in-place changes before
+    backward are caught), never the modules' attributes; the modules give only configuration (eps, momentum,
+    dropout rate) and the running-statistics buffers."""
+
     @staticmethod
     def forward(ctx, cfg: _Ctx, x: Tensor, *params: Tensor) -> Tensor:
         layers, cdt, k = cfg.layers, cfg.compute_dtype, cfg.growth_rate
@@ -111,20 +121,25 @@ class _DenseBlockFunction(torch.autograd.Function):
         batch_stats = any(cfg.bs1)
         feat, mean, var = init_features(x, len(layers), k, cdt, batch_stats)
         stats2: list[tuple[Tensor, Tensor] | None] = []
-        cfg.rng_states = []
-        for i, layer in enumerate(layers):
+        cfg.rng_states, cfg.running = [], []
+        for i, (layer, p) in enumerate(zip(layers, _split(params, len(layers)))):
             c = c0 + i * k
-            m1, v1 = (mean[:c], var[:c]) if cfg.bs1[i] else (None, None)
-            s1, t1, _, _ = scale_shift(layer.norm1, m1, v1, adt)
-            update_running_stats(layer.norm1, m1, v1, npix)
-            w1, w2 = _weights(layer, cdt)
-            y = _conv(bn_relu(feat[:, :c], s1, t1, cdt), w1)
-            if w2 is not None:
+            run1 = None if cfg.bs1[i] else (layer.norm1.running_mean, layer.norm1.running_var)
+            m1, v1 = run1 or (mean[:c], var[:c])
+            s1, t1, _, _ = scale_shift(layer.norm1, m1, v1, adt, p[0:2])
+            if cfg.bs1[i]:
+                update_running_stats(layer.norm1, m1, v1, npix)
+            y = _conv(bn_relu(feat[:, :c], s1, t1, cdt), p[2].to(cdt))
+            run2 = None
+            if len(p) == 6:
                 st = channel_stats(y) if uses_batch_stats(layer.norm2) else None
+                run2 = None if st else (layer.norm2.running_mean, layer.norm2.running_var)
                 stats2.append(st)
-                update_running_stats(layer.norm2, *(st or (None, None)), npix)
-                s2, t2, _, _ = scale_shift(layer.norm2, *(st or (None, None)), adt)
-                y = _conv(bn_relu(y, s2, t2, cdt), w2)
+                if st:
+                    update_running_stats(layer.norm2, *st, npix)
+                s2, t2, _, _ = scale_shift(layer.norm2, *(st or run2), adt, p[3:5])
+                y = _conv(bn_relu(y, s2, t2, cdt), p[5].to(cdt))
+            cfg.running.append([run1, run2])
             if layer.drop_rate > 0 and layer.training:
                 cfg.rng_states.append(_rng_state(y.device))
                 y = y * _dropout_mask(feat[:, c:c + k], layer.drop_rate)
@@ -136,18 +151,24 @@ class _DenseBlockFunction(torch.autograd.Function):
                 mean[c:c + k], var[c:c + k] = channel_stats(new)
         ctx.cfg = cfg
         ctx.stats2 = stats2
-        ctx.save_for_backward(feat, mean, var)
+        ctx.save_for_backward(feat, mean, var, *params)
         ctx.x_dtype = x.dtype
         return feat
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
+        if torch.is_grad_enabled():
+            raise RuntimeError("the 'torch' dense-block backend does not support double backward "
+                               "(create_graph=True); use backend='naive' for higher-order gradients")
+        feat, mean, var, *params = ctx.saved_tensors
         with torch.autocast(grad_out.device.type, enabled=False):
-            return (None, *_block_backward(ctx.cfg, ctx.stats2, *ctx.saved_tensors, grad_out, ctx.x_dtype))
+            return (None, *_block_backward(ctx.cfg, ctx.stats2, feat, mean, var, params, ctx.needs_input_grad[2:],
+                                           grad_out, ctx.x_dtype))
 
 
 def _block_backward(cfg: _Ctx, stats2: list, feat: Tensor, mean: Tensor | None, var: Tensor | None,
-                    grad_out: Tensor, x_dtype: torch.dtype) -> list[Tensor | None]:
+                    params: Sequence[Tensor | None], needs: Sequence[bool], grad_out: Tensor,
+                    x_dtype: torch.dtype) -> list[Tensor | None]:
     """Gradients of the block input and of every layer parameter (see the module docstring)."""
     layers, cdt, k = cfg.layers, cfg.compute_dtype, cfg.growth_rate
     adt = acc_dtype(cdt)
@@ -155,37 +176,37 @@ def _block_backward(cfg: _Ctx, stats2: list, feat: Tensor, mean: Tensor | None, 
     grad = torch.empty_like(feat, dtype=adt)
     grad.copy_(grad_out)
     grads: list[Tensor | None] = []
+    per_layer, per_needs = _split(params, len(layers)), _split(needs, len(layers))
     for i in reversed(range(len(layers))):
-        layer, c = layers[i], c0 + i * k
-        params = _layer_params(layer)
+        layer, c, p, need = layers[i], c0 + i * k, per_layer[i], per_needs[i]
+        run1, run2 = cfg.running[i]
         x = feat[:, :c]
-        m1, v1 = (mean[:c], var[:c]) if cfg.bs1[i] else (None, None)
-        s1, t1, m1, i1 = scale_shift(layer.norm1, m1, v1, adt)
+        s1, t1, m1, i1 = scale_shift(layer.norm1, *(run1 or (mean[:c], var[:c])), adt, p[0:2])
         u = bn_relu(x, s1, t1, cdt)
-        w1, w2 = _weights(layer, cdt)
+        w1, w2 = p[2].to(cdt), _cast(p[5], cdt) if len(p) == 6 else None
         gy = grad[:, c:c + k]
         if cfg.rng_states[i] is not None:
             gy = gy * _dropout_mask(feat[:, c:c + k], layer.drop_rate, cfg.rng_states[i])
         gy = gy.to(cdt)
         if w2 is not None:
             z = _conv(u, w1)
-            s2, t2, m2, i2 = scale_shift(layer.norm2, *(stats2[i] or (None, None)), adt)
-            ga, dw2 = _conv_backward(gy, bn_relu(z, s2, t2, cdt), w2, params[5].requires_grad)
+            s2, t2, m2, i2 = scale_shift(layer.norm2, *(stats2[i] or run2), adt, p[3:5])
+            ga, dw2 = _conv_backward(gy, bn_relu(z, s2, t2, cdt), w2, need[5])
             gz, dg2, db2 = bn_relu_backward(z, ga, s2, t2, m2, i2, stats2[i] is not None)
             del ga, z
-            gu, dw1 = _conv_backward(gz.to(cdt), u, w1, params[2].requires_grad)
+            gu, dw1 = _conv_backward(gz.to(cdt), u, w1, need[2])
             del gz
             tail = [dw1, dg2, db2, dw2]
         else:
-            gu, dw1 = _conv_backward(gy, u, w1, params[2].requires_grad)
+            gu, dw1 = _conv_backward(gy, u, w1, need[2])
             tail = [dw1]
         del u
         gx, dg1, db1 = bn_relu_backward(x, gu, s1, t1, m1, i1, cfg.bs1[i])
         del gu
         grad[:, :c] += gx
         del gx
-        grads = [g.to(p.dtype) if g is not None and p is not None and p.requires_grad else None
-                 for g, p in zip([dg1, db1, *tail], params)] + grads
+        grads = [g.to(q.dtype) if g is not None and q is not None and nd else None
+                 for g, q, nd in zip([dg1, db1, *tail], p, need)] + grads
     return [grad[:, :c0].to(x_dtype, copy=True), *grads]
 
 
@@ -207,7 +228,8 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 def block_forward(x: Tensor, layers: Sequence[nn.Module]) -> Tensor:
     """Run a dense block (``layers`` with ``norm1``/``conv1``[/``norm2``/``conv2``]) on ``x``."""
-    if any(uses_batch_stats(layer.norm1) for layer in layers):
+    norms = [m for layer in layers for m in (layer.norm1, getattr(layer, "norm2", None)) if m is not None]
+    if any(uses_batch_stats(m) for m in norms):
         check_batch_size(x.shape)
     k = (layers[0].conv2 if getattr(layers[0], "norm2", None) is not None else layers[0].conv1).out_channels
     cfg = _Ctx(layers=layers, compute_dtype=compute_dtype(x), growth_rate=k)
