@@ -53,6 +53,10 @@ except ImportError as _err:  # triton missing or too old: the backend stays list
     K = None
     _IMPORT_ERROR = f"triton is not importable: {type(_err).__name__}: {_err}"
 
+if K is not None:
+    from ..kernels import transition as KT
+from .bn import channel_stats, sync_stats_enabled
+
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: bfloat16 is broken in Triton's interpreter
 INTERPRETER_DTYPES = (torch.float32, torch.float16)
@@ -232,6 +236,93 @@ def block_forward(x: Tensor, layers: Sequence[nn.Module]) -> Tensor:
         return _TritonBlockFunction.apply(cfg, x, *params)
 
 
+
+
+class _TransitionKernels:
+    """:mod:`effdense.kernels.transition`'s launchers, or under ``torch.compile`` their custom ops."""
+
+    def __getattr__(self, name: str):
+        return getattr(KT, f"{name}_dispatch" if torch.compiler.is_compiling() else name)
+
+
+_KT = _TransitionKernels()
+
+
+class _TritonTransitionFunction(torch.autograd.Function):
+    """``conv1x1(avgpool2x2(relu(bn(x))))`` on :mod:`effdense.kernels.transition`: one fused forward kernel;
+    backward = wgrad (pooled BN-ReLU recomputed) + dgrad (pool, ReLU and BN sums in its epilogue) +
+    :func:`~effdense.kernels.bn_bwd_apply`. Saves only ``x`` and per-channel vectors."""
+
+    @staticmethod
+    def forward(ctx, norm: nn.BatchNorm2d, cdt: torch.dtype, x: Tensor, gamma: Tensor | None, beta: Tensor | None,
+                weight: Tensor) -> Tensor:
+        n, _, h, w = x.shape
+        batch = uses_batch_stats(norm)
+        mean, var = channel_stats(x) if batch else (None, None)
+        update_running_stats(norm, mean, var, n * h * w)
+        scale, shift, mu, invstd = scale_shift(norm, mean, var, acc_dtype(cdt))
+        fmt = (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+               else torch.contiguous_format)
+        y = torch.empty((n, weight.shape[0], h // 2, w // 2), dtype=cdt, device=x.device, memory_format=fmt)
+        _KT.transition_fwd(x, scale, shift, weight, y)
+        ctx.save_for_backward(x, scale, shift, mu, invstd, weight)
+        ctx.batch, ctx.cdt = batch, cdt
+        ctx.param_dtypes = [None if p is None else p.dtype for p in (gamma, beta)]
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):
+        x, scale, shift, mu, invstd, weight = ctx.saved_tensors
+        need_x, need_g, need_b, need_w = ctx.needs_input_grad[2:6]
+        dx = dgamma = dbeta = dw = None
+        with torch.autocast(gy.device.type, enabled=False):
+            if need_w:
+                dw = _KT.transition_wgrad(gy, x, scale, shift, ctx.cdt).to(weight.dtype)
+            if need_x or need_g or need_b:
+                g, dgamma, dbeta = _KT.transition_dgrad(gy, weight, x, scale, shift, mu, invstd, ctx.cdt)
+                if need_x:
+                    dx = torch.empty_like(x)
+                    _K.bn_bwd_apply(g, x, dx, scale, mu, invstd, dbeta, dgamma, ctx.batch, accumulate=False)
+                del g
+                dgamma = dgamma.to(ctx.param_dtypes[0]) if need_g else None
+                dbeta = dbeta.to(ctx.param_dtypes[1]) if need_b else None
+        return None, None, dx, dgamma, dbeta, dw
+
+
+def _torch_transition(x: Tensor, norm: nn.BatchNorm2d, conv: nn.Conv2d) -> Tensor:
+    """The transition in PyTorch ops (``effdense.models.Transition``'s math, pooling first)."""
+    return conv(nn.functional.avg_pool2d(nn.functional.relu(norm(x)), 2))
+
+
+def _fused_conv(conv: nn.Conv2d) -> bool:
+    """Whether the kernels implement ``conv``: a plain 1x1 convolution."""
+    return (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding in ((0, 0), "valid")
+            and conv.dilation == (1, 1) and conv.groups == 1)
+
+
+def transition_forward(x: Tensor, norm: nn.BatchNorm2d, conv: nn.Conv2d) -> Tensor:
+    """DenseNet transition ``conv1x1(avgpool2x2(relu(norm(x))))`` (``effdense.models.Transition``) on the fused
+    Triton kernels, with ``norm``'s batch statistics (updating its running ones once) in training mode and its
+    running statistics in eval mode; the conv runs in the autocast dtype when autocast is on. Cases the kernels
+    do not cover (empty batch, H or W below 2, a conv other than a plain 1x1, a norm other than a plain
+    ``nn.BatchNorm2d`` or cross-process statistics, bf16 in the interpreter) run the same math in PyTorch ops."""
+    if uses_batch_stats(norm):
+        check_batch_size(x.shape)
+    cdt = compute_dtype(x)
+    why = unavailable(x.device, cdt)
+    if (x.numel() == 0 or x.shape[2] < 2 or x.shape[3] < 2 or not _fused_conv(conv)
+            or type(norm) is not nn.BatchNorm2d or sync_stats_enabled()      # e.g. SyncBatchNorm: its own math
+            or (why is not None and x.device.type == "cpu" and K is not None and K.interpreting())):
+        return _torch_transition(x, norm, conv)
+    if why is not None:
+        raise RuntimeError(f"backend 'triton' cannot run on {x.device} with compute dtype {cdt}: {why}")
+    with torch.autocast(x.device.type, enabled=False):
+        y = _TritonTransitionFunction.apply(norm, cdt, x, norm.weight, norm.bias, conv.weight)
+    if conv.bias is not None:
+        y = y + conv.bias.to(y.dtype).view(1, -1, 1, 1)
+    return y
+
+
 BACKEND = Backend("triton", "fused BN-ReLU-Conv Triton kernels on the shared feature buffer (GPU; CPU through "
                   "TRITON_INTERPRET=1)", True, block_forward, unavailable,
-                  auto_devices=("cuda",))
+                  auto_devices=("cuda",), transition=transition_forward)

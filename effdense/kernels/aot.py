@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
-from . import bn_bwd, dgrad, fwd, wgrad
+from . import bn_bwd, dgrad, fwd, transition, wgrad
 
 _FLOATS = {"drop_p", "drop_scale", "inv_npix"}
 
@@ -72,6 +72,18 @@ def variants() -> list[tuple[object, list, list[Variant]]]:
                 [Variant(f"{dt} accumulate", {**_fp32("g_ptr out_ptr scale_ptr mean_ptr invstd_ptr dbeta_ptr "
                                                       "dgamma_ptr"), **_ptrs("x_ptr", dt)},
                          dict(BATCH_STATS=True, ACCUMULATE=True)) for dt in ("fp32", "bf16")]))
+    # the transition (x: the block's output F, fp32 or bf16; gy: the next block's input gradient, fp32)
+    v_tf, v_td, v_tw = [], [], []
+    for name, dt, prec in (("fp32", "fp32", "ieee"), ("tf32", "fp32", "tf32"), ("bf16", "bf16", "ieee")):
+        v_tf.append(Variant(name, {**_ptrs("x_ptr w_ptr y_ptr", dt), **_fp32("scale_ptr shift_ptr")},
+                            dict(PRECISION=prec)))
+        v_td.append(Variant(name, {**_fp32("gy_ptr scale_ptr shift_ptr mean_ptr invstd_ptr g_ptr dbeta_ptr "
+                                           "dgamma_ptr"), **_ptrs("w_ptr x_ptr", dt)}, dict(PRECISION=prec)))
+        v_tw.append(Variant(name, {**_fp32("gy_ptr scale_ptr shift_ptr dw_ptr"), **_ptrs("x_ptr", dt)},
+                            dict(PRECISION=prec, DOT_DTYPE=tl.float32 if dt == "fp32" else tl.bfloat16)))
+    out.append((transition.transition_fwd_kernel, transition.FWD_CONFIGS, v_tf))
+    out.append((transition.transition_dgrad_kernel, transition.DGRAD_CONFIGS, v_td))
+    out.append((transition.transition_wgrad_kernel, transition.WGRAD_CONFIGS, v_tw))
     return out
 
 
