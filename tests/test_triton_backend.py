@@ -228,3 +228,22 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.manual_seed(4)
     y3 = compiled(x1)
     assert not torch.equal(y3 != 0, y1 != 0)
+
+
+def test_triton_differentiates_the_given_tensors_and_rejects_double_backward():
+    """weight_norm parametrization and functional_call: gradients for the tensors actually used."""
+    grads = {}
+    for b in ("torch", "triton"):
+        block = make_block(dict(num_layers=2, num_input_features=4, bn_size=2, growth_rate=3), {})
+        for layer in block.values():
+            torch.nn.utils.parametrizations.weight_norm(layer.conv2)
+        block.backend = b
+        x = make_input((2, 4, 5, 5), {}).requires_grad_()
+        block(x).square().sum().backward()
+        grads[b] = {n: p.grad for n, p in block.named_parameters()}
+    for name, g in grads["torch"].items():
+        assert grads["triton"][name] is not None and rel_err(grads["triton"][name], g) < 2e-5, name
+    block.backend = "triton"
+    x = make_input((2, 4, 5, 5), {}).requires_grad_()
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        torch.autograd.grad(block(x).square().sum(), x, create_graph=True)

@@ -44,7 +44,7 @@ from . import torch_backend
 from .base import Backend
 from .bn import (acc_dtype, check_batch_size, scale_shift, update_running_stats,
                  uses_batch_stats)
-from .torch_backend import _layer_params, compute_dtype, init_features
+from .torch_backend import _layer_params, _split, compute_dtype, init_features
 
 try:
     from .. import kernels as K
@@ -72,6 +72,7 @@ class _Ctx:
     growth_rate: int
     dropout: list = field(default_factory=list)     # per layer: (p, Philox seed); p = 0 without dropout
     bs1: list = field(default_factory=list)         # per layer: does norm1 normalize with batch statistics
+    running: list = field(default_factory=list)     # per layer: [norm1, norm2] running (mean, var) used, or None
 
 
 def unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -133,45 +134,56 @@ class _TritonBlockFunction(torch.autograd.Function):
         batch_stats = any(cfg.bs1)
         feat, mean, var = init_features(x, len(layers), k, cdt, batch_stats)
         stats2: list[tuple[Tensor, Tensor] | None] = []
-        for i, layer in enumerate(layers):
+        cfg.running = []
+        for i, (layer, p) in enumerate(zip(layers, _split(params, len(layers)))):
             c = c0 + i * k
-            m1, v1 = (mean[:c], var[:c]) if cfg.bs1[i] else (None, None)
-            s1, t1, _, _ = scale_shift(layer.norm1, m1, v1, adt)
-            update_running_stats(layer.norm1, m1, v1, npix)
+            run1 = None if cfg.bs1[i] else (layer.norm1.running_mean, layer.norm1.running_var)
+            m1, v1 = run1 or (mean[:c], var[:c])
+            s1, t1, _, _ = scale_shift(layer.norm1, m1, v1, adt, p[0:2])
+            if cfg.bs1[i]:
+                update_running_stats(layer.norm1, m1, v1, npix)
+            run2 = None
             drop = layer.drop_rate if layer.drop_rate > 0 and layer.training else 0.0
             seed = _seed() if drop > 0 else 0
             cfg.dropout.append((drop, seed))
             new = feat[:, c:c + k]
             if cfg.bottleneck:
                 z = _bottleneck_buffer(n, layer.conv1.out_channels, h, w, cdt, x.device)
-                st = _K.bn_relu_conv_fwd(feat[:, :c], s1, t1, layer.conv1.weight, z,
-                                        stats=uses_batch_stats(layer.norm2))
+                st = _K.bn_relu_conv_fwd(feat[:, :c], s1, t1, p[2], z, stats=uses_batch_stats(layer.norm2))
                 stats2.append(st)
-                update_running_stats(layer.norm2, *(st or (None, None)), npix)
-                s2, t2, _, _ = scale_shift(layer.norm2, *(st or (None, None)), adt)
-                st_new = _K.bn_relu_conv_fwd(z, s2, t2, layer.conv2.weight, new, stats=batch_stats,
-                                            drop_p=drop, seed=seed)
+                run2 = None if st else (layer.norm2.running_mean, layer.norm2.running_var)
+                if st:
+                    update_running_stats(layer.norm2, *st, npix)
+                s2, t2, _, _ = scale_shift(layer.norm2, *(st or run2), adt, p[3:5])
+                st_new = _K.bn_relu_conv_fwd(z, s2, t2, p[5], new, stats=batch_stats, drop_p=drop, seed=seed)
                 del z
             else:
                 stats2.append(None)
-                st_new = _K.bn_relu_conv_fwd(feat[:, :c], s1, t1, layer.conv1.weight, new, stats=batch_stats,
+                st_new = _K.bn_relu_conv_fwd(feat[:, :c], s1, t1, p[2], new, stats=batch_stats,
                                             drop_p=drop, seed=seed)
+            cfg.running.append([run1, run2])
             if batch_stats:
                 mean[c:c + k], var[c:c + k] = st_new
         ctx.cfg = cfg
         ctx.stats2 = stats2
-        ctx.save_for_backward(feat, mean, var)
+        ctx.save_for_backward(feat, mean, var, *params)
         ctx.x_dtype = x.dtype
         return feat
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
+        if torch.is_grad_enabled():
+            raise RuntimeError("the 'triton' dense-block backend does not support double backward "
+                               "(create_graph=True); use backend='naive' for higher-order gradients")
+        feat, mean, var, *params = ctx.saved_tensors
         with torch.autocast(grad_out.device.type, enabled=False):
-            return (None, *_block_backward(ctx.cfg, ctx.stats2, *ctx.saved_tensors, grad_out, ctx.x_dtype))
+            return (None, *_block_backward(ctx.cfg, ctx.stats2, feat, mean, var, params, ctx.needs_input_grad[2:],
+                                           grad_out, ctx.x_dtype))
 
 
 def _block_backward(cfg: _Ctx, stats2: list, feat: Tensor, mean: Tensor | None, var: Tensor | None,
-                    grad_out: Tensor, x_dtype: torch.dtype) -> list[Tensor | None]:
+                    params: Sequence[Tensor | None], needs: Sequence[bool], grad_out: Tensor,
+                    x_dtype: torch.dtype) -> list[Tensor | None]:
     """Gradients of the block input and of every layer parameter (see the module docstring)."""
     layers, cdt, k = cfg.layers, cfg.compute_dtype, cfg.growth_rate
     adt = acc_dtype(cdt)
@@ -180,44 +192,44 @@ def _block_backward(cfg: _Ctx, stats2: list, feat: Tensor, mean: Tensor | None, 
     grad = torch.empty_like(feat, dtype=adt)
     grad.copy_(grad_out)
     grads: list[Tensor | None] = []
+    per_layer, per_needs = _split(params, len(layers)), _split(needs, len(layers))
     for i in reversed(range(len(layers))):
-        layer, c = layers[i], c0 + i * k
-        params = _layer_params(layer)
+        layer, c, p, need = layers[i], c0 + i * k, per_layer[i], per_needs[i]
+        run1, run2 = cfg.running[i]
         x = feat[:, :c]
-        m1, v1 = (mean[:c], var[:c]) if cfg.bs1[i] else (None, None)
-        s1, t1, m1, i1 = scale_shift(layer.norm1, m1, v1, adt)
+        s1, t1, m1, i1 = scale_shift(layer.norm1, *(run1 or (mean[:c], var[:c])), adt, p[0:2])
         drop, seed = cfg.dropout[i]
         gy = grad[:, c:c + k]
         if cfg.bottleneck:
-            w1, w2 = layer.conv1.weight, layer.conv2.weight
+            w1, w2 = p[2], p[5]
             z = _bottleneck_buffer(n, w1.shape[0], h, w, cdt, feat.device)
             _K.bn_relu_conv_fwd(x, s1, t1, w1, z)                      # recompute Z (no statistics)
-            s2, t2, m2, i2 = scale_shift(layer.norm2, *(stats2[i] or (None, None)), adt)
-            dw2 = _K.conv_wgrad(gy, z, s2, t2, w2.shape[-1], cdt, drop, seed) if params[5].requires_grad else None
+            s2, t2, m2, i2 = scale_shift(layer.norm2, *(stats2[i] or run2), adt, p[3:5])
+            dw2 = _K.conv_wgrad(gy, z, s2, t2, w2.shape[-1], cdt, drop, seed) if need[5] else None
             g2, dg2, db2 = _K.conv_dgrad_bn_relu(gy, w2, z, s2, t2, m2, i2, cdt, drop, seed)
             gz = _nhwc(g2, n, h, w)
             _K.bn_bwd_apply(g2, z, gz, s2, m2, i2, db2, dg2, stats2[i] is not None, accumulate=False)
             del z
-            dw1 = _K.conv_wgrad(gz, x, s1, t1, w1.shape[-1], cdt) if params[2].requires_grad else None
+            dw1 = _K.conv_wgrad(gz, x, s1, t1, w1.shape[-1], cdt) if need[2] else None
             g1, dg1, db1 = _K.conv_dgrad_bn_relu(gz, w1, x, s1, t1, m1, i1, cdt)
             del g2, gz
             tail = [dw1, dg2, db2, dw2]
         else:
-            w1 = layer.conv1.weight
-            dw1 = (_K.conv_wgrad(gy, x, s1, t1, w1.shape[-1], cdt, drop, seed)
-                   if params[2].requires_grad else None)
+            w1 = p[2]
+            dw1 = _K.conv_wgrad(gy, x, s1, t1, w1.shape[-1], cdt, drop, seed) if need[2] else None
             g1, dg1, db1 = _K.conv_dgrad_bn_relu(gy, w1, x, s1, t1, m1, i1, cdt, drop, seed)
             tail = [dw1]
         _K.bn_bwd_apply(g1, x, grad[:, :c], s1, m1, i1, db1, dg1, cfg.bs1[i], accumulate=True)
         del g1
-        grads = [g.to(p.dtype) if g is not None and p.requires_grad else None
-                 for g, p in zip([dg1, db1, *tail], params)] + grads
+        grads = [g.to(q.dtype) if g is not None and q is not None and nd else None
+                 for g, q, nd in zip([dg1, db1, *tail], p, need)] + grads
     return [grad[:, :c0].to(x_dtype, copy=True), *grads]
 
 
 def block_forward(x: Tensor, layers: Sequence[nn.Module]) -> Tensor:
     """Run a dense block on the Triton kernels (same contract as :func:`.torch_backend.block_forward`)."""
-    if any(uses_batch_stats(layer.norm1) for layer in layers):
+    norms = [m for layer in layers for m in (layer.norm1, getattr(layer, "norm2", None)) if m is not None]
+    if any(uses_batch_stats(m) for m in norms):
         check_batch_size(x.shape)
     if x.numel() == 0:  # nothing for a kernel to do: the specification handles the empty batch
         return torch_backend.block_forward(x, layers)
