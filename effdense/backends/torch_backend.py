@@ -106,6 +106,33 @@ def _cast(w: Tensor | None, dt: torch.dtype) -> Tensor | None:
     return None if w is None else w.to(dt)
 
 
+def save_block(ctx, cfg, stats2: list, feat: Tensor, mean: Tensor | None, var: Tensor | None,
+               params: Sequence[Tensor | None], x_dtype: torch.dtype) -> None:
+    """What a block function keeps for backward: ``F``, the channel statistics and the parameter tensors it was
+    given (saved, so an in-place change before backward is caught)."""
+    ctx.cfg, ctx.stats2, ctx.x_dtype = cfg, stats2, x_dtype
+    ctx.save_for_backward(feat, mean, var, *params)
+
+
+def run_backward(ctx, grad_out: Tensor, name: str, block_backward) -> tuple:
+    """A block function's backward: ``block_backward(cfg, stats2, F, mean, var, params, needs, grad, x_dtype)``
+    without autocast; double backward is refused rather than computed wrong."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"the {name!r} dense-block backend does not support double backward "
+                           "(create_graph=True); use backend='naive' for higher-order gradients")
+    feat, mean, var, *params = ctx.saved_tensors
+    with torch.autocast(grad_out.device.type, enabled=False):
+        return (None, *block_backward(ctx.cfg, ctx.stats2, feat, mean, var, params, ctx.needs_input_grad[2:],
+                                      grad_out, ctx.x_dtype))
+
+
+def check_block_batch(x: Tensor, layers: Sequence[nn.Module]) -> None:
+    """Fail as ``nn.BatchNorm2d`` fails on one value per channel, if any BN of the block uses batch statistics."""
+    norms = [m for layer in layers for m in (layer.norm1, getattr(layer, "norm2", None)) if m is not None]
+    if any(uses_batch_stats(m) for m in norms):
+        check_batch_size(x.shape)
+
+
 class _DenseBlockFunction(torch.autograd.Function):
     """Forward and backward use the parameter tensors passed to ``apply`` (saved, so in-place changes before
     backward are caught), never the modules' attributes; the modules give only configuration (eps, momentum,
@@ -149,21 +176,12 @@ class _DenseBlockFunction(torch.autograd.Function):
             new.copy_(y)
             if batch_stats:
                 mean[c:c + k], var[c:c + k] = channel_stats(new)
-        ctx.cfg = cfg
-        ctx.stats2 = stats2
-        ctx.save_for_backward(feat, mean, var, *params)
-        ctx.x_dtype = x.dtype
+        save_block(ctx, cfg, stats2, feat, mean, var, params, x.dtype)
         return feat
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        if torch.is_grad_enabled():
-            raise RuntimeError("the 'torch' dense-block backend does not support double backward "
-                               "(create_graph=True); use backend='naive' for higher-order gradients")
-        feat, mean, var, *params = ctx.saved_tensors
-        with torch.autocast(grad_out.device.type, enabled=False):
-            return (None, *_block_backward(ctx.cfg, ctx.stats2, feat, mean, var, params, ctx.needs_input_grad[2:],
-                                           grad_out, ctx.x_dtype))
+        return run_backward(ctx, grad_out, "torch", _block_backward)
 
 
 def _block_backward(cfg: _Ctx, stats2: list, feat: Tensor, mean: Tensor | None, var: Tensor | None,
@@ -228,9 +246,7 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 def block_forward(x: Tensor, layers: Sequence[nn.Module]) -> Tensor:
     """Run a dense block (``layers`` with ``norm1``/``conv1``[/``norm2``/``conv2``]) on ``x``."""
-    norms = [m for layer in layers for m in (layer.norm1, getattr(layer, "norm2", None)) if m is not None]
-    if any(uses_batch_stats(m) for m in norms):
-        check_batch_size(x.shape)
+    check_block_batch(x, layers)
     k = (layers[0].conv2 if getattr(layers[0], "norm2", None) is not None else layers[0].conv1).out_channels
     cfg = _Ctx(layers=layers, compute_dtype=compute_dtype(x), growth_rate=k)
     params = [p for layer in layers for p in _layer_params(layer)]

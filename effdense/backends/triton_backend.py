@@ -44,7 +44,8 @@ from . import torch_backend
 from .base import Backend
 from .bn import (acc_dtype, check_batch_size, scale_shift, update_running_stats,
                  uses_batch_stats)
-from .torch_backend import _layer_params, _split, compute_dtype, init_features
+from .torch_backend import (_layer_params, _split, check_block_batch, compute_dtype, init_features, run_backward,
+                            save_block)
 
 try:
     from .. import kernels as K
@@ -164,21 +165,12 @@ class _TritonBlockFunction(torch.autograd.Function):
             cfg.running.append([run1, run2])
             if batch_stats:
                 mean[c:c + k], var[c:c + k] = st_new
-        ctx.cfg = cfg
-        ctx.stats2 = stats2
-        ctx.save_for_backward(feat, mean, var, *params)
-        ctx.x_dtype = x.dtype
+        save_block(ctx, cfg, stats2, feat, mean, var, params, x.dtype)
         return feat
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        if torch.is_grad_enabled():
-            raise RuntimeError("the 'triton' dense-block backend does not support double backward "
-                               "(create_graph=True); use backend='naive' for higher-order gradients")
-        feat, mean, var, *params = ctx.saved_tensors
-        with torch.autocast(grad_out.device.type, enabled=False):
-            return (None, *_block_backward(ctx.cfg, ctx.stats2, feat, mean, var, params, ctx.needs_input_grad[2:],
-                                           grad_out, ctx.x_dtype))
+        return run_backward(ctx, grad_out, "triton", _block_backward)
 
 
 def _block_backward(cfg: _Ctx, stats2: list, feat: Tensor, mean: Tensor | None, var: Tensor | None,
@@ -228,9 +220,7 @@ def _block_backward(cfg: _Ctx, stats2: list, feat: Tensor, mean: Tensor | None, 
 
 def block_forward(x: Tensor, layers: Sequence[nn.Module]) -> Tensor:
     """Run a dense block on the Triton kernels (same contract as :func:`.torch_backend.block_forward`)."""
-    norms = [m for layer in layers for m in (layer.norm1, getattr(layer, "norm2", None)) if m is not None]
-    if any(uses_batch_stats(m) for m in norms):
-        check_batch_size(x.shape)
+    check_block_batch(x, layers)
     if x.numel() == 0:  # nothing for a kernel to do: the specification handles the empty batch
         return torch_backend.block_forward(x, layers)
     cdt = compute_dtype(x)
