@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 
 import torch
 import torch.nn.functional as F
-import triton
 from triton.testing import do_bench
 
 import effdense
+from effdense import info
 from effdense.backends.bn import bn_relu, channel_stats
 from effdense.kernels import bn_relu_conv_fwd
 
@@ -72,9 +71,7 @@ def main():
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     dtype = DTYPES[args.dtype]
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                python=platform.python_version(), dtype=args.dtype, batch=args.batch,
-                tf32=torch.backends.cuda.matmul.allow_tf32)
+    meta = info.environment(torch.device("cuda")) | dict(dtype=args.dtype, batch=args.batch)
     print(meta)
     convs = []
     for c in (24, 96, 168, 216):                      # channel prefixes of DenseNet-BC-100's first block

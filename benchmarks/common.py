@@ -1,14 +1,9 @@
 """What every suite shares: the run's environment record, timing, models, and one training step."""
 from __future__ import annotations
 
-import datetime as _dt
-import importlib
 import os
-import platform
 import re
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -16,7 +11,7 @@ from collections.abc import Callable
 import torch
 
 import effdense
-from effdense import backends
+from effdense import backends, info
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -26,55 +21,9 @@ ALL_BACKENDS = ["naive", "checkpoint", "torch", "cpp", "triton", "compile"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _git(*args: str) -> str | None:
-    try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def _version(module: str) -> str | None:
-    try:
-        return importlib.import_module(module).__version__
-    except Exception:  # noqa: BLE001 - absent or broken: recorded as None
-        return None
-
-
 def environment(device: torch.device) -> dict:
-    """Device, driver, versions, commit and command of this run."""
-    env = {
-        "device_type": device.type,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or
-                                                                                   platform.machine()),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": _version("triton"),
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "effdense": effdense.__version__,
-        "commit": _git("rev-parse", "HEAD"),
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
-        "command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable), "-m", "benchmarks",
-                                                     *sys.argv[1:]]),
-        "timestamp": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
-        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env.update(total_memory_bytes=props.total_memory, sm_count=props.multi_processor_count,
-                   capability=f"{props.major}.{props.minor}", driver=_nvidia_driver())
-    return env
-
-
-def _nvidia_driver() -> str | None:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, check=True).stdout
-        return out.strip().splitlines()[0]
-    except (OSError, subprocess.CalledProcessError, IndexError):
-        return None
+    """Device, driver, versions, commit and command of this run (:func:`effdense.info.environment`)."""
+    return info.environment(device, [os.path.basename(sys.executable), "-m", "benchmarks", *sys.argv[1:]])
 
 
 def device_slug(env: dict) -> str:

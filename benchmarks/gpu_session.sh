@@ -9,6 +9,8 @@
 # /usr/share/datasets/fashion-mnist into an ignored folder of the repo (.data/fashion-mnist, about 30 MB), name
 # `.data` in the device tool's `carry`, and set FASHION_MNIST=.data/fashion-mnist.
 # Logs and a tarball of benchmarks/results land in $OUT (the device tool brings back at most 8 files).
+# The copy there has no .git: pass the commit, e.g. `EFFDENSE_COMMIT=$(git rev-parse HEAD)` typed into the command,
+# so every result records it (effdense.info.environment).
 set -uo pipefail
 OUT=${OUT:-/tmp/effdense-out}
 mkdir -p "$OUT"
@@ -28,8 +30,10 @@ for phase in "$@"; do
     memory|capacity|kernels|peers)
       python3 -m benchmarks --suite "$phase" 2>&1 | tee "$OUT/$phase.log" | tail -30 ;;
     train)
+      rm -rf /tmp/effdense-fashion
       python3 -m effdense.train --dataset fashion-mnist --data-dir "${FASHION_MNIST:-/usr/share/datasets/fashion-mnist}" \
-        --epochs 3 --no-progress --output-dir benchmarks/results/fashion-mnist 2>&1 | tee "$OUT/train.log" | tail -25 ;;
+        --epochs 3 --no-progress --output-dir /tmp/effdense-fashion 2>&1 | tee "$OUT/train.log" | tail -25
+      python3 -m benchmarks.runs /tmp/effdense-fashion --console "$OUT/train.log" ;;
     *) echo "unknown phase $phase" >&2; exit 2 ;;
   esac
 done

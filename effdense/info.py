@@ -1,13 +1,23 @@
-"""``python -m effdense.info``: versions, devices, and for each backend whether it can run, or why not."""
+"""``python -m effdense.info``: versions, devices, and for each backend whether it can run, or why not; and
+:func:`environment`, the record of device, versions and commit stored beside every result (training logs,
+benchmarks)."""
 from __future__ import annotations
 
+import datetime as _dt
 import importlib
 import os
 import platform
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
 
 import torch
 
 from . import __version__, backends
+
+#: the checkout this package runs from, when it runs from one (an editable install or the source tree)
+SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _version(module: str) -> str:
@@ -15,6 +25,61 @@ def _version(module: str) -> str:
         return getattr(importlib.import_module(module), "__version__", "unknown")
     except Exception as err:  # noqa: BLE001 - report any import failure as text
         return f"not importable ({type(err).__name__}: {err})"
+
+
+def _git(*args: str) -> str | None:
+    if not os.path.exists(os.path.join(SOURCE_ROOT, ".git")):
+        return None
+    try:
+        return subprocess.run(["git", *args], cwd=SOURCE_ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, check=True).stdout
+        return out.strip().splitlines()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return None
+
+
+def environment(device: torch.device, command: Sequence[str] | None = None) -> dict:
+    """What a recorded result needs beside it: device, driver, versions, git commit, the command (default: this
+    process's ``sys.argv``) and the time. The commit is ``$EFFDENSE_COMMIT`` where set (a copy of a checkout
+    without its ``.git``, e.g. on a remote GPU machine), else ``git rev-parse HEAD``, else None; ``dirty``
+    (uncommitted changes to tracked files) is None where git cannot tell."""
+    triton = _version("triton")
+    commit, dirty = os.environ.get("EFFDENSE_COMMIT"), None
+    if not commit:
+        commit = _git("rev-parse", "HEAD")
+        dirty = None if commit is None else bool(_git("status", "--porcelain", "--untracked-files=no"))
+    env = {
+        "device_type": device.type,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or
+                                                                                   platform.machine()),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": None if triton.startswith("not importable") else triton,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "effdense": __version__,
+        "commit": commit,
+        "dirty": dirty,
+        "command": " ".join(shlex.quote(a) for a in (command if command is not None else
+                                                     [os.path.basename(sys.executable), *sys.argv])),
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(total_memory_bytes=props.total_memory, sm_count=props.multi_processor_count,
+                   capability=f"{props.major}.{props.minor}", driver=_nvidia_driver())
+    return env
 
 
 def devices() -> list[torch.device]:

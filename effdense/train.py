@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import backends, checkpoint_io
+from . import backends, checkpoint_io, info
 from .backends import bn
 from .baselines import BASELINES
 from .data import DATASETS, Augment, DataError, Split, load_dataset
@@ -79,6 +79,15 @@ positive_int, natural, positive = _number(int, 0, True), _number(int, 0, False),
 natural_float = _number(float, 0, False)
 
 
+def compile_backend(text: str) -> str:
+    """A ``torch.compile`` backend name that dynamo knows."""
+    import torch._dynamo
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if text not in known:
+        raise argparse.ArgumentTypeError(f"unknown torch.compile backend {text!r}; known: {', '.join(known)}")
+    return text
+
+
 def model_names() -> list[str]:
     return [*MODELS, *BASELINES]
 
@@ -125,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step (default): lr/10 at 50%% and 75%% of the epochs; cosine: cosine annealing to 0")
     r.add_argument("--amp", choices=("bf16", "fp16"), help="mixed precision (fp16 uses a gradient scaler)")
     r.add_argument("--channels-last", action="store_true", help="channels-last memory format")
-    r.add_argument("--compile", action="store_true", help="torch.compile the model")
+    r.add_argument("--compile", nargs="?", const="inductor", default=None, type=compile_backend, metavar="BACKEND",
+                   help="torch.compile the model (default backend inductor; e.g. aot_eager to check tracing)")
     r.add_argument("--sync-bn", action="store_true", help="batch statistics over all processes (torchrun)")
     x = p.add_argument_group("run")
     x.add_argument("--seed", type=natural, default=0)
@@ -479,8 +489,9 @@ def oom_message(args: argparse.Namespace) -> str:
             f"{args.backend}. Try a smaller --batch-size{hint}, or --amp bf16. {state}.")
 
 
-def train(args: argparse.Namespace) -> dict:
-    """Run the training command; returns the final results (also written to ``results.json``)."""
+def train(args: argparse.Namespace, command: Sequence[str] | None = None) -> dict:
+    """Run the training command; returns the final results (also written to ``results.json``, with the
+    environment record of :func:`effdense.info.environment` and ``command``, default ``sys.argv``)."""
     ctx_dist, device = setup(args)
     if args.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -509,13 +520,14 @@ def train(args: argparse.Namespace) -> dict:
     say(f"model {model_label(args)} ({spec['arch']}), dataset {args.dataset}: {len(data.train)} train, "
         f"{len(data.val) if data.val else 0} val, {len(data.test)} test, {data.num_classes} classes; "
         f"device {device}, {world} process(es)")
-    if ctx_dist.main:
-        say(summarize(model, data.in_channels, device, local_batch, amp_dtype or torch.float32))
     if args.sync_bn:
         if world > 1:
             model = convert_sync_bn(model, device, backend)
+            backend = block_backend(model, device, amp_dtype or torch.float32)  # "auto" may now pick another
         else:
             say("--sync-bn has no effect in a single process")
+    if ctx_dist.main:
+        say(summarize(model, data.in_channels, device, local_batch, amp_dtype or torch.float32))
 
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=args.momentum > 0,
                           weight_decay=args.weight_decay)
@@ -551,13 +563,14 @@ def train(args: argparse.Namespace) -> dict:
         from torch.nn.parallel import DistributedDataParallel
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, backend=args.compile)
 
     if ctx_dist.main:
         os.makedirs(args.output_dir, exist_ok=True)
     config = {k: v for k, v in vars(args).items()} | {"world_size": world, "device": str(device),
                                                        "backend_resolved": backend.name if backend else None}
-    logger = Logger(args.output_dir, config, ctx_dist.main)
+    env = info.environment(device, command)
+    logger = Logger(args.output_dir, config | {"environment": env}, ctx_dist.main)
     for note in logger.notes:
         say(note)
     augment = Augment(data.mean, data.std, pad=4, flip=data.flip)
@@ -639,8 +652,9 @@ def train(args: argparse.Namespace) -> dict:
             for buf in net.buffers():
                 dist.broadcast(buf, 0)
         val_loss, val_acc = evaluate(net, monitor, ctx, args.eval_batch_size)
-        row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": loss_sum / n, "train_acc": correct / n,
-               "val_loss": val_loss, "val_acc": val_acc, "images_per_s": n / seconds, "seconds": seconds,
+        row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": loss_sum / n,
+               "train_acc": correct / n, "val_loss": val_loss, "val_acc": val_acc, "images_per_s": n / seconds,
+               "seconds": seconds,
                "peak_mem_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
                "monitor": "val" if data.val is not None else "test"}
         sched.step()
@@ -679,6 +693,7 @@ def train(args: argparse.Namespace) -> dict:
     if ctx_dist.main:
         if state["history"]:
             say(epoch_table(state["history"]))
+        results["environment"] = env
         checkpoint_io.atomic_write_text(os.path.join(args.output_dir, "results.json"), json.dumps(results, indent=1))
         line = f"test accuracy: {results['test_acc']:.2%} (last weights"
         if results.get("best_test_acc") is not None:
@@ -707,7 +722,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     try:
-        train(args)
+        train(args, ["effdense-train", *(sys.argv[1:] if argv is None else argv)])
     except (DataError, NotImplementedError) as err:
         raise SystemExit(f"effdense-train: {err}") from None
     except torch.OutOfMemoryError:

@@ -102,3 +102,45 @@ def test_readme_generator_round_trips_a_stored_result(tmp_path):
 
 def stored_folder(results: pathlib.Path) -> str:
     return next(p.parent.name for p in results.glob("*/memory-*.json"))
+
+
+def test_training_run_is_recorded_and_listed(tmp_path):
+    """``python -m benchmarks.runs`` keeps a finished run's logs (not its checkpoints) beside the benchmark
+    results, and the README section lists it from those files."""
+    from benchmarks import runs
+    from effdense import train
+
+    run_dir, results = tmp_path / "run", tmp_path / "results"
+    assert train.main(["--dataset", "synthetic", "--device", "cpu", "--depth", "10", "--growth-rate", "4",
+                       "--backend", "torch", "--epochs", "1", "--no-progress", "--output-dir", str(run_dir)]) == 0
+    console = tmp_path / "console.txt"
+    console.write_text("the console output\n")
+    with pytest.raises(SystemExit, match="finished effdense-train run"):
+        runs.main([str(tmp_path), "--results", str(results)])
+    assert runs.main([str(run_dir), "--console", str(console), "--results", str(results)]) == 0
+    (folder,) = results.glob("cpu-*/train-synthetic-densenet_bc_10_k4-*")
+    kept = {p.name for p in folder.iterdir()}
+    assert {"results.json", "log.json", "log.csv", "console.log"} <= kept and not any(".pt" in k for k in kept)
+    with pytest.raises(FileExistsError, match="recorded already"):
+        runs.record(str(run_dir), str(results))
+    assert not list(results.glob("*/.run-*")), "no half-written folder is left behind"
+
+    stored = json.loads((folder / "results.json").read_text())
+    text = report.section(str(results), str(tmp_path))
+    row = next(line for line in text.splitlines() if line.startswith("| synthetic |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[:5] == ["synthetic", "densenet_bc_10_k4", "torch", "1", f"{stored['test_acc']:.2%}"]
+    env = stored["environment"]
+    assert env["command"] in text and (env["commit"] or "unknown")[:10] in cells[7]
+
+
+def test_environment_record_names_the_commit(monkeypatch):
+    import torch
+
+    from effdense import info
+    env = info.environment(torch.device("cpu"), ["prog", "--flag", "a b"])
+    assert env["command"] == "prog --flag 'a b'" and env["torch"] == torch.__version__
+    assert (env["commit"] is None) == (env["dirty"] is None)
+    monkeypatch.setenv("EFFDENSE_COMMIT", "0123456789abcdef")    # a copy without .git (the GPU machine)
+    env = info.environment(torch.device("cpu"))
+    assert env["commit"] == "0123456789abcdef" and env["dirty"] is None

@@ -51,6 +51,7 @@ def assert_same(a, b):
     (["--compression", "1.5"], "argument --compression: must be in (0, 1.0]"),
     (["--backend", "fast"], "invalid choice: 'fast'"),
     (["--amp", "fp8"], "choose from 'bf16', 'fp16'"),
+    (["--compile", "fast"], "argument --compile: unknown torch.compile backend 'fast'; known: aot_eager"),
 ])
 def test_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as err:
@@ -120,6 +121,9 @@ def test_run_outputs_and_eval(tmp_path, capsys):
     assert {"model", "optimizer", "scheduler", "epoch", "rng", "model_spec"} <= ckpt.keys()
     assert {"python", "numpy", "torch"} <= ckpt["rng"][0].keys() and ckpt["epoch"] == 2
     results = json.loads((out / "results.json").read_text())
+    env = results["environment"]
+    assert env == log["config"]["environment"] and env["torch"] == torch.__version__ and env["device_type"] == "cpu"
+    assert env["command"].startswith("effdense-train --dataset synthetic") and "--drop-rate 0.1" in env["command"]
     assert eval_cli.main([str(out / "last.pt"), "--json", "--device", "cpu", "--backend", "torch"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["accuracy"] == pytest.approx(results["test_acc"]) and evaluated["images"] == 128
@@ -132,6 +136,18 @@ def test_precision_and_layout_flags_train(tmp_path, flags):
     assert run(out, "--epochs", "1", "--max-steps", "2", *flags) == 0
     assert "test_acc" in json.loads((out / "results.json").read_text())
     assert all(torch.isfinite(v).all() for v in weights(out / "last.pt").values() if v.is_floating_point())
+
+
+def test_compile_flag_trains_the_same_weights(tmp_path, monkeypatch):
+    """``--compile BACKEND`` wraps the model in ``torch.compile``; aot_eager traces the whole step (the blocks'
+    autograd functions included) without changing a number. Inductor is checked in test_compile.py."""
+    assert train.parse_args([*TINY, "--compile"]).compile == "inductor"
+    calls, real = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or real(model, **kw))
+    run(tmp_path / "eager", "--epochs", "1", "--max-steps", "2")
+    run(tmp_path / "compiled", "--epochs", "1", "--max-steps", "2", "--compile", "aot_eager")
+    assert calls == [{"backend": "aot_eager"}]
+    assert_same(weights(tmp_path / "eager" / "last.pt"), weights(tmp_path / "compiled" / "last.pt"))
 
 
 def test_resume_is_exact(tmp_path):

@@ -1,5 +1,6 @@
 """Multi-process training through ``torchrun --nproc_per_node 2`` on CPU (gloo)."""
 import os
+import signal
 import subprocess
 import sys
 
@@ -20,9 +21,17 @@ def launch(out, *extra, nproc=2):
     cmd = [sys.executable, "-m", "effdense.train", *ARGS, "--output-dir", str(out), *extra]
     if nproc > 1:
         cmd[1:3] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "effdense.train"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout, checkpoint_io.load(os.path.join(out, "last.pt"))["model"]
+    # a session of its own: on a timeout the launcher and its workers are killed together, none left spinning
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{' '.join(cmd)} ran over 300 s: {stdout[-2000:]}{stderr[-2000:]}")
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return stdout, checkpoint_io.load(os.path.join(out, "last.pt"))["model"]
 
 
 def max_diff(a, b):

@@ -21,7 +21,7 @@ _SYNC: dict = {"on": False, "group": None}
 
 
 def enable_sync_stats(group: object | None = None) -> None:
-    """Make the ``torch`` backend's batch statistics span every process of ``group`` (None: the default group),
+    """Make the memory-efficient backends' batch statistics span every process of ``group`` (None: the default group),
     as ``nn.SyncBatchNorm`` does: per-channel ``(count, mean, M2)`` are all-gathered and merged (Chan et al.),
     and the BN backward's per-channel sums are all-reduced."""
     _SYNC.update(on=True, group=group)
@@ -66,20 +66,42 @@ def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     ``torch.var_mean`` uses Welford's merge, which stays accurate where a raw sum of squares cancels.
     """
     if x.numel() == 0:  # an empty batch has no statistics (nn.BatchNorm2d leaves its running ones alone)
+        if _SYNC["on"]:  # ... but takes part in the merge, so the other processes do not wait for it
+            zero = torch.zeros(x.shape[1], dtype=acc_dtype(x.dtype), device=x.device)
+            return sync_channel_stats(zero, zero, 0)
         nan = torch.full((x.shape[1],), float("nan"), dtype=acc_dtype(x.dtype), device=x.device)
         return nan, nan.clone()
     var, mean = torch.var_mean(x.to(acc_dtype(x.dtype)), dim=(0, 2, 3), correction=0)
-    if _SYNC["on"]:
-        n = x.shape[0] * x.shape[2] * x.shape[3]
-        local = torch.cat([mean.new_tensor([float(n)]), mean, var * n])
-        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(_SYNC["group"]))]
-        dist.all_gather(parts, local, group=_SYNC["group"])
-        every = torch.stack(parts)
-        c = mean.numel()
-        counts, means, m2 = every[:, :1], every[:, 1:1 + c], every[:, 1 + c:]
-        mean = (counts * means).sum(0) / counts.sum()
-        var = (m2 + counts * (means - mean) ** 2).sum(0) / counts.sum()
+    return sync_channel_stats(mean, var, x.shape[0] * x.shape[2] * x.shape[3])
+
+
+def sync_channel_stats(mean: Tensor, var: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """This process's per-channel ``mean``/biased ``var`` over ``n`` pixels, merged over every process when
+    ``--sync-bn`` is on (as ``nn.SyncBatchNorm`` does): ``(n, mean, M2 = var * n)`` are all-gathered and
+    combined with Chan et al.'s merge ``mean = sum(n_r mean_r) / sum(n_r)``,
+    ``var = sum(M2_r + n_r (mean_r - mean)^2) / sum(n_r)`` (a process with ``n = 0`` passes zeros and adds
+    nothing). Without it, returns its arguments. Every process must call it, in the same order."""
+    if not _SYNC["on"]:
+        return mean, var
+    local = torch.cat([mean.new_tensor([float(n)]), mean, var * n])
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(_SYNC["group"]))]
+    dist.all_gather(parts, local, group=_SYNC["group"])
+    every = torch.stack(parts)
+    c = mean.numel()
+    counts, means, m2 = every[:, :1], every[:, 1:1 + c], every[:, 1 + c:]
+    mean = (counts * means).sum(0) / counts.sum()
+    var = (m2 + counts * (means - mean) ** 2).sum(0) / counts.sum()
     return mean, var
+
+
+def sync_grad_sums(dbeta: Tensor, dgamma: Tensor, n: int) -> tuple[Tensor, Tensor, int | Tensor]:
+    """The per-channel sums ``sum(g)``/``sum(g * xhat)`` and pixel count that the batch-statistics BN backward
+    divides (see :func:`bn_relu_backward`): this process's, or with ``--sync-bn`` their totals over every
+    process, since the statistics span them (the count then a one-element tensor: no wait for the device).
+    The parameter gradients stay local (DDP averages them)."""
+    if not _SYNC["on"]:
+        return dbeta, dgamma, n
+    return tuple(_world_sum(dbeta, dgamma, dbeta.new_tensor([float(n)])))
 
 
 def update_running_stats(norm: nn.BatchNorm2d, mean: Tensor, var: Tensor, n: int) -> None:
@@ -93,12 +115,16 @@ def update_running_stats(norm: nn.BatchNorm2d, mean: Tensor, var: Tensor, n: int
         return
     with torch.no_grad():
         norm.num_batches_tracked.add_(1)
-        if n == 0:
+        if _SYNC["on"]:   # the count over every process (a tensor: no wait for the device), empty ones included
+            n = _world_sum(mean.new_tensor([float(n)]))[0]
+            empty = n == 0                     # every process empty: mean/var are NaN, keep the running ones
+            mean = torch.where(empty, norm.running_mean.to(mean.dtype), mean)
+            unbiased = torch.where(empty, norm.running_var.to(var.dtype), var * (n / (n - 1).clamp(min=1)))
+        elif n == 0:
             return
-        if _SYNC["on"]:       # the unbiased variance uses the count over every process
-            n = int(_world_sum(mean.new_tensor([float(n)]))[0].item())
+        else:
+            unbiased = var * (n / (n - 1)) if n > 1 else var
         factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
-        unbiased = var * (n / (n - 1)) if n > 1 else var
         norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), factor)
         norm.running_var.lerp_(unbiased.to(norm.running_var.dtype), factor)
 
@@ -151,9 +177,6 @@ def bn_relu_backward(x: Tensor, grad_y: Tensor, scale: Tensor, shift: Tensor, me
     dgamma = (g * xhat).sum(dim=(0, 2, 3))
     if batch_stats:
         n = x.shape[0] * x.shape[2] * x.shape[3]
-        sum_g, sum_gx = dbeta, dgamma
-        if _SYNC["on"]:      # statistics over every process: so are the sums their gradient needs
-            sum_g, sum_gx, count = _world_sum(dbeta, dgamma, dbeta.new_tensor([float(n)]))
-            n = count.item()
+        sum_g, sum_gx, n = sync_grad_sums(dbeta, dgamma, n)
         g = g - (sum_g / n).view(1, -1, 1, 1) - xhat * (sum_gx / n).view(1, -1, 1, 1)
     return g.mul_(scale.view(1, -1, 1, 1)), dgamma, dbeta    # parameter gradients stay local (DDP averages)

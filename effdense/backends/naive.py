@@ -77,8 +77,8 @@ def layer_forward(layer: nn.Module, features: Sequence[Tensor], use_checkpoint: 
             calls[0] += 1
             return _stage1(layer, args[5:], args[:5], update_running_stats=calls[0] == 1)
 
-        # the weights and statistics are inputs of the checkpointed function: the recomputation in backward uses the same
-        # tensors as the forward (torch.func.functional_call, parametrizations), not the module's at that time
+        # the weights and statistics are inputs of the checkpointed function: the recomputation in backward uses
+        # the same tensors as the forward (torch.func.functional_call, parametrizations), not the module's at that time
         out = checkpoint(stage1, *weights, *features, use_reentrant=False)
     else:
         out = _stage1(layer, features, weights)

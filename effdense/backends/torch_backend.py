@@ -64,7 +64,10 @@ def init_features(x: Tensor, num_layers: int, k: int, cdt: torch.dtype, batch_st
     if batch_stats:
         mean = torch.empty(feat.shape[1], dtype=acc_dtype(cdt), device=x.device)
         var = torch.empty_like(mean)
-        mean[:c0], var[:c0] = channel_stats(feat[:, :c0])
+        # statistics of the tensor written, not of the buffer slice holding it: the same numbers, and inductor
+        # (torch 2.13, CPU, layout optimization on) miscompiles var_mean over a channel slice of a buffer that
+        # a convolution output was copied into (tests/test_compile.py)
+        mean[:c0], var[:c0] = channel_stats(x.to(cdt))
     return feat, mean, var
 
 
@@ -172,10 +175,9 @@ class _DenseBlockFunction(torch.autograd.Function):
                 y = y * _dropout_mask(feat[:, c:c + k], layer.drop_rate)
             else:
                 cfg.rng_states.append(None)
-            new = feat[:, c:c + k]
-            new.copy_(y)
-            if batch_stats:
-                mean[c:c + k], var[c:c + k] = channel_stats(new)
+            feat[:, c:c + k].copy_(y)
+            if batch_stats:     # of y, not of its slice of F (see init_features)
+                mean[c:c + k], var[c:c + k] = channel_stats(y)
         save_block(ctx, cfg, stats2, feat, mean, var, params, x.dtype)
         return feat
 

@@ -23,6 +23,10 @@ prologue of the next GEMM that reads ``gZ``), ``gZ`` and ``g1`` are materialized
 :func:`~effdense.backends.bn.channel_stats`. The 3x3 conv is always the Triton implicit GEMM (no cuDNN
 dispatch by size yet: that needs GPU measurements).
 
+With ``--sync-bn`` (:func:`~effdense.backends.bn.enable_sync_stats`) the statistics each kernel epilogue
+returns are merged over every process before use, and the BN backward's sums are all-reduced before the
+elementwise finish: the same cross-process math as the ``"torch"`` backend.
+
 Dropout draws a fresh mask from a Philox seed (taken from PyTorch's CPU generator, so ``torch.manual_seed``
 makes it reproducible) and regenerates it in backward: it is not ``F.dropout``'s mask, so it matches
 ``"naive"`` in distribution only.
@@ -56,7 +60,7 @@ except ImportError as _err:  # triton missing or too old: the backend stays list
 
 if K is not None:
     from ..kernels import transition as KT
-from .bn import channel_stats, sync_stats_enabled
+from .bn import channel_stats, sync_channel_stats, sync_grad_sums, sync_stats_enabled
 
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: bfloat16 is broken in Triton's interpreter
@@ -151,6 +155,8 @@ class _TritonBlockFunction(torch.autograd.Function):
             if cfg.bottleneck:
                 z = _bottleneck_buffer(n, layer.conv1.out_channels, h, w, cdt, x.device)
                 st = _K.bn_relu_conv_fwd(feat[:, :c], s1, t1, p[2], z, stats=uses_batch_stats(layer.norm2))
+                if st:
+                    st = sync_channel_stats(*st, npix)
                 stats2.append(st)
                 run2 = None if st else (layer.norm2.running_mean, layer.norm2.running_var)
                 if st:
@@ -164,13 +170,23 @@ class _TritonBlockFunction(torch.autograd.Function):
                                             drop_p=drop, seed=seed)
             cfg.running.append([run1, run2])
             if batch_stats:
-                mean[c:c + k], var[c:c + k] = st_new
+                mean[c:c + k], var[c:c + k] = sync_channel_stats(*st_new, npix)
         save_block(ctx, cfg, stats2, feat, mean, var, params, x.dtype)
         return feat
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         return run_backward(ctx, grad_out, "triton", _block_backward)
+
+
+def _world_sums(dbeta: Tensor, dgamma: Tensor, npix: int, batch_stats: bool) -> tuple[Tensor, Tensor]:
+    """The sums :func:`~effdense.kernels.bn_bwd_apply` divides by this process's ``P``: its own, or with
+    ``--sync-bn`` the totals over every process rescaled by ``P / P_total`` (the kernel then divides by
+    ``P_total``); ``dbeta``/``dgamma`` themselves stay local parameter gradients."""
+    if not (batch_stats and sync_stats_enabled()):
+        return dbeta, dgamma
+    sum_g, sum_gx, total = sync_grad_sums(dbeta, dgamma, npix)
+    return sum_g * (npix / total), sum_gx * (npix / total)
 
 
 def _block_backward(cfg: _Ctx, stats2: list, feat: Tensor, mean: Tensor | None, var: Tensor | None,
@@ -180,6 +196,7 @@ def _block_backward(cfg: _Ctx, stats2: list, feat: Tensor, mean: Tensor | None, 
     layers, cdt, k = cfg.layers, cfg.compute_dtype, cfg.growth_rate
     adt = acc_dtype(cdt)
     n, _, h, w = feat.shape
+    npix = n * h * w
     c0 = feat.shape[1] - len(layers) * k
     grad = torch.empty_like(feat, dtype=adt)
     grad.copy_(grad_out)
@@ -200,7 +217,8 @@ def _block_backward(cfg: _Ctx, stats2: list, feat: Tensor, mean: Tensor | None, 
             dw2 = _K.conv_wgrad(gy, z, s2, t2, w2.shape[-1], cdt, drop, seed) if need[5] else None
             g2, dg2, db2 = _K.conv_dgrad_bn_relu(gy, w2, z, s2, t2, m2, i2, cdt, drop, seed)
             gz = _nhwc(g2, n, h, w)
-            _K.bn_bwd_apply(g2, z, gz, s2, m2, i2, db2, dg2, stats2[i] is not None, accumulate=False)
+            _K.bn_bwd_apply(g2, z, gz, s2, m2, i2, *_world_sums(db2, dg2, npix, stats2[i] is not None),
+                            stats2[i] is not None, accumulate=False)
             del z
             dw1 = _K.conv_wgrad(gz, x, s1, t1, w1.shape[-1], cdt) if need[2] else None
             g1, dg1, db1 = _K.conv_dgrad_bn_relu(gz, w1, x, s1, t1, m1, i1, cdt)
@@ -211,7 +229,8 @@ def _block_backward(cfg: _Ctx, stats2: list, feat: Tensor, mean: Tensor | None, 
             dw1 = _K.conv_wgrad(gy, x, s1, t1, w1.shape[-1], cdt, drop, seed) if need[2] else None
             g1, dg1, db1 = _K.conv_dgrad_bn_relu(gy, w1, x, s1, t1, m1, i1, cdt, drop, seed)
             tail = [dw1]
-        _K.bn_bwd_apply(g1, x, grad[:, :c], s1, m1, i1, db1, dg1, cfg.bs1[i], accumulate=True)
+        _K.bn_bwd_apply(g1, x, grad[:, :c], s1, m1, i1, *_world_sums(db1, dg1, npix, cfg.bs1[i]), cfg.bs1[i],
+                        accumulate=True)
         del g1
         grads = [g.to(q.dtype) if g is not None and q is not None and nd else None
                  for g, q, nd in zip([dg1, db1, *tail], p, need)] + grads
@@ -327,4 +346,4 @@ def transition_forward(x: Tensor, norm: nn.BatchNorm2d, conv: nn.Conv2d) -> Tens
 
 BACKEND = Backend("triton", "fused BN-ReLU-Conv Triton kernels on the shared feature buffer (GPU; CPU through "
                   "TRITON_INTERPRET=1)", True, block_forward, unavailable,
-                  auto_devices=("cuda",), transition=transition_forward)
+                  auto_devices=("cuda",), sync_stats=True, transition=transition_forward)
