@@ -255,11 +255,12 @@ void bn_relu_bwd_cpu_impl(const at::Tensor& x, const at::Tensor& gy, const at::T
   const A* is = invstd.data_ptr<A>();
   A* pdg = dgamma.data_ptr<A>();
   A* pdb = dbeta.data_ptr<A>();
-  // g = grad_y where relu's input is positive (or NaN), xhat = (x - mean) * invstd
+  // g = grad_y where relu's input is positive (or NaN), xhat = (x - mean) * invstd. Both operands are loaded
+  // before the select: a load inside the condition compiles to a branch, mispredicted half the time (~15x slower)
   auto grad = [&](T xv, T gv, int64_t c, A& xhat) {
-    const A xa = static_cast<A>(xv);
+    const A xa = static_cast<A>(xv), ga = static_cast<A>(gv);
     xhat = (xa - mu[c]) * is[c];
-    return (xa * s[c] + t[c] <= A(0)) ? A(0) : static_cast<A>(gv);
+    return (xa * s[c] + t[c] <= A(0)) ? A(0) : ga;
   };
   auto finish = [&](A gval, A xhat, int64_t c, A k1, A k2) {
     return batch_stats ? s[c] * (gval - k1 - xhat * k2) : s[c] * gval;
@@ -307,7 +308,65 @@ void bn_relu_bwd_cpu_impl(const at::Tensor& x, const at::Tensor& gy, const at::T
     });
     return;
   }
-  // one channel at a time: both passes over its planes, (x, gy, offset into gx) per element
+  if (g.sW == 1 && g.sH == g.W && gg.sW == 1 && gg.sH == gg.W && go.sW == 1 && go.sH == go.W) {
+    // contiguous H*W planes (NCHW, also channel slices of the feature buffer): planes q = (n, c) in memory order
+    // (a channel-major sweep jumps a page per plane: 2x slower), SIMD over a plane, per-plane partial sums merged
+    // per channel in double; sum(g * xhat) = invstd * sum(g * (x - mean))
+    const int64_t HW = g.H * g.W, NC = g.N * C;
+    std::vector<double> plane_g(NC), plane_gx(NC);
+    at::parallel_for(0, NC, 1, [&](int64_t b, int64_t e) {
+      for (int64_t q = b; q < e; ++q) {
+        const int64_t n = q / C, c = q - n * C;
+        const A sc = s[c], sh = t[c], m = mu[c];
+        const T* xp = px + n * g.sN + c * g.sC;
+        const T* gp = pg + n * gg.sN + c * gg.sC;
+        A pa = 0, pb = 0;
+#pragma omp simd reduction(+ : pa, pb)
+        for (int64_t i = 0; i < HW; ++i) {
+          const A xa = static_cast<A>(xp[i]), ga = static_cast<A>(gp[i]);  // both loaded: a select, no branch
+          const A gv = xa * sc + sh <= A(0) ? A(0) : ga;
+          pa += gv;
+          pb += gv * (xa - m);
+        }
+        plane_g[q] = pa;
+        plane_gx[q] = pb;
+      }
+    });
+    for (int64_t c = 0; c < C; ++c) {
+      double a = 0, bb = 0;
+      for (int64_t n = 0; n < g.N; ++n) a += plane_g[n * C + c], bb += plane_gx[n * C + c];
+      pdb[c] = static_cast<A>(a);
+      pdg[c] = static_cast<A>(bb * static_cast<double>(is[c]));
+    }
+    at::parallel_for(0, NC, 1, [&](int64_t b, int64_t e) {
+      for (int64_t q = b; q < e; ++q) {
+        const int64_t n = q / C, c = q - n * C;
+        const A sc = s[c], sh = t[c], m = mu[c];
+        const A k1 = pdb[c] * invP, k2 = pdg[c] * invP * is[c];  // dx = scale * (g - k1 - (x - mean) * k2)
+        const T* xp = px + n * g.sN + c * g.sC;
+        const T* gp = pg + n * gg.sN + c * gg.sC;
+        O* op = po + n * go.sN + c * go.sC;
+        if (batch_stats) {
+#pragma omp simd
+          for (int64_t i = 0; i < HW; ++i) {
+            const A xa = static_cast<A>(xp[i]), ga = static_cast<A>(gp[i]);
+            const A gv = xa * sc + sh <= A(0) ? A(0) : ga;
+            const A v = sc * (gv - k1 - (xa - m) * k2);
+            op[i] = accumulate ? static_cast<O>(static_cast<A>(op[i]) + v) : static_cast<O>(v);
+          }
+        } else {
+#pragma omp simd
+          for (int64_t i = 0; i < HW; ++i) {
+            const A xa = static_cast<A>(xp[i]), ga = static_cast<A>(gp[i]);
+            const A v = sc * (xa * sc + sh <= A(0) ? A(0) : ga);
+            op[i] = accumulate ? static_cast<O>(static_cast<A>(op[i]) + v) : static_cast<O>(v);
+          }
+        }
+      }
+    });
+    return;
+  }
+  // any other strides: one channel at a time, both passes over its planes, (x, gy, offset into gx) per element
   auto plane = [&](int64_t c, auto&& f) {
     for (int64_t n = 0; n < g.N; ++n)
       for (int64_t h = 0; h < g.H; ++h)
