@@ -452,6 +452,7 @@ def plot_curves(history: list[dict], path: str) -> None:
             label = history[-1].get("monitor", "val") if split == "val" else split
             ax.plot(epochs, [r[f"{split}_{metric}"] for r in history], marker=".", label=label)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_ylabel("accuracy" if metric == "acc" else "cross-entropy loss")
         ax.grid(alpha=0.3)
         ax.legend()
