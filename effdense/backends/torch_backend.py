@@ -71,6 +71,18 @@ def init_features(x: Tensor, num_layers: int, k: int, cdt: torch.dtype, batch_st
     return feat, mean, var
 
 
+def forward_scale_shift(norm: nn.BatchNorm2d, stats: tuple[Tensor, Tensor] | None, adt: torch.dtype,
+                        affine: Sequence[Tensor | None], npix: int):
+    """A block forward's ``(scale, shift, running)`` for one BN: from the batch ``stats`` (then ``norm``'s running
+    statistics are updated, once) or, when None, from its running statistics, which are returned as
+    ``running`` for backward to reuse."""
+    running = None if stats is not None else (norm.running_mean, norm.running_var)
+    if stats is not None:
+        update_running_stats(norm, *stats, npix)
+    scale, shift, _, _ = scale_shift(norm, *(stats or running), adt, affine)
+    return scale, shift, running
+
+
 def _conv(x: Tensor, w: Tensor) -> Tensor:
     return F.conv2d(x, w, padding=w.shape[-1] // 2)
 
@@ -154,20 +166,14 @@ class _DenseBlockFunction(torch.autograd.Function):
         cfg.rng_states, cfg.running = [], []
         for i, (layer, p) in enumerate(zip(layers, _split(params, len(layers)))):
             c = c0 + i * k
-            run1 = None if cfg.bs1[i] else (layer.norm1.running_mean, layer.norm1.running_var)
-            m1, v1 = run1 or (mean[:c], var[:c])
-            s1, t1, _, _ = scale_shift(layer.norm1, m1, v1, adt, p[0:2])
-            if cfg.bs1[i]:
-                update_running_stats(layer.norm1, m1, v1, npix)
+            s1, t1, run1 = forward_scale_shift(layer.norm1, (mean[:c], var[:c]) if cfg.bs1[i] else None, adt,
+                                               p[0:2], npix)
             y = _conv(bn_relu(feat[:, :c], s1, t1, cdt), p[2].to(cdt))
             run2 = None
             if len(p) == 6:
                 st = channel_stats(y) if uses_batch_stats(layer.norm2) else None
-                run2 = None if st else (layer.norm2.running_mean, layer.norm2.running_var)
                 stats2.append(st)
-                if st:
-                    update_running_stats(layer.norm2, *st, npix)
-                s2, t2, _, _ = scale_shift(layer.norm2, *(st or run2), adt, p[3:5])
+                s2, t2, run2 = forward_scale_shift(layer.norm2, st, adt, p[3:5], npix)
                 y = _conv(bn_relu(y, s2, t2, cdt), p[5].to(cdt))
             cfg.running.append([run1, run2])
             if layer.drop_rate > 0 and layer.training:

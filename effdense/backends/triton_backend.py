@@ -48,8 +48,8 @@ from . import torch_backend
 from .base import Backend
 from .bn import (acc_dtype, check_batch_size, scale_shift, update_running_stats,
                  uses_batch_stats)
-from .torch_backend import (_layer_params, _split, check_block_batch, compute_dtype, init_features, run_backward,
-                            save_block)
+from .torch_backend import (_layer_params, _split, check_block_batch, compute_dtype, forward_scale_shift,
+                            init_features, run_backward, save_block)
 
 try:
     from .. import kernels as K
@@ -142,11 +142,8 @@ class _TritonBlockFunction(torch.autograd.Function):
         cfg.running = []
         for i, (layer, p) in enumerate(zip(layers, _split(params, len(layers)))):
             c = c0 + i * k
-            run1 = None if cfg.bs1[i] else (layer.norm1.running_mean, layer.norm1.running_var)
-            m1, v1 = run1 or (mean[:c], var[:c])
-            s1, t1, _, _ = scale_shift(layer.norm1, m1, v1, adt, p[0:2])
-            if cfg.bs1[i]:
-                update_running_stats(layer.norm1, m1, v1, npix)
+            s1, t1, run1 = forward_scale_shift(layer.norm1, (mean[:c], var[:c]) if cfg.bs1[i] else None, adt,
+                                               p[0:2], npix)
             run2 = None
             drop = layer.drop_rate if layer.drop_rate > 0 and layer.training else 0.0
             seed = _seed() if drop > 0 else 0
@@ -158,10 +155,7 @@ class _TritonBlockFunction(torch.autograd.Function):
                 if st:
                     st = sync_channel_stats(*st, npix)
                 stats2.append(st)
-                run2 = None if st else (layer.norm2.running_mean, layer.norm2.running_var)
-                if st:
-                    update_running_stats(layer.norm2, *st, npix)
-                s2, t2, _, _ = scale_shift(layer.norm2, *(st or run2), adt, p[3:5])
+                s2, t2, run2 = forward_scale_shift(layer.norm2, st, adt, p[3:5], npix)
                 st_new = _K.bn_relu_conv_fwd(z, s2, t2, p[5], new, stats=batch_stats, drop_p=drop, seed=seed)
                 del z
             else:
