@@ -27,7 +27,16 @@ from setuptools import find_packages, setup
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXT_NAME = "effdense._C"
 BUILD_ERROR_FILE = "_C.build-error"
-CUDA_SOURCES = ["csrc/cuda_ops.cpp", "csrc/cuda/bn_kernels.cu", "csrc/cuda/conv1x1.cu"]
+
+def _sources(pattern: str) -> list[str]:
+    """The project's sources matching ``pattern`` (relative paths, sorted: a stable build order)."""
+    import glob
+    return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+
+
+#: C++ sources of the CPU part (every csrc/*.cpp but the CUDA glue csrc/cuda_*.cpp), and of the CUDA part
+CPU_SOURCES = [s for s in _sources("csrc/*.cpp") if not os.path.basename(s).startswith("cuda_")]
+CUDA_SOURCES = _sources("csrc/cuda_*.cpp") + _sources("csrc/cuda/*.cu")
 
 
 def _version() -> str:
@@ -90,7 +99,7 @@ def _extension_kwargs() -> dict:
                       "Install with `pip install --no-build-isolation .` so the build sees PyTorch.")
         return {}
 
-    sources = ["csrc/ops.cpp", "csrc/block.cpp"]
+    sources = list(CPU_SOURCES)
     nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc") if cpp_extension.CUDA_HOME else None
     wants_cuda = torch.version.cuda is not None and not _env_flag("EFFDENSE_NO_CUDA")
     with_cuda = wants_cuda and nvcc is not None and os.path.exists(nvcc)
@@ -114,7 +123,7 @@ def _extension_kwargs() -> dict:
     else:
         ext_cls = cpp_extension.CppExtension
     # depends: rebuild on header changes, and ship every source (CUDA ones too) in an sdist
-    depends = [f for f in ("csrc/common.h", "csrc/cuda/kernels.h", *CUDA_SOURCES) if f not in sources]
+    depends = [f for f in (*_sources("csrc/*.h"), *_sources("csrc/cuda/*.h"), *CUDA_SOURCES) if f not in sources]
     ext = ext_cls(EXT_NAME, sources, extra_compile_args=extra, extra_link_args=link, define_macros=macros,
                   depends=depends, optional=not _env_flag("EFFDENSE_REQUIRE_EXT"))
     print(f"effdense: building {EXT_NAME} ({'CPU + CUDA' if with_cuda else 'CPU only'}, "
