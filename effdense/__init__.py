@@ -2,16 +2,17 @@
 
 >>> import effdense
 >>> model = effdense.densenet_cifar(depth=100, growth_rate=12, num_classes=10)   # DenseNet-BC-100, k=12
+>>> model = effdense.densenet121(weights="densenet121-a639ec97.pth")  # doctest: +SKIP
 """
 from .backends import AUTO_ORDER, BACKENDS
 from .block import DenseLayer, EfficientDenseBlock
 from .models import (MODELS, EfficientDenseNet, Transition, cifar_block_config, densenet121, densenet161,
-                     densenet169, densenet201, densenet264, densenet_cifar)
+                     densenet169, densenet201, densenet264, densenet_cifar, load_weights)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AUTO_ORDER", "BACKENDS", "DenseLayer", "EfficientDenseBlock", "EfficientDenseNet", "MODELS", "Transition",
     "cifar_block_config", "densenet121", "densenet161", "densenet169", "densenet201", "densenet264",
-    "densenet_cifar", "__version__",
+    "densenet_cifar", "load_weights", "__version__",
 ]

@@ -2,14 +2,18 @@
 
 Every file is written to a temporary file in the destination folder, flushed and fsynced, then renamed over
 the destination with :func:`os.replace` (atomic on POSIX and Windows), so a kill at any moment leaves
-either the old file or the new one, never a truncated one.
+either the old file or the new one, never a truncated one. The file gets the permissions ``open()`` would give
+it (``0o666`` less the umask), not ``mkstemp``'s owner-only ``0o600``; a killed write leaves its temporary file
+(``.last.pt.XXXX.tmp``), which :func:`remove_stale_temporaries` deletes.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import random
+import re
 import tempfile
+import threading
 from collections.abc import Callable
 from typing import IO, Any
 
@@ -17,13 +21,27 @@ import numpy as np
 import torch
 
 
+_UMASK_LOCK = threading.Lock()
+TMP_SUFFIX = ".tmp"
+
+
+def _umask() -> int:
+    """The process umask (it can only be read by setting it: set and restore under a lock)."""
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
     """Call ``write(f)`` on a temporary file beside ``path``, fsync it and rename it to ``path``."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=TMP_SUFFIX, dir=folder)
     try:
+        if hasattr(os, "fchmod"):  # POSIX: mkstemp's 0o600 -> what open() would create
+            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -39,6 +57,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, names) -> list[str]:
+    """Delete the temporary files :func:`atomic_write` leaves when killed mid-write (``.NAME.XXXXXXXX.tmp`` for each
+    of ``names``) in ``folder``; returns the deleted names. Call it only where no other process writes ``names``."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        return []
+    pattern = re.compile(r"^\.(?:" + "|".join(re.escape(n) for n in names) + r")\.[^/]+" + re.escape(TMP_SUFFIX) + "$")
+    removed = []
+    for entry in sorted(os.listdir(folder)):
+        if pattern.match(entry):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(folder, entry))
+                removed.append(entry)
+    return removed
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:

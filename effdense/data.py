@@ -152,6 +152,18 @@ def _how_to_supply(spec: CifarSpec, data_dir: str) -> str:
             f"--data-dir DIR where DIR holds {spec.folder}/ (or its files directly: {', '.join(spec.files)}).")
 
 
+def _corrupt_advice(spec: CifarSpec, path: str) -> str:
+    """How to replace a bad extracted file: the extracted files are read before any tarball beside them, so a
+    good tarball helps only once they are gone."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(folder) == spec.folder:
+        parent, remove = os.path.dirname(folder), f"delete the folder {folder}"
+    else:
+        parent, remove = folder, f"delete the extracted files in {folder} ({', '.join(spec.files)})"
+    return (f"Extracted files are read before any tarball, so {remove}, then supply {spec.title} again. "
+            + _how_to_supply(spec, parent))
+
+
 def download(url: str, dest: str, md5: str) -> None:
     """Fetch ``url`` to ``dest`` atomically; the file appears only once its md5 is ``md5``."""
     def write(f) -> None:
@@ -222,7 +234,7 @@ def _unpickle(path: str, spec: CifarSpec) -> dict:
     except Exception as err:
         raise DataError(f"{path} is corrupt or not a CIFAR python-pickle file ({type(err).__name__}: {err}); its "
                         f"md5 is {md5sum(path)}, the published {name} has md5 {spec.file_md5.get(name, '?')}. "
-                        + _how_to_supply(spec, os.path.dirname(path))) from err
+                        + _corrupt_advice(spec, path)) from err
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in raw.items()}
 
 
@@ -236,7 +248,8 @@ def read_cifar_batch(path: str, spec: CifarSpec) -> Split:
             raise ValueError(f"data {data.dtype}{list(data.shape)} with {labels.shape[0]} labels")
     except (KeyError, ValueError, TypeError) as err:
         raise DataError(f"{path} is not in the CIFAR batch format (a dict with 'data': uint8 [N, 3072] and "
-                        f"'{spec.label_key}': N ints): {type(err).__name__}: {err}") from err
+                        f"'{spec.label_key}': N ints): {type(err).__name__}: {err}. "
+                        + _corrupt_advice(spec, path)) from err
     return Split(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels))
 
 
@@ -247,6 +260,9 @@ def _cat(splits: list[Split]) -> Split:
 def load_cifar(name: str, data_dir: str | None = None, allow_download: bool = True):
     """``(train, test, classes)`` of ``cifar10`` or ``cifar100``."""
     spec = CIFAR[name]
+    if data_dir is not None and not os.path.isdir(data_dir):  # a typo: neither create it nor download into it
+        raise DataError(f"data folder {data_dir} not found (--data-dir must be an existing folder; create it to "
+                        f"download {spec.title} into it, or leave --data-dir out for {default_cache()})")
     folder = find_cifar(spec, data_dir or default_cache(), allow_download)
     train = _cat([read_cifar_batch(os.path.join(folder, f), spec) for f in spec.train_files])
     test = _cat([read_cifar_batch(os.path.join(folder, f), spec) for f in spec.test_files])
@@ -264,6 +280,8 @@ def load_cifar(name: str, data_dir: str | None = None, allow_download: bool = Tr
 # ---------------------------------------------------------------------------------------------- others
 
 DIGITS_TEST_SIZE = 360
+#: the extra of setup.py's ``extras_require`` that installs scikit-learn
+SKLEARN_EXTRA = "digits"
 
 
 def load_digits():
@@ -271,7 +289,8 @@ def load_digits():
     try:
         from sklearn.datasets import load_digits as sk_digits
     except ImportError as err:
-        raise DataError("--dataset digits needs scikit-learn: pip install 'effdense[train]'") from err
+        raise DataError(f"--dataset digits needs scikit-learn, which effdense installs as an extra: pip install "
+                        f"'effdense[{SKLEARN_EXTRA}]' (or pip install scikit-learn)") from err
     d = sk_digits()
     x = torch.from_numpy(d.images).float().unsqueeze(1) / 16.0
     x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)

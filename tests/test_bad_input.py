@@ -41,6 +41,23 @@ def test_model_rejects_wrong_image_channels():
         effdense.densenet_cifar(depth=10, growth_rate=4)(torch.randn(2, 1, 8, 8))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_model_checks_input_dtype_at_entry(dtype):
+    """The stem convolution would raise PyTorch's own message; the model names its dtype first."""
+    model = effdense.densenet_cifar(depth=10, growth_rate=4, backend="torch")
+    with pytest.raises(TypeError) as err:
+        model(torch.randn(2, 3, 8, 8, dtype=dtype))
+    assert str(err.value) == (f"expected a torch.float32 input (the model's parameter dtype), got {dtype}; cast one of "
+                              f"them (model.to({dtype}) or x.to(torch.float32)), or run under torch.autocast")
+
+
+def test_model_under_autocast_takes_float32_input():
+    model = effdense.densenet_cifar(depth=10, growth_rate=4, backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 3, 8, 8))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
 def test_batch_of_one_pixel_fails_like_batchnorm(block):
     x = torch.randn(1, 4, 1, 1)
     with pytest.raises(ValueError) as ours:

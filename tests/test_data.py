@@ -2,7 +2,10 @@
 import dataclasses
 import gzip
 import os
+import pathlib
 import pickle
+import re
+import sys
 import tarfile
 
 import numpy as np
@@ -101,6 +104,7 @@ def test_download_with_md5(tmp_path, monkeypatch):
     url = tarball.as_uri()  # urllib reads file:// like https://
     monkeypatch.setitem(CIFAR, "cifar100", dataclasses.replace(spec, url=url, md5="0" * 32))
     root = tmp_path / "cache"
+    root.mkdir()  # an explicit data folder must exist (a typo is not created)
     with pytest.raises(DataError, match="md5"):
         load_dataset("cifar100", str(root))
     assert os.listdir(root) == []  # the bad download was not kept
@@ -127,8 +131,12 @@ def test_corrupt_and_incomplete_files(tmp_path):
     good = (folder / "data_batch_3").read_bytes()
     (folder / "data_batch_3").write_bytes(good[: len(good) // 2])
     with pytest.raises(DataError, match=r"data_batch_3 is corrupt.*md5 is [0-9a-f]{32}.*"
-                                        + CIFAR["cifar10"].file_md5["data_batch_3"]):
+                                        + CIFAR["cifar10"].file_md5["data_batch_3"]) as err:
         load_dataset("cifar10", str(tmp_path), allow_download=False)
+    # extracted files are read before a tarball: the advice removes them and puts the tarball where it is read
+    msg, spec = str(err.value), CIFAR["cifar10"]
+    assert f"Extracted files are read before any tarball, so delete the folder {folder}, then supply" in msg
+    assert f"copy {spec.tarball} into {tmp_path};" in msg and f"into {folder}" not in msg
     with open(folder / "data_batch_3", "wb") as fh:
         pickle.dump({"data": np.zeros((2, 100), np.uint8), "labels": [0, 1]}, fh, protocol=2)
     with pytest.raises(DataError, match=r"data_batch_3 is not in the CIFAR batch format.*uint8 \[N, 3072\]"):
@@ -136,6 +144,32 @@ def test_corrupt_and_incomplete_files(tmp_path):
     (folder / "data_batch_3").unlink()
     with pytest.raises(DataError, match="incomplete: missing data_batch_3"):
         load_dataset("cifar10", str(tmp_path), allow_download=False)
+
+
+def test_corrupt_file_directly_in_data_dir_advice(tmp_path):
+    write_cifar(tmp_path, "cifar10")
+    (tmp_path / "test_batch").write_bytes(b"garbage")
+    with pytest.raises(DataError) as err:
+        load_dataset("cifar10", str(tmp_path), allow_download=False)
+    assert f"delete the extracted files in {tmp_path} (data_batch_1, " in str(err.value)
+
+
+def test_data_dir_typo_is_neither_created_nor_downloaded_into(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "download", lambda *a: pytest.fail("a download was attempted"))
+    with pytest.raises(DataError) as err:
+        load_dataset("cifar10", str(tmp_path / "typo" / "cifar"))
+    assert str(err.value).startswith(f"data folder {tmp_path / 'typo' / 'cifar'} not found (--data-dir must be an "
+                                     "existing folder; create it to download CIFAR-10 into it")
+    assert os.listdir(tmp_path) == []
+
+
+def test_digits_without_scikit_learn_names_the_extra(monkeypatch):
+    """The message's extra is the one setup.py's extras_require gives scikit-learn under."""
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import fails
+    with pytest.raises(DataError, match=re.escape(f"pip install 'effdense[{data.SKLEARN_EXTRA}]'")):
+        load_dataset("digits")
+    setup_py = (pathlib.Path(__file__).parent.parent / "setup.py").read_text()
+    assert re.search(rf'"{data.SKLEARN_EXTRA}"\s*:\s*\[[^\]]*"scikit-learn', setup_py)
 
 
 def test_digits():

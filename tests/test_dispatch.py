@@ -37,6 +37,16 @@ def test_env_var_overrides_auto_only(monkeypatch):
         _block()(torch.randn(2, 4, 3, 3))
 
 
+def test_bad_env_var_fails_where_the_model_is_built(monkeypatch):
+    """Named, at construction (not at the first forward); an explicitly named backend does not read it."""
+    monkeypatch.setenv(backends.ENV_VAR, "bogus")
+    for build in (_block, lambda: effdense.densenet_cifar(depth=10, growth_rate=4)):
+        with pytest.raises(ValueError, match=r"^EFFDENSE_BACKEND='bogus': unknown backend 'bogus'; expected one of "
+                                             r"naive, checkpoint, torch"):
+            build()
+    assert effdense.densenet_cifar(depth=10, growth_rate=4, backend="naive").blocks()[0].backend == "naive"
+
+
 def test_unavailable_backend_explains_and_auto_falls_back(monkeypatch):
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
     fake = Backend("fake", "never runs", True, lambda x, layers: x, lambda dev, dt: "needs a flux capacitor")

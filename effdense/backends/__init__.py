@@ -62,9 +62,25 @@ def unavailable_reason(name: str, device: torch.device | str, dtype: torch.dtype
 
 
 def check_name(name: str) -> str:
+    """``name`` if it is a backend or ``"auto"`` (then ``EFFDENSE_BACKEND`` is checked too: a bad value fails where
+    a model is built, not at its first forward), else ``ValueError``."""
     if name not in BACKENDS and name != "auto":
         raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(names())}")
+    if name == "auto":
+        env_override()
     return name
+
+
+def env_override() -> str | None:
+    """The backend ``EFFDENSE_BACKEND`` names in place of ``"auto"``, None when unset (or ``auto``); a value that is
+    no backend raises ``ValueError`` naming the variable."""
+    env = os.environ.get(ENV_VAR, "").strip()
+    if not env or env == "auto":
+        return None
+    if env not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={env!r}: unknown backend {env!r}; expected one of {', '.join(names())} "
+                         f"(or unset it)")
+    return env
 
 
 def resolve(name: str, device: torch.device | str, dtype: torch.dtype) -> Backend:
@@ -75,9 +91,9 @@ def resolve(name: str, device: torch.device | str, dtype: torch.dtype) -> Backen
     """
     device = torch.device(device)
     if name == "auto":
-        env = os.environ.get(ENV_VAR, "").strip()
-        if env and env != "auto":
-            return resolve(check_name(env), device, dtype)
+        env = env_override()
+        if env is not None:
+            return resolve(env, device, dtype)
         reasons = []
         for candidate in AUTO_ORDER:
             why = unavailable_reason(candidate, device, dtype)
