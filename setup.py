@@ -1,42 +1,52 @@
 """effdense: memory-efficient DenseNets for PyTorch.
 
-Install with ``pip install --no-build-isolation .`` so the build sees the PyTorch already installed
-(an isolated build would download a new one).
+Install with ``pip install --no-build-isolation .`` (or ``-e .``) so the build sees the PyTorch already
+installed: pyproject.toml declares setuptools as the build backend but not torch (an isolated build would
+download another PyTorch, gigabytes, and could build against a torch other than the one that runs it).
 
 The C++/CUDA extension ``effdense._C`` (csrc/) is built with ``torch.utils.cpp_extension`` and ninja: the
-CPU part always, the CUDA part when PyTorch has CUDA (``torch.version.cuda``) and ``nvcc`` is found.
+CPU part always, the CUDA part when PyTorch has CUDA (``torch.version.cuda``) and ``nvcc`` is found. Its
+sources and flags are defined once, in effdense/_build.py (``python -m effdense.build_ext`` builds the
+same library after an install that went without it; wheels carry the sources in ``effdense/_csrc``). A
+successful build writes a manifest beside the library (torch version and git hash, CUDA, commit, sources).
 Environment switches:
 
 * ``EFFDENSE_SKIP_EXT=1``: pure Python install (no extension; the ``"cpp"`` backend reports why).
 * ``EFFDENSE_CUDA_ARCHS``: CUDA architectures, ``;``- or ``,``-separated (default ``"80;90"``); a ``+PTX``
   suffix (``"90+PTX"``) also embeds PTX for that architecture.
 * ``EFFDENSE_NO_CUDA=1``: build the CPU part only, even with a CUDA PyTorch and nvcc.
-* ``EFFDENSE_REQUIRE_EXT=1``: a failed extension build fails the install. Without it the failure is a
-  warning, the package installs without ``effdense._C`` and ``effdense/_C.build-error`` records why.
-* ``MAX_JOBS``: parallel compile jobs; when unset, chosen from the CPU cores and the available memory.
+* ``EFFDENSE_REQUIRE_EXT=1``: the install fails whenever the extension is not built: PyTorch not importable
+  (an isolated build), a failed compile, or ``EFFDENSE_SKIP_EXT=1``. Without it each of these installs the
+  package without ``effdense._C``, says so on stderr with the command that builds it afterwards, and a failed
+  build is recorded in ``effdense/_C.build-error``.
+* ``MAX_JOBS``: parallel compile jobs; when unset, chosen from the CPU cores and ``MemAvailable``.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
+import shutil
 import sys
 import warnings
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-EXT_NAME = "effdense._C"
 BUILD_ERROR_FILE = "_C.build-error"
 
-def _sources(pattern: str) -> list[str]:
-    """The project's sources matching ``pattern`` (relative paths, sorted: a stable build order)."""
-    import glob
-    return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
+
+def _load_build_ext():
+    """effdense/_build.py, loaded by path: the package itself cannot be imported before it is installed."""
+    spec = importlib.util.spec_from_file_location("_effdense_build", os.path.join(HERE, "effdense", "_build.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-#: C++ sources of the CPU part (every csrc/*.cpp but the CUDA glue csrc/cuda_*.cpp), and of the CUDA part
-CPU_SOURCES = [s for s in _sources("csrc/*.cpp") if not os.path.basename(s).startswith("cuda_")]
-CUDA_SOURCES = _sources("csrc/cuda_*.cpp") + _sources("csrc/cuda/*.cu")
+BX = _load_build_ext()
+CSRC = os.path.join(HERE, "csrc")
 
 
 def _version() -> str:
@@ -49,108 +59,122 @@ def _long_description() -> str:
         return f.read()
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+def _no_extension(why: str) -> dict:
+    """A build without ``effdense._C``: an error under ``EFFDENSE_REQUIRE_EXT=1``, else a loud notice."""
+    if BX.env_flag("EFFDENSE_REQUIRE_EXT"):
+        raise SystemExit(f"effdense: EFFDENSE_REQUIRE_EXT=1 but {BX.EXT_NAME} cannot be built: {why}")
+    bar = "=" * 100
+    msg = (f"effdense: installing WITHOUT the C++/CUDA extension {BX.EXT_NAME}: {why}.\n"
+           f"effdense: the 'cpp' backend will be unavailable. Build the extension afterwards with\n"
+           f"effdense:     {BX.COMMAND}\n"
+           f"effdense: or reinstall with `pip install --no-build-isolation .` (EFFDENSE_REQUIRE_EXT=1 makes "
+           f"this an error).")
+    print(f"{bar}\n{msg}\n{bar}", file=sys.stderr, flush=True)
+    warnings.warn(msg.splitlines()[0])
+    return {}
 
 
-def _cuda_arch_flags() -> list[str]:
-    """nvcc ``-gencode`` flags for ``EFFDENSE_CUDA_ARCHS`` (default ``"80;90"``)."""
-    flags = []
-    for arch in re.split(r"[;,\s]+", os.environ.get("EFFDENSE_CUDA_ARCHS", "80;90").strip()):
-        if not arch:
-            continue
-        ptx = arch.endswith("+PTX")
-        num = arch.removesuffix("+PTX").replace(".", "").removeprefix("sm_")
-        if not num.isdigit():
-            raise ValueError(f"EFFDENSE_CUDA_ARCHS: cannot read architecture {arch!r} (expected e.g. 80;90)")
-        flags += ["-gencode", f"arch=compute_{num},code=sm_{num}"]
-        if ptx:
-            flags += ["-gencode", f"arch=compute_{num},code=compute_{num}"]
-    return flags
+class BuildPy(build_py):
+    """Also copies the extension's sources into the wheel (``effdense/_csrc``), so that
+    ``python -m effdense.build_ext`` can build it later; an editable install reads the checkout's csrc/."""
 
-
-def _max_jobs(with_cuda: bool) -> str:
-    """Parallel compile jobs when ``MAX_JOBS`` is unset: one per usable core for the C++ sources, half the
-    cores with CUDA (nvcc runs several processes per job, as in flash-attention's setup.py), and never more
-    than the available memory allows (about 1.5 GiB per g++ job, 4 GiB per nvcc job)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    jobs = max(1, cores // 2 if with_cuda else cores)
-    try:
-        free_gib = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
-        jobs = max(1, min(jobs, int(free_gib / (4 if with_cuda else 1.5))))
-    except (ValueError, OSError, AttributeError):
-        pass
-    return str(jobs)
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False) or not os.path.isdir(CSRC):
+            return
+        dest = os.path.join(self.build_lib, "effdense", "_csrc")
+        for rel in BX.source_files(CSRC):
+            os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
+            self.copy_file(os.path.join(CSRC, rel), os.path.join(dest, rel))
 
 
 def _extension_kwargs() -> dict:
     """``ext_modules`` and ``cmdclass`` for ``effdense._C``, or nothing for a pure Python install."""
-    if _env_flag("EFFDENSE_SKIP_EXT"):
-        print("effdense: EFFDENSE_SKIP_EXT is set, installing without the C++/CUDA extension")
-        return {}
+    if BX.env_flag("EFFDENSE_SKIP_EXT"):
+        return _no_extension("EFFDENSE_SKIP_EXT is set")
     try:
         import torch
         from torch.utils import cpp_extension
     except Exception as err:  # noqa: BLE001 - no PyTorch at build time: pure Python install
-        warnings.warn(f"effdense: PyTorch is not importable ({err}); installing without {EXT_NAME}. "
-                      "Install with `pip install --no-build-isolation .` so the build sees PyTorch.")
-        return {}
+        return _no_extension(f"PyTorch is not importable at build time ({type(err).__name__}: {err}); pip "
+                             "builds in an isolated environment unless given --no-build-isolation")
 
-    sources = list(CPU_SOURCES)
-    nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc") if cpp_extension.CUDA_HOME else None
-    wants_cuda = torch.version.cuda is not None and not _env_flag("EFFDENSE_NO_CUDA")
-    with_cuda = wants_cuda and nvcc is not None and os.path.exists(nvcc)
-    if wants_cuda and not with_cuda:
-        warnings.warn(f"effdense: PyTorch has CUDA but nvcc was not found (set CUDA_HOME); building the CPU "
-                      f"part of {EXT_NAME} only")
-    os.environ.setdefault("MAX_JOBS", _max_jobs(with_cuda))
-    cxx = ["-O3", "-Wall", "-Wno-unused-function"]
-    link = []
-    if sys.platform.startswith("linux"):
-        cxx.append("-fopenmp")  # at::parallel_for is OpenMP-backed in PyTorch's Linux wheels
-        link.append("-fopenmp")
-    extra = {"cxx": cxx}
-    macros = []
-    if with_cuda:
-        sources += CUDA_SOURCES
-        macros.append(("WITH_CUDA", None))
-        cxx.append("-DWITH_CUDA")
-        extra["nvcc"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-DWITH_CUDA", *_cuda_arch_flags()]
-        ext_cls = cpp_extension.CUDAExtension
-    else:
-        ext_cls = cpp_extension.CppExtension
-    # depends: rebuild on header changes, and ship every source (CUDA ones too) in an sdist
-    depends = [f for f in (*_sources("csrc/*.h"), *_sources("csrc/cuda/*.h"), *CUDA_SOURCES) if f not in sources]
-    ext = ext_cls(EXT_NAME, sources, extra_compile_args=extra, extra_link_args=link, define_macros=macros,
-                  depends=depends, optional=not _env_flag("EFFDENSE_REQUIRE_EXT"))
-    print(f"effdense: building {EXT_NAME} ({'CPU + CUDA' if with_cuda else 'CPU only'}, "
+    with_cuda, why = BX.cuda_plan(torch, cpp_extension)
+    if why and torch.version.cuda is not None and not BX.env_flag("EFFDENSE_NO_CUDA"):
+        warnings.warn(f"effdense: {why}; building the CPU part of {BX.EXT_NAME} only")
+    archs = BX.cuda_archs()
+    os.environ.setdefault("MAX_JOBS", BX.max_jobs(with_cuda))
+    ext = BX.extension(cpp_extension, CSRC, with_cuda, archs, optional=not BX.env_flag("EFFDENSE_REQUIRE_EXT"),
+                       rel_to=HERE)
+    print(f"effdense: building {BX.EXT_NAME} ({'CPU + CUDA sm_' + ','.join(archs) if with_cuda else 'CPU only'}, "
           f"MAX_JOBS={os.environ['MAX_JOBS']})")
 
     class BuildExtension(cpp_extension.BuildExtension):
         """An optional extension: a failed build warns and records why in ``effdense/_C.build-error``
-        (read by :mod:`effdense._ext`) unless ``EFFDENSE_REQUIRE_EXT=1``; a successful one removes the record."""
+        (read by :mod:`effdense._ext`) unless ``EFFDENSE_REQUIRE_EXT=1``; a successful one removes the record
+        and writes the library's manifest (read by :mod:`effdense._ext` before it loads the library)."""
+
+        def run(self):
+            # setuptools builds into build/ and then copies into the source tree for --inplace and editable
+            # installs (it clears self.inplace meanwhile): the error record and the manifest follow the library
+            self._to_source = bool(self.inplace)
+            super().run()
+
+        def copy_extensions_to_source(self):
+            super().copy_extensions_to_source()
+            for so in getattr(self, "_manifests", []):
+                inplace = os.path.join(HERE, "effdense", os.path.basename(so))
+                if os.path.exists(inplace) and os.path.abspath(inplace) != os.path.abspath(so):
+                    shutil.copyfile(BX.manifest_path(so), BX.manifest_path(inplace))
+
+        def _records(self, ext) -> list[str]:
+            records = [os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), BUILD_ERROR_FILE)]
+            if getattr(self, "_to_source", False):
+                records.append(os.path.join(HERE, "effdense", BUILD_ERROR_FILE))
+            return records
+
+        def _failed(self, ext, err) -> None:
+            """An optional build failed: record why, say so loudly; a required one re-raises."""
+            if not ext.optional:
+                raise err
+            for record in self._records(ext):
+                os.makedirs(os.path.dirname(record), exist_ok=True)
+                with open(record, "w", encoding="utf-8") as f:
+                    f.write(f"building {ext.name} failed: {type(err).__name__}: {err} (the compiler output "
+                            "is in the build log: pip install -v --no-build-isolation .)\n")
+            _no_extension(f"the build failed ({type(err).__name__}: {err}); the compiler output is above")
+
+        def build_extensions(self):
+            # torch checks the compiler here, before any extension is built: a missing or broken compiler is a
+            # failed build of the (optional) extension too
+            try:
+                super().build_extensions()
+            except Exception as err:  # noqa: BLE001
+                if any(not e.optional for e in self.extensions):
+                    raise
+                for e in self.extensions:
+                    self._failed(e, err)
 
         def build_extension(self, ext):
-            record = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), BUILD_ERROR_FILE)
+            so = self.get_ext_fullpath(ext.name)
             try:
                 super().build_extension(ext)
             except Exception as err:  # noqa: BLE001 - ninja raises RuntimeError, not a CompileError
-                if not ext.optional:
-                    raise
-                os.makedirs(os.path.dirname(record), exist_ok=True)
-                with open(record, "w", encoding="utf-8") as f:
-                    f.write(f"building {ext.name} failed: {type(err).__name__}: {err} (the compiler output is in "
-                            "the build log: pip install -v --no-build-isolation .)\n")
-                self.warn(f"building extension {ext.name!r} failed ({err}); installing without it "
-                          "(set EFFDENSE_REQUIRE_EXT=1 to make this an error)")
+                self._failed(ext, err)
                 return
-            if os.path.exists(record):
-                os.remove(record)
+            for record in self._records(ext):
+                if os.path.exists(record):
+                    os.remove(record)
+            BX.write_manifest(so, BX.make_manifest(so, CSRC, with_cuda, archs, builder="setup.py"))
+            self._manifests = [*getattr(self, "_manifests", []), so]
 
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
+
+
+def _kwargs() -> dict:
+    kw = _extension_kwargs()
+    kw.setdefault("cmdclass", {})["build_py"] = BuildPy
+    return kw
 
 
 setup(
@@ -160,18 +184,20 @@ setup(
     long_description=_long_description(),
     long_description_content_type="text/markdown",
     license="BSD-3-Clause",
+    license_files=["LICENSE"],
     python_requires=">=3.10",
     packages=find_packages(include=["effdense", "effdense.*"]),
-    install_requires=["torch>=2.4"],
+    # numpy and tqdm: the training command imports them (effdense-train must work after a plain install)
+    install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={
         "triton": ['triton>=3.2; platform_system == "Linux"'],
-        "train": ["tqdm", "scikit-learn"],
+        "digits": ["scikit-learn"],        # --dataset digits (scikit-learn's bundled digits)
+        "train": ["scikit-learn"],         # every dataset of effdense-train
         "plots": ["matplotlib"],
         "tensorboard": ["tensorboard"],
-        "test": ["pytest>=7", "pytest-timeout", "numpy", "tqdm", "scikit-learn",
-                 'triton>=3.2; platform_system == "Linux"'],
+        "test": ["pytest>=7", "pytest-timeout", "scikit-learn", 'triton>=3.2; platform_system == "Linux"'],
     },
     entry_points={"console_scripts": ["effdense-train = effdense.train:main", "effdense-eval = effdense.eval:main"]},
     zip_safe=False,
-    **_extension_kwargs(),
+    **_kwargs(),
 )

@@ -38,3 +38,16 @@ def test_cuda_sources_compile_for_sm80_sm90(tmp_path):
     # the fp32/fp16/bf16 kernels must not spill (double-precision instantiations are for tests only)
     spills = [r for r in report["kernels"] if (r["spill_stores"] or r["spill_loads"]) and "double" not in r["kernel"]]
     assert not spills, spills
+
+
+def test_glue_check_compiles_openmp_pragmas(tmp_path):
+    """The glue syntax check compiles as setup.py does, with -fopenmp: ops.cpp's `#pragma omp simd` is otherwise
+    an unknown pragma under -Werror (a one-loop source stands for it; no torch headers, so this is fast)."""
+    src = tmp_path / "omp_simd.cpp"
+    src.write_text("float dot(const float* a, const float* b, int n) {\n  float s = 0;\n"
+                   "#pragma omp simd reduction(+ : s)\n  for (int i = 0; i < n; ++i) s += a[i] * b[i];\n"
+                   "  return s;\n}\n")
+    rc, log = check_compile.glue_check([str(src)], str(tmp_path))
+    if log.startswith("skipped"):
+        pytest.skip(log)
+    assert rc == 0, log

@@ -11,15 +11,31 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <atomic>
 
 #include "kernels.h"
 
 namespace effdense {
 namespace cuda {
+
+// (kernels.h) Queried once per device: every launch plans its grid with it, and cudaDeviceGetAttribute is a
+// driver call. A data race on a slot only writes the same value twice (relaxed atomics).
+int sm_count() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices];  // 0: not queried yet (static storage: zero-initialized)
+  int dev = 0, n = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 80;
+  if (dev >= 0 && dev < kMaxDevices && (n = cache[dev].load(std::memory_order_relaxed)) > 0) return n;
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0) return 80;
+  if (dev >= 0 && dev < kMaxDevices) cache[dev].store(n, std::memory_order_relaxed);
+  return n;
+}
+
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kRows = 8;  // cl reductions: a block is 32 channel groups x kRows pixel rows
+constexpr int kRows = 8;      // cl reductions: a block is 32 channel groups x kRows pixel rows
+constexpr int kFinRows = 16;  // finalize: a block is 32 channels x kFinRows chunk rows
 
 template <typename T>
 struct AccT {
@@ -207,16 +223,32 @@ __global__ void __launch_bounds__(kThreads) reduce_planar_kernel(StatsOp<T> st, 
   }
 }
 
-// Adds the chunks' partial sums in order. STATS: mean = k + s1 / P, var = s2 / P - (s1 / P)^2;
-// else out1 = dbeta = s1, out2 = dgamma = s2.
+// Adds the chunks' partial sums in a fixed order (deterministic), parallel over chunks: thread (x, y) of a
+// 32 x kFinRows block sums chunks y, y + kFinRows, ... of channel c = blockIdx.x * 32 + x (a warp reads 32
+// consecutive channels' pairs), then row y = 0 adds the kFinRows row sums in order. A chunk plan has at most
+// 1,024 chunks (plan_reduce): at most 64 serial loads per thread instead of 1,024 with a thread per channel.
+// STATS: mean = k + s1 / P, var = s2 / P - (s1 / P)^2; else out1 = dbeta = s1, out2 = dgamma = s2.
 template <typename T, bool STATS>
-__global__ void finalize_kernel(StatsOp<T> st, const Acc<T>* partial, int64_t chunks, int64_t C, int64_t P,
-                                Acc<T>* out1, Acc<T>* out2) {
+__global__ void __launch_bounds__(32 * kFinRows) finalize_kernel(StatsOp<T> st, const Acc<T>* partial,
+                                                                 int64_t chunks, int64_t C, int64_t P, Acc<T>* out1,
+                                                                 Acc<T>* out2) {
   using A = Acc<T>;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= C) return;
+  __shared__ A sh[2][kFinRows][32];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
   A a = A(0), b = A(0);
-  for (int64_t i = 0; i < chunks; ++i) a += partial[(i * C + c) * 2], b += partial[(i * C + c) * 2 + 1];
+  if (c < C) {
+    for (int64_t i = threadIdx.y; i < chunks; i += kFinRows) {
+      a += partial[(i * C + c) * 2];
+      b += partial[(i * C + c) * 2 + 1];
+    }
+  }
+  sh[0][threadIdx.y][threadIdx.x] = a;
+  sh[1][threadIdx.y][threadIdx.x] = b;
+  __syncthreads();
+  if (threadIdx.y != 0 || c >= C) return;
+  a = b = A(0);
+#pragma unroll
+  for (int r = 0; r < kFinRows; ++r) a += sh[0][r][threadIdx.x], b += sh[1][r][threadIdx.x];
   if constexpr (STATS) {
     const A m = a / static_cast<A>(P);
     const A v = b / static_cast<A>(P) - m * m;
@@ -285,13 +317,6 @@ __global__ void __launch_bounds__(kThreads) elementwise_kernel(const T* x, Out o
 }
 
 // -------------------------------------------------------------------------------------------- planning
-
-int sm_count() {
-  int dev = 0, n = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 80;
-  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 80;
-  return n > 0 ? n : 80;
-}
 
 size_t dtype_size(DType dt) {
   switch (dt) {
@@ -377,7 +402,7 @@ cudaError_t reduce(const Feat& x, const Feat& g, StatsOp<T> st, BwdOp<T> bw, voi
   cudaError_t e = V == VV ? reduce_launch<T, STATS, VV>(x, g, st, bw, p, partial, s)
                           : reduce_launch<T, STATS, 1>(x, g, st, bw, p, partial, s);
   if (e != cudaSuccess) return e;
-  finalize_kernel<T, STATS><<<static_cast<unsigned>((x.C + 127) / 128), 128, 0, s>>>(
+  finalize_kernel<T, STATS><<<static_cast<unsigned>((x.C + 31) / 32), dim3(32, kFinRows), 0, s>>>(
       st, partial, p.chunks, x.C, x.N * x.HW, out1, out2);
   return cudaGetLastError();
 }

@@ -16,6 +16,10 @@ namespace cuda {
 
 enum class DType : int { F32 = 0, F64 = 1, F16 = 2, BF16 = 3 };
 
+// Streaming multiprocessors of the current device (grid sizing), queried once per device and cached; 80 when
+// it cannot be queried. Defined in bn_kernels.cu; for every kernel file's launch planning.
+int sm_count();
+
 // A [N, C, H, W] tensor in one of the two layouts the kernels read directly:
 //  * channels-last (cl): element (p, c) at p * ld + c, pixel p = n * HW + hw (a channel prefix of a
 //    channels-last buffer has ld = the buffer's channel count);
