@@ -22,8 +22,27 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def environment(device: torch.device) -> dict:
-    """Device, driver, versions, commit and command of this run (:func:`effdense.info.environment`)."""
-    return info.environment(device, [os.path.basename(sys.executable), "-m", "benchmarks", *sys.argv[1:]])
+    """Device, driver, versions, commit and command of this run (:func:`effdense.info.environment`), with what
+    timings depend on: the intra-op threads, the machine's load averages (1, 5, 15 min) at the start, and the
+    precision fp32 runs in (cuDNN's and cuBLAS's TF32 flags, the Triton kernels' ``tl.dot`` precision)."""
+    env = info.environment(device, [os.path.basename(sys.executable), "-m", "benchmarks", *sys.argv[1:]])
+    env.update(threads=torch.get_num_threads(), loadavg=list(os.getloadavg()), precision=precision(),
+               session=os.environ.get("EFFDENSE_SESSION"))
+    return env
+
+
+def precision() -> dict:
+    """The TF32 flags and the Triton kernels' fp32 dot precision (``effdense.kernels.precision_record`` where
+    the kernels provide it)."""
+    record = {"cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+              "cuda_matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32)}
+    try:
+        from effdense import kernels
+    except ImportError as err:                   # no triton: the flags are the whole record
+        return dict(record, triton=f"not importable: {err}")
+    if hasattr(kernels, "precision_record"):
+        return dict(record, **kernels.precision_record())
+    return dict(record, fp32_dot=kernels.dot_precision(torch.float32))
 
 
 def device_slug(env: dict) -> str:

@@ -1,10 +1,14 @@
 """Results JSON -> Markdown tables, PNG plots, and the README's "Measured" section.
 
-``python -m benchmarks.report [--results DIR] [--readme README.md] [--plots]`` reads the newest result of
-each suite per device under ``DIR`` (default ``benchmarks/results``), writes ``<device>/summary.md`` (and
-PNG plots with ``--plots`` when matplotlib is importable), and with ``--readme`` replaces the text between
-``<!-- measured:start -->`` and ``<!-- measured:end -->`` in that file, training runs recorded by
-:mod:`benchmarks.runs` included. Nothing here is typed by hand.
+``python -m benchmarks.report [--results DIR] [--readme README.md] [--plots] [--include-quick]`` reads the
+newest result of each suite per device folder under ``DIR`` (default ``benchmarks/results``), writes
+``<device>/summary.md`` beside them (and ``memory_vs_depth.png`` with ``--plots``, when matplotlib is
+importable), prints the section, and with ``--readme`` replaces the text between ``<!-- measured:start -->``
+and ``<!-- measured:end -->`` in that file, training runs recorded by :mod:`benchmarks.runs` included.
+
+Results of ``python -m benchmarks --quick`` (small CI sizes, ``"quick": true`` in the JSON) are left out unless
+``--include-quick`` is given, and never reach a README or a ``summary.md`` of a device folder that holds full
+results: a quick run cannot overwrite measured figures. Nothing here is typed by hand.
 """
 from __future__ import annotations
 
@@ -16,7 +20,9 @@ import re
 
 UNITS = {"peak_bytes": "bytes", "floor_bytes": "bytes", "forward_ms": "ms", "backward_ms": "ms", "step_ms": "ms",
          "images_per_s": "images/s", "gbps": "GB/s (1e9 bytes)", "tflops": "TFLOP/s", "floor_ms": "ms",
-         "step_flops": "FLOP", "step_bytes": "bytes", "deepest_depth": "layers", "cap_gib": "GiB"}
+         "step_flops": "FLOP", "step_bytes": "bytes", "deepest_depth": "layers", "cap_gib": "GiB",
+         "first_step_s": "s", "achieved_gbps": "GB/s (1e9 bytes): the floor's bytes over the step time",
+         "launches": "kernel launches per training step"}
 START, END = "<!-- measured:start -->", "<!-- measured:end -->"
 
 #: per suite: (column title, row key, format); MiB columns convert from bytes
@@ -25,25 +31,42 @@ COLUMNS = {
                ("backend", "backend", "{}"), ("batch", "batch", "{}"), ("peak MiB", "peak_bytes", "mib"),
                ("floor MiB", "floor_bytes", "mib"), ("status", "status", "{}")],
     "speed": [("model", "model", "{}"), ("depth", "depth", "{}"), ("batch", "batch", "{}"), ("dtype", "dtype", "{}"),
-              ("backend", "backend", "{}"), ("fwd ms", "forward_ms", "{:.2f}"), ("bwd ms", "backward_ms", "{:.2f}"),
-              ("step ms", "step_ms", "{:.2f}"), ("img/s", "images_per_s", "{:.1f}"), ("peak MiB", "peak_bytes", "mib"),
-              ("status", "status", "{}")],
+              ("backend", "backend", "{}"), ("variant", "variant", "{}"), ("fwd ms", "forward_ms", "{:.2f}"),
+              ("bwd ms", "backward_ms", "{:.2f}"), ("step ms", "step_ms", "{:.2f}"),
+              ("step min-max", "step_ms", "spread"), ("rounds", "step_ms_rounds", "len"),
+              ("img/s", "images_per_s", "{:.1f}"), ("peak MiB", "peak_bytes", "mib"),
+              ("first step s", "first_step_s", "{:.1f}"), ("status", "status", "{}")],
     "capacity": [("cap GiB", "cap_gib", "{}"), ("backend", "backend", "{}"), ("model", "model", "{}"),
                  ("deepest depth", "deepest_depth", "{}"), ("trains", "trains", "{}"), ("status", "status", "{}")],
     "kernels": [("kind", "kind", "{}"), ("name", "name", "{}"), ("model", "model", "{}"), ("depth", "depth", "{}"),
                 ("impl", "impl", "{}"), ("backend", "backend", "{}"),
                 ("c_in", "c_in", "{}"), ("c_out", "c_out", "{}"), ("ms", "ms", "{:.3f}"), ("GB/s", "gbps", "{:.1f}"),
                 ("TFLOP/s", "tflops", "{:.2f}"), ("step ms", "step_ms", "{:.2f}"), ("floor ms", "floor_ms", "{:.2f}"),
-                ("x floor", "over_floor", "{:.1f}"), ("status", "status", "{}")],
+                ("x floor", "over_floor", "{:.1f}"), ("floor GB/s", "achieved_gbps", "{:.1f}"),
+                ("of copy", "copy_fraction", "{:.1%}"), ("calls", "calls", "{}"), ("share", "share", "{:.1%}"),
+                ("status", "status", "{}")],
     "peers": [("implementation", "impl", "{}"), ("same weights", "same_weights", "{}"),
               ("peak MiB", "peak_bytes", "mib"), ("step ms", "step_ms", "{:.2f}"), ("status", "status", "{}")],
+    "launches": [("model", "model", "{}"), ("k", "growth_rate", "{}"), ("depth", "depth", "{}"),
+                 ("backend", "backend", "{}"), ("launches", "launches", "{}"), ("ATen", "aten", "{}"),
+                 ("Triton", "triton", "{}"), ("vs naive", "vs_naive", "{:.2f}x"),
+                 ("syncs, dropout on", "host_syncs", "{}"), ("in blocks", "block_syncs", "{}"),
+                 ("most launched", "top_ops", "top"), ("status", "status", "{}")],
 }
+#: how many operators the ``most launched`` column names
+TOP_OPS = 4
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
     if row.get(key) is None:
         return ""
     value = row[key]
+    if fmt == "spread":
+        return f"{row[key + '_min']:.2f}-{row[key + '_max']:.2f}" if key + "_min" in row else ""
+    if fmt == "len":
+        return str(len(value))
+    if fmt == "top":
+        return ", ".join(f"{name.removeprefix('aten::')} {n}" for name, n in value[:TOP_OPS])
     return f"{value / 2 ** 20:.1f}" if fmt == "mib" else fmt.format(value)
 
 
@@ -59,8 +82,18 @@ def provenance(data: dict) -> str:
     versions = f"torch {e['torch']}" + (f", triton {e['triton']}" if e.get("triton") else "") + \
         (f", CUDA {e['cuda']}" if e.get("cuda") else "") + (f", driver {e['driver']}" if e.get("driver") else "")
     commit = (e.get("commit") or "unknown")[:10] + (" (uncommitted changes)" if e.get("dirty") else "")
-    return (f"{e['device']} ({e['device_type']}), {versions}; tf32 matmul={e['tf32_matmul']}; commit {commit}; "
+    prec = e.get("precision") or {}
+    tf32 = f"tf32 cudnn={e.get('tf32_cudnn')} matmul={e['tf32_matmul']}" + \
+        (f", Triton fp32 dot {prec['fp32_dot']}" if prec.get("fp32_dot") else "")
+    load = "" if e.get("loadavg") is None else \
+        f"; {e.get('threads')} threads, load {'/'.join(f'{v:.1f}' for v in e['loadavg'])}" + \
+        (f" (after: {'/'.join(f'{v:.1f}' for v in e['loadavg_end'])})" if e.get("loadavg_end") else "")
+    text = (f"{e['device']} ({e['device_type']}), {versions}; {tf32}{load}; commit {commit}; "
             f"{e['timestamp']}; `{e['command']}`")
+    if data.get("runs"):
+        text += f"; with {len(data['runs']) - 1} earlier run(s) of session {e.get('session')}: " + "; ".join(
+            f"`{r['command']}`{'' if r['complete'] else ' (stopped before the end)'}" for r in data["runs"][:-1])
+    return text
 
 
 def targets(data: dict) -> list[dict]:
@@ -71,7 +104,8 @@ def targets(data: dict) -> list[dict]:
         for batch in sorted({r["batch"] for r in rows}):
             for dtype in sorted({r["dtype"] for r in rows}):
                 sel = {r["backend"]: r for r in rows if r["model"] == "bc" and r["depth"] == 100
-                       and r.get("growth_rate") == 12 and r["batch"] == batch and r["dtype"] == dtype}
+                       and r.get("growth_rate") == 12 and r["batch"] == batch and r["dtype"] == dtype
+                       and r.get("variant", "eager") in ("eager", "compile")}
                 eff = [r for b, r in sel.items() if b in ("torch", "cpp", "triton")]
                 if "naive" not in sel or not eff:
                     continue
@@ -83,6 +117,10 @@ def targets(data: dict) -> list[dict]:
                                 value=best_mem["peak_bytes"] / naive["peak_bytes"], limit=0.2))
                 out.append(dict(target=f"{label}: step time <= 0.9x naive", backend=best_time["backend"],
                                 value=best_time["step_ms"] / naive["step_ms"], limit=0.9))
+                if "compile" in sel:
+                    out.append(dict(target=f"{label}: time below torch.compile of naive (ratio < 1)",
+                                    backend=best_time["backend"],
+                                    value=best_time["step_ms"] / sel["compile"]["step_ms"], limit=1.0))
                 if "checkpoint" in sel:
                     ck = sel["checkpoint"]
                     out.append(dict(target=f"{label}: memory below checkpoint (ratio < 1)",
@@ -103,14 +141,32 @@ def targets(data: dict) -> list[dict]:
             out.append(dict(target="DenseNet-264 bf16 batch 64 trains in 4 GiB",
                             backend=(ok or d264)[0]["backend"], value=float(bool(ok)), limit=1.0,
                             higher_is_better=True))
+    if data["suite"] == "launches":
+        out += _launch_targets(rows)
     for t in out:
         better = t.get("higher_is_better", False)
         t["met"] = t["value"] >= t["limit"] if better else t["value"] <= t["limit"]
     return out
 
 
+def _launch_targets(rows: list[dict]) -> list[dict]:
+    """Issue 11: each kernel backend launches no more kernels than naive, and syncs the host nowhere in a block."""
+    out = []
+    for r in rows:
+        if r["backend"] not in ("cpp", "triton"):
+            continue
+        label = f"BC-{r['depth']} k={r['growth_rate']}"
+        if r.get("vs_naive") is not None:
+            out.append(dict(target=f"{label}: launches <= naive", backend=r["backend"], value=r["vs_naive"],
+                            limit=1.0))
+        out.append(dict(target=f"{label}: host syncs in the dense blocks", backend=r["backend"],
+                        value=r["block_syncs"], limit=0))
+    return out
+
+
 def suite_markdown(data: dict) -> str:
-    parts = [f"### {data['suite']}{' (quick)' if data.get('quick') else ''}", "", provenance(data), "",
+    cut = " (incomplete: stopped before the end)" if data.get("complete") is False else ""
+    parts = [f"### {data['suite']}{' (quick)' if data.get('quick') else ''}{cut}", "", provenance(data), "",
              table(COLUMNS[data["suite"]], data["rows"])]
     tg = targets(data)
     if tg:
@@ -121,23 +177,38 @@ def suite_markdown(data: dict) -> str:
     return "\n".join(parts)
 
 
-def newest(results: str) -> dict[str, dict[str, dict]]:
-    """``{device_folder: {suite: newest result}}``."""
-    found: dict[str, dict[str, dict]] = {}
+def newest(results: str, include_quick: bool = False) -> dict[str, dict[str, dict]]:
+    """``{device_folder: {suite: newest result}}``, quick runs' results only with ``include_quick``. Results of one
+    session (``env.session``: the runs of one ``benchmarks/gpu_run.sh``) count as one: the newest session's files
+    of a suite are merged, their rows in time order, their runs listed in ``runs``. A file without rows (a run
+    stopped before its first) is left out."""
+    found: dict[str, dict[str, list[dict]]] = {}
     for path in sorted(glob.glob(os.path.join(results, "*", "*.json"))):
         with open(path) as f:
             data = json.load(f)
+        if "suite" not in data or not data.get("rows") or (data.get("quick") and not include_quick):
+            continue
         dev = os.path.basename(os.path.dirname(path))
-        prev = found.setdefault(dev, {}).get(data["suite"])
-        if prev is None or data["env"]["timestamp"] >= prev["env"]["timestamp"]:
-            found[dev][data["suite"]] = data
-    return found
+        found.setdefault(dev, {}).setdefault(data["suite"], []).append(data)
+    out: dict[str, dict[str, dict]] = {}
+    for dev, suites in found.items():
+        for suite, datas in suites.items():
+            datas.sort(key=lambda d: d["env"]["timestamp"])
+            last = datas[-1]
+            session = last["env"].get("session")
+            members = [d for d in datas if session and d["env"].get("session") == session] or [last]
+            merged = dict(last, rows=[r for d in members for r in d["rows"]])
+            if len(members) > 1:
+                merged["runs"] = [dict(command=d["env"]["command"], timestamp=d["env"]["timestamp"],
+                                       complete=d.get("complete", True)) for d in members]
+            out.setdefault(dev, {})[suite] = merged
+    return out
 
 
-def section(results: str, link_from: str | None = None) -> str:
+def section(results: str, link_from: str | None = None, include_quick: bool = False) -> str:
     """The README section; plots are linked relative to the folder ``link_from`` (the README's)."""
     from . import runs
-    found = newest(results)
+    found = newest(results, include_quick)
     trained = runs.markdown(results, link_from)
     if not found and not trained:
         return "No benchmark results yet: run `python -m benchmarks` and then " \
@@ -199,22 +270,42 @@ def plot_memory(data: dict, path: str) -> bool:
     return True
 
 
+def _has_full_results(folder: str) -> bool:
+    for path in glob.glob(os.path.join(folder, "*.json")):
+        with open(path) as f:
+            data = json.load(f)
+        if "suite" in data and not data.get("quick"):
+            return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     from .common import RESULTS
-    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__)
-    p.add_argument("--results", default=RESULTS)
-    p.add_argument("--readme", default=None)
-    p.add_argument("--plots", action="store_true")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", default=RESULTS, metavar="DIR",
+                   help="folder of <device>/<suite>-<time>.json results (default %(default)s)")
+    p.add_argument("--readme", default=None, metavar="FILE",
+                   help="also replace the measured section (between the markers) of this Markdown file")
+    p.add_argument("--plots", action="store_true", help="also write <device>/memory_vs_depth.png (matplotlib)")
+    p.add_argument("--include-quick", action="store_true",
+                   help="also use --quick runs' results (printed, and summary.md in folders of quick results "
+                        "only); not allowed with --readme")
     args = p.parse_args(argv)
-    for dev, suites in newest(args.results).items():
+    if args.include_quick and args.readme:
+        p.error("--include-quick cannot be combined with --readme: quick results never reach the README")
+    for dev, suites in newest(args.results, args.include_quick).items():
         folder = os.path.join(args.results, dev)
+        if any(d.get("quick") for d in suites.values()) and _has_full_results(folder):
+            print(f"{folder}: holds full results; its summary.md is not replaced by quick ones")
+            continue
         with open(os.path.join(folder, "summary.md"), "w") as f:
             f.write("\n\n".join(suite_markdown(suites[s]) for s in sorted(suites, key=list(COLUMNS).index)) + "\n")
         if args.plots and "memory" in suites:
             plot_memory(suites["memory"], os.path.join(folder, "memory_vs_depth.png"))
     if args.readme:
         update_readme(args.readme, section(args.results, os.path.dirname(os.path.abspath(args.readme))))
-    print(section(args.results))
+    print(section(args.results, include_quick=args.include_quick))
     return 0
 
 

@@ -1,21 +1,35 @@
-"""The benchmark suites. Each takes ``(device, quick, backends, overrides)`` and returns ``(config, rows)``; a
-row is one measurement (or the reason there is none: ``status`` other than ``"ok"``). ``overrides`` replaces
-entries of the suite's configuration by name (``batch``, ``batches``, ``depths``, ``growth_rates``, ``dtypes``;
-for ``speed``, ``depths`` and ``growth_rates`` choose DenseNet-BC models instead of the default list)."""
+"""The benchmark suites. Each takes ``(device, quick, backends, overrides, rows)`` and returns ``(config, rows)``;
+a row is one measurement (or the reason there is none: ``status`` other than ``"ok"``). ``overrides`` replaces
+entries of the suite's configuration by name (``batch``, ``batches``, ``depths``, ``growth_rates``, ``dtypes``,
+or any key with ``--set KEY=JSON``; for ``speed``, ``depths`` and ``growth_rates`` choose DenseNet-BC models
+instead of the default list). ``rows`` is the list to append to: ``python -m benchmarks`` passes one that
+writes the results file after every row, so a run cut off by a deadline keeps what it measured."""
 from __future__ import annotations
 
 import gc
+import statistics
+import time
 from collections.abc import Callable
 
 import torch
 
 import effdense
+from effdense.launches import Launches, count_launches, label_blocks
 from effdense.memory import measure_step
 
 from . import floors
 from .common import DTYPES, Step, backend_unavailable, build_model, input_size, is_oom, median_ms, sync
 
 GiB = 2 ** 30
+
+
+def _begin(rows: list | None, cfg: dict) -> list:
+    """The list a suite appends its rows to: the caller's (which may record ``cfg`` right away), or a new one."""
+    if rows is None:
+        return []
+    if hasattr(rows, "config"):
+        rows.config = cfg
+    return rows
 
 
 def _free(device: torch.device) -> None:
@@ -60,15 +74,15 @@ def _measure(name: str, depth: int | None, k: int, backend: str, batch: int, dty
     return row
 
 
-def memory(device: torch.device, quick: bool, backends: list[str], overrides: dict | None = None
-           ) -> tuple[dict, list[dict]]:
+def memory(device: torch.device, quick: bool, backends: list[str], overrides: dict | None = None,
+           rows: list | None = None) -> tuple[dict, list[dict]]:
     """Peak memory of one training step vs depth, DenseNet-BC k=12 and k=24, 32x32, with the predicted floor."""
     if quick:
         cfg = dict(batch=2, growth_rates=[12], depths=[10, 16, 22], dtype="fp32")
     else:
         cfg = dict(batch=64, growth_rates=[12, 24], depths=[40, 100, 190, 250, 400, 700, 1000], dtype="fp32")
     cfg = _override(cfg, overrides)
-    rows = []
+    rows = _begin(rows, cfg)
     for k in cfg["growth_rates"]:
         for backend in backends:
             for depth in cfg["depths"]:
@@ -79,27 +93,129 @@ def memory(device: torch.device, quick: bool, backends: list[str], overrides: di
     return cfg, rows
 
 
-def speed(device: torch.device, quick: bool, backends: list[str], overrides: dict | None = None
-          ) -> tuple[dict, list[dict]]:
-    """Median forward/backward/step time and images/s (and peak memory) per model, batch and dtype."""
+def speed(device: torch.device, quick: bool, backends: list[str], overrides: dict | None = None,
+          rows: list | None = None) -> tuple[dict, list[dict]]:
+    """Step time (median over interleaved rounds, with its spread), forward and backward time, images/s and peak
+    memory per model, batch, dtype and backend; on CUDA also each block backend's step captured as a CUDA graph
+    (``variant="cuda-graph"``, :class:`effdense.cuda_graphs.GraphedStep`) and ``torch.compile`` of naive with
+    ``mode="reduce-overhead"``. Every variant of one configuration is built first; then each of ``rounds``
+    rounds times every variant once (``reps`` steps, one forward, one backward), in an order rotated per round,
+    so that drifting machine load spreads over all of them. The first step (compilation, autotuning, Triton's
+    JIT) is timed on its own (``first_step_s``)."""
     if quick:
-        cfg = dict(models=[("bc", 16, 12)], batches=[2], dtypes=["fp32"], warmup=1, reps=3)
+        cfg = dict(models=[("bc", 16, 12)], batches=[2], dtypes=["fp32"], warmup=1, rounds=3, reps=1)
     else:
         cfg = dict(models=[("bc", 100, 12), ("bc", 250, 24), ("densenet121", None, 32), ("densenet169", None, 32),
                            ("densenet201", None, 32), ("densenet264", None, 32)],
-                   batches=[64, 256], dtypes=["fp32", "bf16"], warmup=5, reps=20)
+                   batches=[64, 256], dtypes=["fp32", "bf16"], warmup=3, rounds=7, reps=5)
+    cfg["compile_backend"] = "inductor"           # the ``compile`` rows' torch.compile backend
     overrides = dict(overrides or {})
     if "depths" in overrides:                  # DenseNet-BC models of these depths instead of the default list
         cfg["models"] = [("bc", d, k) for k in overrides.pop("growth_rates", [12]) for d in overrides.pop("depths")]
     cfg = _override(cfg, overrides)
-    rows = []
+    cfg["graphs"] = device.type == "cuda"
+    rows = _begin(rows, dict(cfg, models=[list(m) for m in cfg["models"]]))
     for name, depth, k in cfg["models"]:
         for batch in cfg["batches"]:
             for dtype in cfg["dtypes"]:
-                for backend in backends:
-                    rows.append(_measure(name, depth, k, backend, batch, dtype, device, True, cfg["warmup"],
-                                         cfg["reps"]))
-    return dict(cfg, models=[list(m) for m in cfg["models"]]), rows
+                rows += _speed_config(name, depth, k, batch, dtype, device, backends, cfg)
+    cfg["models"] = [list(m) for m in cfg["models"]]
+    return cfg, rows
+
+
+def _variants(backends: list[str], device: torch.device, dtype: str) -> list[tuple[str, str]]:
+    """``(backend, variant)`` pairs to time: each backend eagerly; on CUDA each block backend's captured step and
+    naive's reduce-overhead compile (fp16 needs a GradScaler, which cannot be captured)."""
+    out = [(b, "compile" if b == "compile" else "eager") for b in backends]
+    if device.type == "cuda" and dtype != "fp16":
+        out += [(b, "cuda-graph") for b in backends if b != "compile"]
+        if "compile" in backends:
+            out.append(("compile", "compile-reduce-overhead"))
+    return out
+
+
+class _Timed:
+    """One variant of one configuration, built and warmed up: ``step()``, and for eager variants ``forward()``
+    and ``backward(loss)`` too."""
+
+    def __init__(self, name: str, depth: int | None, k: int, backend: str, variant: str, batch: int, dtype: str,
+                 device: torch.device, warmup: int, compile_backend: str = "inductor"):
+        from effdense.cuda_graphs import GraphedStep, compiled_step, make_capturable
+        size = input_size(name)
+        torch.manual_seed(0)
+        model = build_model(name, depth, k, "naive" if variant.startswith("compile") else backend, device)
+        if variant == "compile":
+            model = torch.compile(model, backend=compile_backend)
+        self.plain = Step(model, batch, size, dtype, device)
+        self.forward = self.backward = None
+        amp = DTYPES[dtype] if dtype != "fp32" else None
+        t0 = time.perf_counter()
+        if variant == "cuda-graph":
+            make_capturable(self.plain.opt, device)
+            graphed = GraphedStep(model, self.plain.opt, torch.nn.functional.cross_entropy, self.plain.x,
+                                  self.plain.y, autocast=amp)
+            self.step = lambda: graphed(self.plain.x, self.plain.y)
+        elif variant == "compile-reduce-overhead":
+            run = compiled_step(model, self.plain.opt, torch.nn.functional.cross_entropy, autocast=amp)
+            self.step = lambda: run(self.plain.x, self.plain.y)
+        else:
+            self.step = self.plain.step
+            self.forward, self.backward = self.plain.forward, self.plain.backward
+        self.step()
+        sync(device)
+        self.first_step_s = time.perf_counter() - t0
+        for _ in range(warmup - 1):
+            self.step()
+        self.peak = measure_step(self.step, device).peak_bytes if variant in ("eager", "compile") else None
+        base = model._orig_mod if hasattr(model, "_orig_mod") else model
+        self.floor = floors.memory_floor_bytes(base, batch, size, DTYPES[dtype])
+
+
+def _spread(values: list[float], prefix: str) -> dict:
+    """Median, min, max and quartiles of per-round values, as ``{prefix}_ms`` etc."""
+    q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
+    return {f"{prefix}_ms": statistics.median(values), f"{prefix}_ms_min": min(values),
+            f"{prefix}_ms_max": max(values), f"{prefix}_ms_q1": q[0], f"{prefix}_ms_q3": q[2],
+            f"{prefix}_ms_rounds": values}
+
+
+def _speed_config(name: str, depth: int | None, k: int, batch: int, dtype: str, device: torch.device,
+                  backends: list[str], cfg: dict) -> list[dict]:
+    rows, timed = [], []
+    for backend, variant in _variants(backends, device, dtype):
+        row = dict(model=name, depth=depth, growth_rate=k, backend=backend, variant=variant, batch=batch,
+                   dtype=dtype)
+        why = backend_unavailable(backend, device, DTYPES[dtype])
+        if why is not None:
+            rows.append(dict(row, status=f"unavailable: {why}"))
+            continue
+        try:
+            t = _Timed(name, depth, k, backend, variant, batch, dtype, device, cfg["warmup"], cfg["compile_backend"])
+        except (torch.OutOfMemoryError, RuntimeError, ValueError) as err:
+            if is_oom(err):
+                rows.append(dict(row, status="oom"))
+            else:           # a variant that cannot run here (a capture that fails) must not stop the others
+                rows.append(dict(row, status=f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"))
+            _free(device)
+            continue
+        timed.append((row, t, {"step": [], "forward": [], "backward": []}))
+    for r in range(cfg["rounds"]):
+        for row, t, times in timed[r % len(timed):] + timed[:r % len(timed)] if timed else []:
+            times["step"].append(median_ms(t.step, device, 0, cfg["reps"]))
+            if t.forward is not None:
+                times["forward"].append(median_ms(t.forward, device, 0, 1))
+                times["backward"].append(median_ms(t.backward, device, 0, 1, setup=t.forward))
+    for row, t, times in timed:
+        out = dict(row, status="ok", images=batch, first_step_s=t.first_step_s, peak_bytes=t.peak,
+                   floor_bytes=t.floor, **_spread(times["step"], "step"))
+        if times["forward"]:
+            out.update(forward_ms=statistics.median(times["forward"]),
+                       backward_ms=statistics.median(times["backward"]))
+        out["images_per_s"] = batch / out["step_ms"] * 1e3
+        rows.append(out)
+    del timed
+    _free(device)
+    return rows
 
 
 def _fits(name: str, depth: int | None, backend: str, batch: int, dtype: str, device: torch.device) -> bool:
@@ -107,26 +223,35 @@ def _fits(name: str, depth: int | None, backend: str, batch: int, dtype: str, de
     return row["status"] == "ok"
 
 
-def _deepest(backend: str, batch: int, device: torch.device, limit: int) -> int:
-    """Largest N (layers per block) such that DenseNet-BC(6N+4) k=12 trains; doubling then bisection."""
-    lo, hi = 0, 1
-    while hi <= limit and _fits("bc", 6 * hi + 4, backend, batch, "fp32", device):
+def _deepest(backend: str, batch: int, device: torch.device, limit: int, start: int) -> int:
+    """Largest N (layers per block) such that DenseNet-BC(6N+4) k=12 trains: doubling from ``start`` (or
+    halving, when that does not fit), then bisection."""
+    fits = lambda n: _fits("bc", 6 * n + 4, backend, batch, "fp32", device)  # noqa: E731
+    lo, hi = 0, max(1, start)
+    while hi > 1 and not fits(hi):
+        hi //= 2
+    if hi == 1 and not fits(1):
+        return 0
+    while hi <= limit and fits(hi):
         lo, hi = hi, hi * 2
     hi = min(hi, limit + 1)
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if _fits("bc", 6 * mid + 4, backend, batch, "fp32", device) else (lo, mid)
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return 6 * lo + 4 if lo else 0
 
 
-def capacity(device: torch.device, quick: bool, backends: list[str], overrides: dict | None = None
-             ) -> tuple[dict, list[dict]]:
+def capacity(device: torch.device, quick: bool, backends: list[str], overrides: dict | None = None,
+             rows: list | None = None) -> tuple[dict, list[dict]]:
     """Deepest DenseNet-BC k=12 each backend trains at batch 64 under emulated 4/8/12 GiB cards, and whether
-    DenseNet-264 (224x224, batch 64, bf16) trains in 4 GiB. CUDA only (``set_per_process_memory_fraction``)."""
-    cfg = dict(caps_gib=[4, 8, 12], batch=64, max_layers_per_block=400)
+    DenseNet-264 (224x224, batch 64, bf16) trains in 4 GiB. CUDA only (``set_per_process_memory_fraction``).
+    Each probe builds and steps a model, so ``start_layers`` (layers per block tried first) saves probes."""
+    cfg = _override(dict(caps_gib=[4, 8, 12], batch=64, max_layers_per_block=400, start_layers=16,
+                         densenet264=True), overrides)
+    rows = _begin(rows, cfg)
     if device.type != "cuda":
-        return cfg, [dict(status="skipped: needs CUDA (per-process memory caps)")]
-    rows = []
+        rows.append(dict(status="skipped: needs CUDA (per-process memory caps)"))
+        return cfg, rows
     total = torch.cuda.get_device_properties(device).total_memory
     try:
         for cap in cfg["caps_gib"]:
@@ -136,10 +261,10 @@ def capacity(device: torch.device, quick: bool, backends: list[str], overrides: 
                 if why is not None:
                     rows.append(dict(cap_gib=cap, backend=backend, status=f"unavailable: {why}"))
                     continue
-                deepest = _deepest(backend, cfg["batch"], device, cfg["max_layers_per_block"])
+                deepest = _deepest(backend, cfg["batch"], device, cfg["max_layers_per_block"], cfg["start_layers"])
                 rows.append(dict(cap_gib=cap, backend=backend, model="bc", growth_rate=12, batch=cfg["batch"],
                                  deepest_depth=deepest, status="ok"))
-            if cap == 4:
+            if cap == 4 and cfg["densenet264"]:
                 for backend in backends:
                     if backend_unavailable(backend, device, torch.bfloat16) is None:
                         rows.append(dict(cap_gib=cap, backend=backend, model="densenet264", batch=cfg["batch"],
@@ -150,43 +275,65 @@ def capacity(device: torch.device, quick: bool, backends: list[str], overrides: 
     return cfg, rows
 
 
-def _ceilings(device: torch.device, quick: bool) -> list[dict]:
-    """Measured copy bandwidth (bytes read + written) and matmul rate of this device."""
-    n = (1 << 22) if quick else (1 << 28)
-    a = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+def _ceilings(device: torch.device, cfg: dict) -> list[dict]:
+    """Measured copy bandwidth (bytes read + written) and matmul rates of this device (fp32, and bf16 on CUDA), on
+    random data: by default 1 GiB copies (many times any L2) and 8192^3 products, ``reps`` timed runs each."""
+    a = torch.empty(cfg["copy_elems"], dtype=torch.float32, device=device).uniform_()
     b = torch.empty_like(a)
-    ms = median_ms(lambda: b.copy_(a), device, 2, 5 if quick else 50)
+    ms = median_ms(lambda: b.copy_(a), device, 2, cfg["reps"])
     rows = [dict(kind="ceiling", name="copy", bytes=2 * a.numel() * 4, ms=ms, gbps=2 * a.numel() * 4 / ms / 1e6,
                  status="ok")]
-    for dtype in (["fp32"] if quick or device.type != "cuda" else ["fp32", "bf16"]):
-        m = 512 if quick else 8192
+    del a, b
+    m = cfg["matmul_n"]
+    for dtype in ["fp32"] + (["bf16"] if device.type == "cuda" else []):
         x = torch.randn(m, m, device=device, dtype=DTYPES[dtype])
         y = torch.randn(m, m, device=device, dtype=DTYPES[dtype])
-        ms = median_ms(lambda: x @ y, device, 2, 5 if quick else 20)
+        ms = median_ms(lambda: x @ y, device, 2, max(2, cfg["reps"] // 2))
         rows.append(dict(kind="ceiling", name=f"matmul-{dtype}", flops=2 * m ** 3, ms=ms, tflops=2 * m ** 3 / ms / 1e9,
                          status="ok"))
     return rows
 
 
-#: fused kernels to compare against the unfused sequence: ``name -> (availability(device) -> reason|None,
-#: factory(x_prefix, scale, shift, weight) -> callable)``; kernel backends add theirs here
-FUSED_CONV1X1: dict[str, tuple[Callable, Callable]] = {}
+def _triton_conv1x1(device: torch.device) -> str | None:
+    from effdense import backends as B
+    return B.unavailable_reason("triton", device, torch.float32) or (
+        None if device.type == "cuda" else "the interpreter's speed says nothing")
 
 
-def kernels(device: torch.device, quick: bool, backends: list[str], overrides: dict | None = None
-            ) -> tuple[dict, list[dict]]:
-    """Ceilings, BN-ReLU-Conv1x1 on a feature-buffer prefix (unfused PyTorch, the conv alone, fused kernels),
-    and per model the measured step time over the roofline floor of :mod:`benchmarks.floors`."""
-    cfg = dict(batch=2 if quick else 64, shapes=[[24 + 12 * l_, 48] for l_ in ((0, 15) if quick else
-                                                                          (0, 15, 31, 47))], hw=32,
-               dtype="fp32" if quick or device.type != "cuda" else "bf16")
-    rows = _ceilings(device, quick)
-    copy = next(r for r in rows if r["name"] == "copy")
-    mm = next(r for r in rows if r["name"] == "matmul-fp32")       # the roofline steps below run in fp32
+def _cpp_conv1x1(device: torch.device) -> str | None:
+    from effdense import backends as B
+    return B.unavailable_reason("cpp", device, torch.float32)
+
+
+def _triton_conv1x1_factory(x, scale, shift, w):
+    out = torch.empty(x.shape[0], w.shape[0], *x.shape[2:], device=x.device, dtype=x.dtype,
+                      memory_format=torch.channels_last)
+    return lambda: torch.ops.effdense.bn_relu_conv_fwd(x, scale, shift, w, out, True, 0.0, 0)
+
+
+def _cpp_conv1x1_factory(x, scale, shift, w):
+    return lambda: torch.ops.effdense.bn_relu_conv1x1(x, scale, shift, w)
+
+
+#: fused BN-ReLU-Conv1x1 implementations to compare against the unfused sequence: ``name -> (availability(device)
+#: -> reason|None, factory(x_prefix, scale, shift, weight) -> callable)``. They call the backends' ``effdense::``
+#: ops; one whose signature has changed gives a ``failed`` row, not a crash.
+FUSED_CONV1X1: dict[str, tuple[Callable, Callable]] = {
+    "triton-fused": (_triton_conv1x1, _triton_conv1x1_factory),
+    "cpp-fused": (_cpp_conv1x1, _cpp_conv1x1_factory),
+}
+
+
+def _conv1x1_rows(cfg: dict, device: torch.device) -> list[dict]:
+    """BN-ReLU-Conv1x1 on a channel prefix of a channels-last feature buffer (row stride padded to 16, as the
+    kernels' buffers are): unfused PyTorch, the conv alone, and each fused kernel; bandwidth counts the prefix
+    read and the output written once."""
+    rows = []
     dt = DTYPES[cfg["dtype"]]
     n, hw = cfg["batch"], cfg["hw"]
     for c, b in cfg["shapes"]:
-        buf = torch.randn(n, c + 64, hw, hw, device=device, dtype=dt).contiguous(memory_format=torch.channels_last)
+        ld = -(-(c + 64) // 16) * 16
+        buf = torch.randn(n, ld, hw, hw, device=device, dtype=dt).contiguous(memory_format=torch.channels_last)
         x = buf[:, :c]
         scale, shift = torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)
         w = torch.randn(b, c, 1, 1, device=device, dtype=dt)
@@ -205,11 +352,22 @@ def kernels(device: torch.device, quick: bool, backends: list[str], overrides: d
             else:
                 rows.append(dict(kind="conv1x1", impl=name, c_in=c, c_out=b, status=f"unavailable: {why}"))
         for name, fn in impls.items():
-            ms = median_ms(fn, device, 2, 5 if quick else 50)
-            rows.append(dict(kind="conv1x1", impl=name, c_in=c, c_out=b, batch=n, hw=hw, dtype=cfg["dtype"], ms=ms,
-                             gbps=nbytes / ms / 1e6, tflops=flops / ms / 1e9, status="ok"))
-    models = [("bc", 16, 12)] if quick else [("bc", 100, 12), ("densenet121", None, 32)]
-    for name, depth, k in models:
+            row = dict(kind="conv1x1", impl=name, c_in=c, c_out=b, batch=n, hw=hw, dtype=cfg["dtype"])
+            try:
+                ms = median_ms(fn, device, 2, cfg["reps"])
+            except (RuntimeError, TypeError) as err:
+                rows.append(dict(row, status=f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"))
+                continue
+            rows.append(dict(row, ms=ms, gbps=nbytes / ms / 1e6, tflops=flops / ms / 1e9, status="ok"))
+    return rows
+
+
+def _roofline_rows(cfg: dict, device: torch.device, backends: list[str], mm: dict, copy: dict,
+                   quick: bool) -> list[dict]:
+    """Per model and backend: the measured step time over the floor of :mod:`benchmarks.floors` (FLOPs over
+    the measured fp32 matmul rate, bytes over the measured copy bandwidth, whichever is larger)."""
+    rows = []
+    for name, depth, k in cfg["models"]:
         size = input_size(name)
         step_flops = floors.step_flops(lambda: build_model(name, depth, k, "naive", torch.device("meta")),
                                        cfg["batch"], size)
@@ -220,18 +378,69 @@ def kernels(device: torch.device, quick: bool, backends: list[str], overrides: d
                 model = build_model(name, depth, k, "naive", torch.device("cpu"))
                 nbytes = floors.step_bytes_floor(model, cfg["batch"], size, torch.float32)
                 floor_ms = max(step_flops / (mm["tflops"] * 1e9), nbytes / (copy["gbps"] * 1e6))
-                row.update(kind="roofline", step_flops=step_flops, step_bytes=nbytes, floor_ms=floor_ms,
-                           over_floor=row["step_ms"] / floor_ms)
+                row.update(step_flops=step_flops, step_bytes=nbytes, floor_ms=floor_ms,
+                           over_floor=row["step_ms"] / floor_ms, achieved_gbps=nbytes / row["step_ms"] / 1e6,
+                           copy_fraction=nbytes / row["step_ms"] / 1e6 / copy["gbps"])
             rows.append(dict(row, kind="roofline"))
+    return rows
+
+
+def _kernel_profile(cfg: dict, device: torch.device, backends: list[str]) -> list[dict]:
+    """CUDA: where one DenseNet-BC-100 training step of each block backend spends device time, per kernel name
+    (the profiler's CUDA activity): calls, total and share, the largest ``profile_top`` kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    rows = []
+    for backend in backends:
+        if backend == "compile" or backend_unavailable(backend, device, torch.float32):
+            continue
+        torch.manual_seed(0)
+        step = Step(build_model("bc", 100, 12, backend, device), cfg["batch"], 32, "fp32", device)
+        step.step()
+        sync(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step.step()
+            sync(device)
+        kernels_ = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0]
+        total = sum(e.device_time_total for e in kernels_) or 1.0
+        for e in sorted(kernels_, key=lambda e: -e.device_time_total)[:cfg["profile_top"]]:
+            rows.append(dict(kind="profile", backend=backend, name=e.key[:80], calls=e.count,
+                             ms=e.device_time_total / 1e3, share=e.device_time_total / total, status="ok"))
+        del step
+        _free(device)
+    return rows
+
+
+def kernels(device: torch.device, quick: bool, backends: list[str], overrides: dict | None = None,
+            rows: list | None = None) -> tuple[dict, list[dict]]:
+    """Ceilings (copy bandwidth, matmul rate), BN-ReLU-Conv1x1 on a feature-buffer prefix (unfused PyTorch, the
+    conv alone, the fused kernels, each with its achieved bandwidth), per model the measured step time over the
+    roofline floor, and on CUDA a per-kernel device-time profile of a BC-100 step."""
+    cfg = dict(batch=2 if quick else 64, shapes=[[24 + 12 * l_, 48] for l_ in ((0, 15) if quick else
+                                                                          (0, 15, 31, 47))], hw=32,
+               dtype="fp32" if quick or device.type != "cuda" else "bf16", reps=5 if quick else 50,
+               models=[["bc", 16, 12]] if quick else [["bc", 100, 12], ["densenet121", None, 32]],
+               profile=device.type == "cuda", profile_top=12, copy_elems=(1 << 22) if quick else (1 << 28),
+               matmul_n=512 if quick else 8192)
+    cfg = _override(cfg, overrides)
+    rows = _begin(rows, cfg)
+    rows.extend(_ceilings(device, cfg))
+    copy = next(r for r in rows if r.get("name") == "copy")
+    mm = next(r for r in rows if r.get("name") == "matmul-fp32")       # the roofline steps below run in fp32
+    rows.extend(_conv1x1_rows(cfg, device))
+    rows.extend(_roofline_rows(cfg, device, backends, mm, copy, quick))
+    if cfg["profile"] and device.type == "cuda":
+        rows.extend(_kernel_profile(cfg, device, backends))
     sync(device)
     return cfg, rows
 
 
-def peers(device: torch.device, quick: bool, backends: list[str], overrides: dict | None = None
-          ) -> tuple[dict, list[dict]]:
+def peers(device: torch.device, quick: bool, backends: list[str], overrides: dict | None = None,
+          rows: list | None = None) -> tuple[dict, list[dict]]:
     """torchvision's and timm's DenseNet-121 (with and without ``memory_efficient``) and effdense's, same
     weights and inputs, in one process: peak memory and step time."""
-    cfg = dict(batch=2 if quick else 64, size=64 if quick else 224)
+    cfg = _override(dict(batch=2 if quick else 64, size=64 if quick else 224, dtype="fp32",
+                         reps=3 if quick else 20), overrides)
+    rows = _begin(rows, cfg)
     peers_ = []
     try:
         import torchvision
@@ -240,39 +449,103 @@ def peers(device: torch.device, quick: bool, backends: list[str], overrides: dic
         pass
     try:
         import timm
-        peers_ += [("timm", lambda me: timm.create_model("densenet121", pretrained=False))]
+        peers_ += [("timm", lambda me: timm.create_model("densenet121", pretrained=False, memory_efficient=me))]
     except ImportError:
         pass
     if not peers_:
-        return cfg, [dict(status="skipped: neither torchvision nor timm is importable")]
-    rows = []
+        rows.append(dict(status="skipped: neither torchvision nor timm is importable"))
+        return cfg, rows
     torch.manual_seed(0)
     reference = effdense.densenet121().state_dict()
-    for label, make in peers_:
-        for me in (False, True):
-            model = make(me)
-            missing = model.load_state_dict(reference, strict=False)
-            step = Step(model.to(device), cfg["batch"], cfg["size"], "fp32", device, num_classes=1000)
-            step.step()
-            rows.append(dict(impl=f"{label}{'-memory_efficient' if me else ''}", status="ok",
-                             same_weights=not missing.missing_keys,
-                             peak_bytes=measure_step(step.step, device).peak_bytes,
-                             step_ms=median_ms(step.step, device, 1, 3 if quick else 20)))
-            _free(device)
-            if label == "timm":
-                break
-    for backend in backends:
-        if backend == "compile" or backend_unavailable(backend, device, torch.float32):
+    models = [(f"{label}{'-memory_efficient' if me else ''}", lambda make=make, me=me: make(me))
+              for label, make in peers_ for me in (False, True)]
+    models += [(f"effdense-{b}", lambda b=b: effdense.densenet121(backend=b)) for b in backends
+               if b != "compile" and backend_unavailable(b, device, DTYPES[cfg["dtype"]]) is None]
+    for impl, make in models:
+        try:
+            model = make()
+        except TypeError as err:              # an older timm without memory_efficient
+            rows.append(dict(impl=impl, status=f"unavailable: {err}"))
             continue
-        model = effdense.densenet121(backend=backend)
-        model.load_state_dict(reference)
-        step = Step(model.to(device), cfg["batch"], cfg["size"], "fp32", device, num_classes=1000)
+        missing = model.load_state_dict(reference, strict=False)
+        step = Step(model.to(device), cfg["batch"], cfg["size"], cfg["dtype"], device, num_classes=1000)
         step.step()
-        rows.append(dict(impl=f"effdense-{backend}", status="ok", same_weights=True,
+        rows.append(dict(impl=impl, status="ok", dtype=cfg["dtype"], same_weights=not missing.missing_keys,
                          peak_bytes=measure_step(step.step, device).peak_bytes,
-                         step_ms=median_ms(step.step, device, 1, 3 if quick else 20)))
+                         step_ms=median_ms(step.step, device, 1, cfg["reps"])))
+        del model, step
         _free(device)
     return cfg, rows
 
 
-SUITES = {"memory": memory, "speed": speed, "capacity": capacity, "kernels": kernels, "peers": peers}
+def _count_step(depth: int, k: int, backend: str, batch: int, size: int, device: torch.device, dry_run: bool,
+                drop_rate: float = 0.0) -> Launches:
+    """Launches of one training step (forward, cross-entropy, backward) after one warm-up step, whose
+    gradients the counted step accumulates into (as the baseline count did: one ``add_`` per parameter tensor,
+    the same for every backend); host syncs labelled by dense block (:func:`effdense.launches.label_blocks`)."""
+    torch.manual_seed(0)
+    model = effdense.densenet_cifar(depth=depth, growth_rate=k, drop_rate=drop_rate, backend=backend).to(device)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=g).to(device)
+    y = torch.randint(0, 10, (batch,), generator=g).to(device)
+
+    def step() -> None:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+
+    with label_blocks(model):
+        return count_launches(step, dry_run=dry_run, warmup=1)
+
+
+def launches(device: torch.device, quick: bool, backends: list[str], overrides: dict | None = None,
+             rows: list | None = None) -> tuple[dict, list[dict]]:
+    """Kernel launches and host syncs of one training step per backend and depth (DenseNet-BC k=12), counted
+    with :func:`effdense.launches.count_launches`: leaf ATen ops that launch a kernel, plus Triton launches
+    (in a dry run where the kernels run in Triton's interpreter). Launches are counted without dropout (the
+    baseline's protocol), host syncs in a second step with dropout (``sync_drop_rate``: dropout seeds are where
+    a block would sync). Counts do not depend on the image size or the batch: a small step is enough, on CPU
+    as on CUDA."""
+    if quick:
+        cfg = dict(batch=2, size=8, growth_rates=[12], depths=[10], sync_drop_rate=0.2)
+    else:
+        cfg = dict(batch=2, size=32, growth_rates=[12], depths=[40, 100, 250], sync_drop_rate=0.2)
+    cfg = _override(cfg, overrides)
+    from effdense import backends as B
+    rows = _begin(rows, cfg)
+    for k in cfg["growth_rates"]:
+        for depth in cfg["depths"]:
+            mine = []
+            for backend in backends:
+                row = dict(model="bc", depth=depth, growth_rate=k, backend=backend, batch=cfg["batch"],
+                           size=cfg["size"])
+                if backend == "compile":
+                    rows.append(dict(row, status="skipped: a compiled graph's launches are not the eager step's"))
+                    continue
+                why = B.unavailable_reason(backend, device, torch.float32)
+                if why is not None:
+                    rows.append(dict(row, status=f"unavailable: {why}"))
+                    continue
+                dry = backend == "triton" and _interpreting()
+                args = (depth, k, backend, cfg["batch"], cfg["size"], device, dry)
+                n = _count_step(*args)
+                s = _count_step(*args, drop_rate=cfg["sync_drop_rate"])
+                mine.append(dict(row, status="ok", launches=n.total, aten=n.aten, triton=n.triton,
+                                 host_syncs=sum(s.syncs.values()), block_syncs=s.syncs_in(),
+                                 block_ranges=sum(s.ranges.values()), triton_dry_run=dry, top_ops=n.top(8)))
+                _free(device)
+            naive = next((r["launches"] for r in mine if r["backend"] == "naive"), None)
+            for r in mine:
+                r["vs_naive"] = r["launches"] / naive if naive else None
+            rows += mine
+    return cfg, rows
+
+
+def _interpreting() -> bool:
+    try:
+        from effdense import kernels
+    except ImportError:
+        return False
+    return kernels.interpreting()
+
+
+SUITES = {"memory": memory, "speed": speed, "capacity": capacity, "kernels": kernels, "peers": peers,
+          "launches": launches}

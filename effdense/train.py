@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     r.add_argument("--compile", nargs="?", const="inductor", default=None, type=compile_backend, metavar="BACKEND",
                    help="torch.compile the model (default backend inductor; e.g. aot_eager to check tracing)")
+    r.add_argument("--cuda-graphs", action="store_true",
+                   help="capture the whole training step as a CUDA graph and replay it (effdense.cuda_graphs)")
     r.add_argument("--sync-bn", action="store_true", help="batch statistics over all processes (torchrun)")
     x = p.add_argument_group("run")
     x.add_argument("--seed", type=natural, default=0)
@@ -751,6 +753,13 @@ class Run:
                                                  if self.device.type == "cuda" else None)
         if args.compile:
             self.model = torch.compile(self.model, backend=args.compile)
+        self.train_step = train_step
+        if args.cuda_graphs:
+            from .cuda_graphs import train_step_for
+            try:
+                self.train_step = train_step_for(self.device, self.amp_dtype, self.dist.world, args.compile)
+            except ValueError as err:
+                raise SystemExit(f"effdense-train: --cuda-graphs: {err}") from None
         self._prepare_outputs(command)
         self.watch = LossWatch(self.device)
         self.lr = self.opt.param_groups[0]["lr"]  # of the latest step
@@ -943,8 +952,9 @@ class Run:
             idx = perm[step * args.batch_size + lo: step * args.batch_size + hi]
             params = self.ctx.augment.draw(args.batch_size, _generator(args.seed, epoch, step))[lo:hi]
             x, y = self.ctx.inputs(data.train.images[idx], params), data.train.labels[idx]
-            self.lr = self.opt.param_groups[0]["lr"]
-            loss, logits = train_step(self.model, x, y, self.opt, self.scaler, self.ctx)
+            lr = self.opt.param_groups[0]["lr"]
+            self.lr = lr.clone() if isinstance(lr, Tensor) else lr  # a device tensor with --cuda-graphs: no sync
+            loss, logits = self.train_step(self.model, x, y, self.opt, self.scaler, self.ctx)
             self.sched.step()
             meter[:3] += torch.stack([loss.double() * len(y), (logits.argmax(1) == y).sum().double(),
                                       meter.new_tensor(len(y))])
@@ -998,7 +1008,7 @@ class Run:
                 dist.broadcast(buf, 0)
         val_loss, val_acc = evaluate(self.net, self.monitor, self.ctx, args.eval_batch_size)
         epoch = state["epoch"]
-        row = {"epoch": epoch + 1, "lr": self.lr, "train_loss": loss_sum / n, "train_acc": correct / n,
+        row = {"epoch": epoch + 1, "lr": float(self.lr), "train_loss": loss_sum / n, "train_acc": correct / n,
                "val_loss": val_loss, "val_acc": val_acc, "images_per_s": n / seconds, "seconds": seconds,
                "peak_mem_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
                "monitor": "val" if self.data.val is not None else "test"}

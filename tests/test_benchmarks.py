@@ -9,6 +9,7 @@ import pathlib
 import shutil
 
 import pytest
+import torch
 
 from benchmarks import __main__ as cli
 from benchmarks import report
@@ -17,7 +18,7 @@ from benchmarks.suites import SUITES
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "bench_results"
 BACKENDS = ["naive", "torch"]
 ENV_KEYS = {"device_type", "device", "torch", "triton", "cuda", "commit", "dirty", "command", "timestamp",
-            "tf32_matmul", "python"}
+            "tf32_matmul", "tf32_cudnn", "python", "threads", "loadavg", "loadavg_end", "precision"}
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +80,122 @@ def _parse_tables(markdown: str) -> list[list[dict]]:
     return tables
 
 
+def test_results_record_threads_load_and_precision(quick_results):
+    for suite, data in quick_results.items():
+        env = data["env"]
+        assert env["threads"] >= 1 and len(env["loadavg"]) == len(env["loadavg_end"]) == 3, suite
+        prec = env["precision"]
+        assert {"cudnn_allow_tf32", "cuda_matmul_allow_tf32"} <= set(prec), prec
+        assert prec["cudnn_allow_tf32"] == env["tf32_cudnn"] and prec["fp32_dot"] in ("ieee", "tf32"), prec
+
+
+def test_speed_rounds_are_interleaved_with_their_spread(quick_results):
+    data = quick_results["speed"]
+    rounds = data["config"]["rounds"]
+    for r in data["rows"]:
+        per_round = r["step_ms_rounds"]
+        assert len(per_round) == rounds and r["variant"] == "eager", r
+        assert r["step_ms_min"] <= r["step_ms_q1"] <= r["step_ms"] <= r["step_ms_q3"] <= r["step_ms_max"], r
+        assert r["step_ms"] == pytest.approx(sorted(per_round)[rounds // 2]) and r["first_step_s"] > 0
+    table = report.suite_markdown(data)
+    assert "step min-max" in table and "first step s" in table
+
+
+def test_launches_suite_counts_every_backend_triton_in_a_dry_run(tmp_path):
+    from effdense import backends
+    interpreter = backends.unavailable_reason("triton", torch.device("cpu"), torch.float32) is None
+    wanted = ["naive", "torch"] + (["triton"] if interpreter else [])
+    assert cli.main(["--quick", "--suite", "launches", "--device", "cpu", "--backends", *wanted,
+                     "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("*/launches-*.json")
+    data = json.loads(path.read_text())
+    rows = {r["backend"]: r for r in data["rows"]}
+    assert set(rows) == set(wanted) and all(r["status"] == "ok" for r in rows.values())
+    assert rows["naive"]["vs_naive"] == 1.0 and rows["naive"]["triton"] == 0
+    for r in rows.values():
+        assert r["launches"] == r["aten"] + r["triton"] > 0 and r["top_ops"][0][1] > 0, r
+        assert r["block_ranges"] == 6, "3 dense blocks, forward and backward ranges each"
+    if "triton" in rows:
+        assert rows["triton"]["triton"] > 0 and rows["triton"]["triton_dry_run"] is True
+    table = _parse_tables(report.suite_markdown(data))[0]
+    assert [t["backend"] for t in table] == wanted and table[0]["vs naive"] == "1.00x"
+    assert table[1]["launches"] == str(rows["torch"]["launches"]) and "syncs, dropout on" in table[1]
+
+
+def test_quick_runs_go_to_a_scratch_folder_unless_asked(tmp_path, monkeypatch):
+    scratch = tmp_path / "scratch"
+    monkeypatch.setattr(cli, "QUICK_RESULTS", str(scratch))
+    tracked = set(glob.glob(os.path.join(cli.RESULTS, "*", "*")))
+    assert cli.main(["--quick", "--suite", "capacity", "--device", "cpu", "--backends", "naive"]) == 0
+    assert len(list(scratch.glob("*/capacity-*.json"))) == 1
+    assert set(glob.glob(os.path.join(cli.RESULTS, "*", "*"))) == tracked, "a quick run wrote into benchmarks/results"
+
+
+def _stored_as_full_run(src: pathlib.Path, dst: pathlib.Path) -> None:
+    """The fixture is a quick run's result; the README is made from full runs only: store it as one."""
+    shutil.copytree(src, dst)
+    for path in dst.glob("*/*.json"):
+        data = json.loads(path.read_text())
+        data["quick"] = False
+        path.write_text(json.dumps(data))
+
+
+def test_report_never_lets_quick_results_into_the_readme_or_a_full_summary(tmp_path, capsys):
+    results = tmp_path / "results"
+    _stored_as_full_run(FIXTURE, results)
+    (full,) = results.glob("*/memory-*.json")
+    quick = json.loads(full.read_text())
+    quick.update(quick=True, rows=[dict(r, peak_bytes=1) for r in quick["rows"]])
+    quick["env"]["timestamp"] = "2999-01-01T00:00:00Z"           # newer than the full result
+    (full.parent / "memory-quick.json").write_text(json.dumps(quick))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{report.START}\n{report.END}\n")
+    report.main(["--results", str(results), "--readme", str(readme)])
+    assert "2999-01-01" not in readme.read_text() and "(quick)" not in readme.read_text()
+    assert "2999-01-01" not in (full.parent / "summary.md").read_text()
+    summary = (full.parent / "summary.md").read_text()
+    report.main(["--results", str(results), "--include-quick"])
+    assert (full.parent / "summary.md").read_text() == summary, "quick results replaced a full summary"
+    assert "2999-01-01" in capsys.readouterr().out, "--include-quick prints them"
+    with pytest.raises(SystemExit):
+        report.main(["--results", str(results), "--readme", str(readme), "--include-quick"])
+    assert "--include-quick cannot be combined with --readme" in capsys.readouterr().err
+
+
+def test_report_merges_the_newest_sessions_runs_of_a_suite(tmp_path):
+    """benchmarks/gpu_run.sh runs the speed suite four times in one session: one table, every row, every command;
+    a run stopped before its first row adds nothing, an older session's run is not mixed in."""
+    stored = json.loads(next(FIXTURE.glob("*/memory-*.json")).read_text())
+    folder = tmp_path / "results" / "cuda-x"
+    folder.mkdir(parents=True)
+
+    def write(name, session, timestamp, rows, complete=True):
+        env = dict(stored["env"], session=session, timestamp=timestamp, command=f"run {name}")
+        (folder / f"memory-{name}.json").write_text(json.dumps(dict(stored, quick=False, env=env, rows=rows,
+                                                                    complete=complete)))
+    write("old", "s0", "2026-01-01T00:00:00Z", stored["rows"][:1])
+    write("a", "s1", "2026-01-02T00:00:00Z", stored["rows"][:2])
+    write("b", "s1", "2026-01-02T00:01:00Z", stored["rows"][2:3], complete=False)
+    write("c", "s1", "2026-01-02T00:02:00Z", [])
+    merged = report.newest(str(tmp_path / "results"))["cuda-x"]["memory"]
+    assert merged["rows"] == stored["rows"][:3]
+    assert [r["command"] for r in merged["runs"]] == ["run a", "run b"] and merged["runs"][1]["complete"] is False
+    text = report.suite_markdown(merged)
+    assert "`run a`" in text and "`run b`" in text and "(incomplete" in text
+
+
+def test_report_documents_its_options(capsys):
+    with pytest.raises(SystemExit):
+        report.main(["--help"])
+    text = capsys.readouterr().out
+    for option in ("--results", "--readme", "--plots", "--include-quick"):
+        assert option in text
+    assert "quick" in text and "summary.md" in text
+
+
 def test_readme_generator_round_trips_a_stored_result(tmp_path):
     results = tmp_path / "results"
-    shutil.copytree(FIXTURE, results)
+    _stored_as_full_run(FIXTURE, results)
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n\n{report.START}\nold text\n{report.END}\n\nrest\n")
     report.main(["--results", str(results), "--readme", str(readme)])
@@ -135,8 +249,6 @@ def test_training_run_is_recorded_and_listed(tmp_path):
 
 
 def test_environment_record_names_the_commit(monkeypatch):
-    import torch
-
     from effdense import info
     env = info.environment(torch.device("cpu"), ["prog", "--flag", "a b"])
     assert env["command"] == "prog --flag 'a b'" and env["torch"] == torch.__version__
