@@ -44,6 +44,13 @@ CONFIGS = {
 }
 
 
+def assert_padded_channels_last(y):
+    """The block output is the ``[:, :C]`` view of a channels-last buffer whose rows are padded to 16 elements."""
+    from effdense.kernels import as_rows
+    assert y.stride(1) == 1 and y.stride(3) % 16 == 0 and y.stride(3) >= y.shape[1], y.stride()
+    assert as_rows(y) is not None
+
+
 def make_block(kwargs, options):
     return utils.make_block(kwargs, options, torch.float32, DEVICE)
 
@@ -58,9 +65,23 @@ def test_triton_matches_torch_and_naive(label):
     block, x = make_block(kwargs, options), make_input(shape, options)
     kw = dict(train=options.get("train", True), input_grad=options.get("input_grad", True), steps=2)
     got = run_steps(block, "triton", x, **kw)
-    assert got.outputs[0].is_contiguous(memory_format=torch_backend.memory_format(x))
     for ref_backend in ("torch", "naive"):
         assert_runs_close(got, run_steps(block, ref_backend, x, **kw), RTOL_FP32)
+    block.backend = "triton"
+    with torch.no_grad():
+        assert_padded_channels_last(block(x))
+
+
+@pytest.mark.parametrize("bottleneck", [True, False], ids=["bc", "plain"])
+def test_channels_last_weights_match_torch(bottleneck):
+    """``model.to(memory_format=torch.channels_last)`` (what ``--channels-last`` does) makes the 3x3 weights
+    channels-last: the kernels read weights through their strides, and write contiguous weight gradients."""
+    kwargs = dict(num_layers=2, num_input_features=5, bn_size=2, growth_rate=3, bottleneck=bottleneck)
+    block = make_block(kwargs, {}).to(memory_format=torch.channels_last)
+    assert not block.denselayer1.conv2.weight.is_contiguous() if bottleneck else \
+        not block.denselayer1.conv1.weight.is_contiguous()
+    x = make_input((2, 5, 5, 3), {"channels_last": True})
+    assert_runs_close(run_steps(block, "triton", x, steps=2), run_steps(block, "torch", x, steps=2), RTOL_FP32)
 
 
 @pytest.mark.parametrize("bottleneck", [True, False], ids=["bc", "plain"])

@@ -1,237 +1,401 @@
-"""Every Triton kernel of :mod:`effdense.kernels` against the PyTorch reference (:mod:`effdense.backends.bn`,
-:mod:`effdense.backends.torch_backend`), fp32, forward and backward, statistics and dropout included.
+"""Every Triton kernel of :mod:`effdense.kernels` in **every config of its config space** against the PyTorch
+reference (:mod:`effdense.backends.bn`, :mod:`effdense.backends.torch_backend`), fp32, forward and backward,
+statistics and dropout included.
 
-Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest.py): tiny
-labelled shapes with odd H and W, channel counts that are not multiples of the block sizes, batch 2, and
-strided prefixes/slices of a larger buffer in NCHW and channels-last.
+A GPU runs whichever config the shape heuristics pick; the interpreter would otherwise only ever see the configs
+its small test shapes pick. So each kernel runs all of its configs, in order and then shuffled, on the *same*
+output and statistics buffers (filled with NaN first), and is checked after every launch: a partial-statistics
+row that one config wrote and another did not overwrite, or a read past the rows a launch wrote, shows up as a
+wrong (NaN) result. The shapes make the tile counts differ between configs (64/128-pixel tiles, 8x8/16x4 halo
+tiles), odd H and W, channel counts that are not multiples of the block sizes, column ranges inside wider rows
+buffers. Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest.py).
 """
 from __future__ import annotations
+
+import random
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from effdense.backends.bn import bn_relu, bn_relu_backward, channel_stats
+from effdense.backends.bn import bn_relu, bn_relu_backward, channel_stats, scale_shift, update_running_stats
 from effdense.backends.torch_backend import _conv_backward
 
 K = pytest.importorskip("effdense.kernels")
-DEVICE = "cuda" if torch.cuda.is_available() and not K.interpreting() else "cpu"
-RTOL = 1e-5
+from effdense.kernels import bn_bwd, common, dgrad, fwd, stats, wgrad  # noqa: E402
 
-# label: (ks, cin, cout, (N, H, W), channels_last)
+DEVICE = "cuda" if torch.cuda.is_available() and not K.interpreting() else "cpu"
+#: fp32 tolerance (the interpreter's dots are exact fp32; on CUDA conftest.py switches TF32 off)
+RTOL = 1e-5
+NAN = float("nan")
+
+# label: (N, H, W, cin, cout): layer shapes per kernel size; the tile counts differ between configs
 SHAPES = {
-    "1x1-5x3-nchw": (1, 37, 20, (2, 5, 3), False),
-    "1x1-7x7-cl": (1, 19, 33, (2, 7, 7), True),
-    "3x3-5x3-nchw": (3, 21, 12, (2, 5, 3), False),
-    "3x3-7x7-cl": (3, 13, 7, (2, 7, 7), True),
-    "3x3-1x1-cl": (3, 5, 3, (2, 1, 1), True),
+    "1x1": (2, 7, 9, 37, 20),      # P = 126: two 64-pixel tiles or one 128-pixel tile
+    "3x3": (2, 7, 9, 13, 12),      # 8x8 tiles: 4, 16x4 tiles: 6
 }
+KS = {"1x1": 1, "3x3": 3}
+FWD_SPACE = {"1x1": fwd.CONFIGS_1X1, "3x3": fwd.CONFIGS_3X3}
+DGRAD_SPACE = {"1x1": dgrad.CONFIGS_1X1, "3x3": dgrad.CONFIGS_3X3}
+WGRAD_SPACE = {"1x1": wgrad.CONFIGS_1X1, "3x3": wgrad.CONFIGS_3X3}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def _prefix(n, c, h, w, channels_last, extra=5):
-    """``[N, c, H, W]`` as the channel prefix of a wider buffer (a strided view, like ``F[:, :c]``)."""
-    buf = torch.randn(n, c + extra, h, w, device=DEVICE)
-    if channels_last:
-        buf = buf.contiguous(memory_format=torch.channels_last)
-    return buf[:, :c]
+def every_config(space: list, seed: int = 0) -> list:
+    """The whole space in order, then shuffled: every config after every other one, on the same buffers."""
+    shuffled = list(space)
+    random.Random(seed).shuffle(shuffled)
+    return list(space) + shuffled
 
 
-def _slice(n, c, h, w, channels_last, start=2):
-    """``[N, c, H, W]`` as a channel slice in the middle of a wider buffer (like ``F[:, c:c+k]``)."""
-    buf = torch.randn(n, c + start + 3, h, w, device=DEVICE)
-    if channels_last:
-        buf = buf.contiguous(memory_format=torch.channels_last)
-    return buf[:, start:start + c]
+def _rows(n: int, h: int, w: int, c: int, fill: float | None = None) -> torch.Tensor:
+    """A rows buffer of ``c`` channels (plus its padding), random or filled."""
+    buf = K.rows_buffer(n, h, w, c, torch.float32, DEVICE)
+    return buf.normal_() if fill is None else buf.fill_(fill)
 
 
-def _bn(c):
-    mean, invstd = torch.randn(c, device=DEVICE) * 0.3, torch.rand(c, device=DEVICE) + 0.5
+def _bn(c: int) -> tuple[K.BN, torch.Tensor, torch.Tensor]:
+    """A BN with random statistics and affine parameters, and its reference ``(scale, shift)``."""
+    mean, var = torch.randn(c, device=DEVICE) * 0.3, torch.rand(c, device=DEVICE) + 0.5
     gamma, beta = torch.randn(c, device=DEVICE), torch.randn(c, device=DEVICE)
-    scale = gamma * invstd
-    return scale, beta - mean * scale, mean, invstd
+    bn = K.BN(mean, var, gamma, beta, 1e-5)
+    scale, shift, _, _ = scale_shift(nn.BatchNorm2d(c, eps=1e-5), mean, var, torch.float32, (gamma, beta))
+    return bn, scale, shift
+
+
+def _weight(cout: int, cin: int, ks: int) -> torch.Tensor:
+    """A conv weight in a layout other than contiguous (the kernels read it through its strides): channels-last
+    for a 3x3 (what ``--channels-last`` training makes of it), a channel slice of a wider tensor for a 1x1."""
+    if ks == 3:
+        return torch.randn(cout, cin, 3, 3, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    return torch.randn(cout, cin + 3, 1, 1, device=DEVICE)[:, 2:2 + cin]
+
+
+def _untouched(buf: torch.Tensor, c0: int, c: int) -> bool:
+    """Columns outside ``[c0, c0 + c)`` of a NaN-filled buffer are still NaN."""
+    keep = torch.ones(buf.shape[3], dtype=torch.bool)
+    keep[c0:c0 + c] = False
+    return bool(buf[..., keep].isnan().all())
+
+
+def test_config_spaces_tile_the_test_shapes_differently():
+    """The shapes above can catch stale partials: configs of one space write different numbers of rows (where
+    the space has more than one tiling: the 1x1 dgrad's configs all use 64-pixel tiles)."""
+    for label, (n, h, w, _, _) in SHAPES.items():
+        for tiles, space in ((fwd.tiles, FWD_SPACE[label]), (dgrad.tiles, DGRAD_SPACE[label])):
+            tilings = {(c.kwargs.get("BLOCK_P"), c.kwargs.get("BH")) for c in space}
+            assert len({tiles(KS[label], n, h, w, c) for c in space}) == len(tilings), (label, tilings)
+    assert len({(c.kwargs["BLOCK_P"]) for c in dgrad.CONFIGS_1X1}) == 1
 
 
 @pytest.mark.parametrize("label", list(SHAPES))
-def test_bn_relu_conv_fwd(label):
-    ks, cin, cout, (n, h, w), cl = SHAPES[label]
+def test_fwd_every_config_same_buffers(label):
+    """Output (into a column range of a wider buffer) and its Welford partials, merged by the finalize."""
+    n, h, w, cin, cout = SHAPES[label]
+    ks = KS[label]
     torch.manual_seed(0)
-    x = _prefix(n, cin, h, w, cl)
-    scale, shift, _, _ = _bn(cin)
-    wt = torch.randn(cout, cin, ks, ks, device=DEVICE) / (cin * ks * ks) ** 0.5
-    out = _slice(n, cout, h, w, cl)
-    buf_before = out.clone()
-    mean, var = K.bn_relu_conv_fwd(x, scale, shift, wt, out, stats=True)
-    ref = F.conv2d(bn_relu(x, scale, shift), wt, padding=ks // 2)
-    assert rel(out, ref) < RTOL
-    rm, rv = channel_stats(ref)
-    assert rel(mean, rm) < RTOL and rel(var, rv) < RTOL
-    assert not torch.equal(out, buf_before)
-    assert K.bn_relu_conv_fwd(x, scale, shift, wt, out) is None
+    x = _rows(n, h, w, cin + 5)
+    bn, scale, shift = _bn(cin)
+    wt = _weight(cout, cin, ks) / (cin * ks * ks) ** 0.5
+    c0 = 0 if ks == 1 else 3
+    out = _rows(n, h, w, c0 + cout + 4, NAN)
+    part = K.partials(64, cout, DEVICE).fill_(NAN)
+    ref = F.conv2d(bn_relu(K.nchw(x, 0, cin), scale, shift), wt, padding=ks // 2)
+    ref_mean, ref_var = channel_stats(ref)
+    for cfg in every_config(FWD_SPACE[label]):
+        t = K.bn_relu_conv_fwd(x, cin, bn, wt, out, c0, part, config=cfg)
+        assert t == fwd.tiles(ks, n, h, w, cfg)
+        assert rel(K.nchw(out, c0, cout), ref) < RTOL, cfg
+        mean, var = torch.full((cout,), NAN, device=DEVICE), torch.full((cout,), NAN, device=DEVICE)
+        K.bn_finalize(part, t, cout, mean, var)
+        assert rel(mean, ref_mean) < RTOL and rel(var, ref_var) < RTOL, cfg
+    assert _untouched(out, c0, cout)
 
 
-def test_fwd_writes_only_its_slice():
-    torch.manual_seed(0)
-    buf = torch.randn(2, 12, 5, 3, device=DEVICE).contiguous(memory_format=torch.channels_last)
-    before = buf.clone()
-    scale, shift, _, _ = _bn(4)
-    K.bn_relu_conv_fwd(buf[:, :4], scale, shift, torch.randn(3, 4, 3, 3, device=DEVICE), buf[:, 4:7])
-    assert torch.equal(buf[:, :4], before[:, :4]) and torch.equal(buf[:, 7:], before[:, 7:])
+@pytest.mark.parametrize("label", list(SHAPES))
+def test_backward_every_config_same_buffers(label):
+    """dgrad (ReLU backward + partial BN sums), the finalize, and the finish accumulated into a gradient
+    buffer; every dgrad config on one ``g`` and one partials buffer, checked through the finish."""
+    n, h, w, cin, cout = SHAPES[label]
+    ks = KS[label]
+    torch.manual_seed(1)
+    x = _rows(n, h, w, cin + 3)
+    bn, scale, shift = _bn(cin)
+    wt = _weight(cout, cin, ks)
+    gy_c0 = 0 if ks == 1 else 5          # the 3x3's gradient is a column range of G; the 1x1's is gZ
+    gy = _rows(n, h, w, gy_c0 + cout + 2)
+    ga, _ = _conv_backward(K.nchw(gy, gy_c0, cout), bn_relu(K.nchw(x, 0, cin), scale, shift), wt, False)
+    dx_ref, dg_ref, db_ref = bn_relu_backward(K.nchw(x, 0, cin), ga, scale, shift, bn.mean,
+                                              torch.rsqrt(bn.var + bn.eps), True)
+    g = _rows(n, h, w, cin, NAN)
+    part = K.partials(64, cin, DEVICE).fill_(NAN)
+    tot = torch.full((2 * cin,), NAN, device=DEVICE)
+    for cfg in every_config(DGRAD_SPACE[label]):
+        t = K.conv_dgrad_bn_relu(gy, gy_c0, wt, x, bn, g, part, config=cfg)
+        assert t == dgrad.tiles(ks, n, h, w, cfg)
+        dgamma, dbeta = torch.full_like(bn.gamma, NAN), torch.full_like(bn.beta, NAN)
+        K.bn_bwd_finalize(part, t, cin, tot, dgamma, dbeta)
+        assert rel(dgamma, dg_ref) < RTOL and rel(dbeta, db_ref) < RTOL, cfg
+        grad = _rows(n, h, w, cin + 4)
+        before = grad.clone()
+        K.bn_bwd_apply(g, x, cin, bn, tot, True, grad, accumulate=True)
+        assert rel(K.nchw(grad, 0, cin) - K.nchw(before, 0, cin), dx_ref) < RTOL, cfg
+        assert torch.equal(grad[..., cin:], before[..., cin:])
+
+
+@pytest.mark.parametrize("label", list(SHAPES))
+def test_wgrad_every_config_same_buffers(label):
+    """Split-pixel partials of the weight gradient, with the SM-count split (a small fixed SM count in the
+    interpreter) and with more splits than pixel tiles (empty splits write zeros), on one NaN-filled workspace;
+    then their reduction by the finalize."""
+    n, h, w, cin, cout = SHAPES[label]
+    ks = KS[label]
+    torch.manual_seed(2)
+    x = _rows(n, h, w, cin + 3)
+    bn, scale, shift = _bn(cin)
+    gy_c0 = 0 if ks == 1 else 5
+    gy = _rows(n, h, w, gy_c0 + cout + 2)
+    _, dw_ref = _conv_backward(K.nchw(gy, gy_c0, cout), bn_relu(K.nchw(x, 0, cin), scale, shift),
+                               torch.empty(cout, cin, ks, ks, device=DEVICE), True)
+    many = 9       # more splits than any config has pixel tiles here: some splits are empty
+    ws = torch.full((many * cout * cin * ks * ks,), NAN, device=DEVICE)
+    space = WGRAD_SPACE[label]
+    for i, cfg in enumerate(every_config(space)):
+        splits = None if i < len(space) else many         # in order with the SM-count split, shuffled with many
+        part, s = K.conv_wgrad(gy, gy_c0, x, cin, bn, ks, cout, ws, config=cfg, splits=splits)
+        assert part.shape == (s, cout * cin * ks * ks)
+        assert rel(part.sum(0).view_as(dw_ref), dw_ref) < RTOL, (cfg, splits)
+    dw = torch.full(dw_ref.shape, NAN, device=DEVICE)       # contiguous, whatever the weight's layout
+    tot = torch.empty(2 * cin, device=DEVICE)
+    K.bn_bwd_finalize(K.partials(1, cin, DEVICE).zero_(), 1, cin, tot, None, None, part, dw)
+    assert rel(dw, dw_ref) < RTOL
+
+
+def test_bn_bwd_finalize_and_apply_every_config():
+    """The finalize's two reductions (BN sums over tiles, weight-gradient splits) and the finish, training
+    (batch statistics) and eval (running statistics), accumulated or in place over ``g``, a cropped region."""
+    torch.manual_seed(3)
+    n, h, w, c, rows, splits, m = 2, 5, 3, 21, 70, 5, 600
+    part = K.partials(80, c, DEVICE).normal_()
+    dwp = torch.randn(splits, m, device=DEVICE)
+    for cfg in every_config(bn_bwd.FINALIZE_CONFIGS):
+        tot = torch.full((2 * c,), NAN, device=DEVICE)
+        dgamma, dbeta, dw = (torch.full((k,), NAN, device=DEVICE) for k in (c, c, m))
+        K.bn_bwd_finalize(part, rows, c, tot, dgamma, dbeta, dwp, dw, config=cfg)
+        sums = part[:2, :rows, :c].sum(1)
+        assert rel(tot[:c], sums[0]) < RTOL and rel(tot[c:], sums[1]) < RTOL, cfg
+        assert torch.equal(dbeta, tot[:c]) and torch.equal(dgamma, tot[c:]), cfg
+        assert rel(dw, dwp.sum(0)) < RTOL, cfg
+    x = _rows(n, h, w, c)
+    bn, scale, _ = _bn(c)
+    col = lambda v: v.view(1, -1, 1, 1)     # noqa: E731
+    xhat = (K.nchw(x, 0, c) - col(bn.mean)) * col(torch.rsqrt(bn.var + bn.eps))
+    g_ref = torch.randn(n, c, h, w, device=DEVICE)
+    g_ref[:, :, h - 1] = 0          # the crop below: rows past it count as zero whatever g holds there
+    dbeta, dgamma = g_ref.sum((0, 2, 3)), (g_ref * xhat).sum((0, 2, 3))
+    tot = torch.cat([dbeta, dgamma])
+    refs = {True: col(scale) * (g_ref - col(dbeta / (n * h * w)) - xhat * col(dgamma / (n * h * w))),   # batch
+            False: col(scale) * g_ref}                                                              # running
+    for cfg in every_config(bn_bwd.APPLY_CONFIGS):
+        for batch_stats, ref in refs.items():
+            g = _rows(n, h, w, c, NAN)
+            K.nchw(g, 0, c)[:, :, :h - 1].copy_(g_ref[:, :, :h - 1])
+            K.bn_bwd_apply(g, x, c, bn, tot, batch_stats, crop=(h - 1, w), config=cfg)     # in place
+            assert rel(K.nchw(g, 0, c), ref) < RTOL, (cfg, batch_stats)
+
+
+def test_block_entry_and_finalize_every_config():
+    """The block entry from NCHW and strided inputs (copy into columns [0, C) + partials), and the finalize with
+    the running-statistics update, against ``nn.BatchNorm2d``'s update (momentum and cumulative average)."""
+    torch.manual_seed(4)
+    n, h, w, c = 2, 9, 8, 19
+    inputs = {"nchw": torch.randn(n, c, h, w, device=DEVICE),
+              "strided": torch.randn(n, c + 3, h, 2 * w, device=DEVICE)[:, 2:2 + c, :, ::2]}
+    part = K.partials(64, c, DEVICE).fill_(NAN)
+    for name, x in inputs.items():
+        ref_mean, ref_var = channel_stats(x)
+        for cfg in every_config(stats.ENTRY_CONFIGS):
+            f = _rows(n, h, w, c + 2, NAN)
+            t = K.block_entry(x, f, part, config=cfg)
+            assert torch.equal(K.nchw(f, 0, c), x) and _untouched(f, 0, c), (name, cfg)
+            mean, var = torch.full((c,), NAN, device=DEVICE), torch.full((c,), NAN, device=DEVICE)
+            K.bn_finalize(part, t, c, mean, var)
+            assert rel(mean, ref_mean) < RTOL and rel(var, ref_var) < RTOL, (name, cfg)
+    # the finalize in two parts (channels [0, 7) first, [7, 19) with the update over all 19), every config
+    x = inputs["nchw"]
+    for momentum in (0.1, None):
+        for cfg in every_config(stats.FINALIZE_CONFIGS):
+            norm, ref = nn.BatchNorm2d(c, momentum=momentum).to(DEVICE), nn.BatchNorm2d(c, momentum=momentum).to(DEVICE)
+            mean, var = torch.full((c,), NAN, device=DEVICE), torch.full((c,), NAN, device=DEVICE)
+            for step in range(2):
+                xs = x + step
+                K.bn_finalize(part, K.block_entry(xs[:, :7], None, part), 7, mean, var, 0, config=cfg)
+                K.bn_finalize(part, K.block_entry(xs[:, 7:], None, part), c - 7, mean, var, 7, K.running_args(norm),
+                              c, n * h * w, config=cfg)
+                update_running_stats(ref, *channel_stats(xs), n * h * w)
+            assert int(norm.num_batches_tracked) == int(ref.num_batches_tracked) == 2
+            assert rel(norm.running_mean, ref.running_mean) < RTOL and rel(norm.running_var, ref.running_var) < RTOL
 
 
 def test_statistics_are_stable_for_large_means():
     """Welford tile partials + Chan's merge: a raw sum of squares would lose the variance at mean 1e4."""
-    torch.manual_seed(0)
-    x = _prefix(2, 6, 9, 7, True)
-    ones, zeros = torch.ones(6, device=DEVICE), torch.zeros(6, device=DEVICE)
-    # a 1x1 conv with one-hot weights copies relu(x + 1e4) = x + 1e4: statistics of a shifted input
-    wt = torch.eye(6, device=DEVICE).view(6, 6, 1, 1)
-    out = torch.empty(2, 6, 9, 7, device=DEVICE)
-    mean, var = K.bn_relu_conv_fwd(x, ones, zeros + 1e4, wt, out, stats=True)
-    rm, rv = channel_stats(out.double())     # exact statistics of the stored values
+    torch.manual_seed(5)
+    n, h, w, c = 2, 9, 7, 6
+    x = torch.randn(n, c, h, w, device=DEVICE) + 1e4
+    part = K.partials(64, c, DEVICE)
+    mean, var = torch.empty(c, device=DEVICE), torch.empty(c, device=DEVICE)
+    K.bn_finalize(part, K.block_entry(x, None, part), c, mean, var)
+    rm, rv = channel_stats(x.double())
     assert rel(mean, rm) < 1e-6
     # fp32 resolves 1e4 + x to ~1e-3, so ~1e-4 relative is the floor; a raw fp32 sum of squares is off by ~100%
     assert rel(var, rv) < 1e-3
-    raw = (out.double() ** 2).float().mean((0, 2, 3)) - out.float().mean((0, 2, 3)) ** 2
+    raw = (x.double() ** 2).float().mean((0, 2, 3)) - x.float().mean((0, 2, 3)) ** 2
     assert rel(raw, rv) > 1e-2
-
-
-def test_merge_stats_matches_var_mean():
-    torch.manual_seed(0)
-    x = torch.randn(100, 3, dtype=torch.float64) * 3 + 7
-    sizes = [1, 30, 0, 69]
-    parts = [t for t in torch.split(x, [s for s in sizes if s], 0)]
-    cnt = torch.tensor([float(s) for s in sizes], dtype=torch.float64)
-    means = torch.stack([p.mean(0) if len(p) else torch.zeros(3, dtype=torch.float64) for p in
-                         (parts[0], parts[1], torch.empty(0, 3), parts[2])])
-    m2 = torch.stack([((p - p.mean(0)) ** 2).sum(0) if len(p) else torch.zeros(3, dtype=torch.float64) for p in
-                      (parts[0], parts[1], torch.empty(0, 3), parts[2])])
-    mu, var = K.merge_stats(cnt, means, m2)
-    rv, rm = torch.var_mean(x, 0, correction=0)
-    assert torch.allclose(mu, rm) and torch.allclose(var, rv)
-
-
-@pytest.mark.parametrize("label", list(SHAPES))
-def test_backward_kernels(label):
-    """wgrad, dgrad + BN-ReLU backward sums, and the in-place finish into a gradient buffer, in training
-    (batch statistics) and eval (running statistics) mode."""
-    ks, cin, cout, (n, h, w), cl = SHAPES[label]
-    torch.manual_seed(1)
-    x = _prefix(n, cin, h, w, cl)
-    scale, shift, mean, invstd = _bn(cin)
-    wt = torch.randn(cout, cin, ks, ks, device=DEVICE)
-    gy = _slice(n, cout, h, w, not cl)       # the other layout: the kernels only see strides
-    ga, dw_ref = _conv_backward(gy, bn_relu(x, scale, shift), wt, True)
-    dw = K.conv_wgrad(gy, x, scale, shift, ks, torch.float32)
-    assert dw.shape == wt.shape and rel(dw, dw_ref) < RTOL
-    g, dgamma, dbeta = K.conv_dgrad_bn_relu(gy, wt, x, scale, shift, mean, invstd, torch.float32)
-    for batch_stats in (True, False):
-        dx, dg_ref, db_ref = bn_relu_backward(x, ga, scale, shift, mean, invstd, batch_stats)
-        assert rel(dgamma, dg_ref) < RTOL and rel(dbeta, db_ref) < RTOL
-        grad = _prefix(n, cin, h, w, cl)
-        before = grad.clone()
-        K.bn_bwd_apply(g, x, grad, scale, mean, invstd, dbeta, dgamma, batch_stats, accumulate=True)
-        assert rel(grad - before, dx) < RTOL
-    # overwrite, in place over g itself (how the backend turns g2 into gZ)
-    out = g.view(n, h, w, cin).permute(0, 3, 1, 2)
-    K.bn_bwd_apply(g, x, out, scale, mean, invstd, dbeta, dgamma, True, accumulate=False)
-    assert rel(out, bn_relu_backward(x, ga, scale, shift, mean, invstd, True)[0]) < RTOL
-
-
-def test_wgrad_split_reduction():
-    """More pixels than one split program reduces: partials over several programs are summed."""
-    from effdense.kernels import wgrad
-    torch.manual_seed(2)
-    n, cin, cout, h, w = 2, 3, 2, 40, 33      # P = 2640 > P_PER_PROGRAM
-    assert n * h * w > wgrad.P_PER_PROGRAM
-    x = _prefix(n, cin, h, w, True)
-    scale, shift, _, _ = _bn(cin)
-    gy = torch.randn(n, cout, h, w, device=DEVICE)
-    _, dw_ref = _conv_backward(gy, bn_relu(x, scale, shift), torch.randn(cout, cin, 1, 1, device=DEVICE), True)
-    assert rel(K.conv_wgrad(gy, x, scale, shift, 1, torch.float32), dw_ref) < RTOL
 
 
 DROP_P = 0.3
 
 
-def test_dropout_mask_statistics_and_scale():
-    torch.manual_seed(3)
-    n, cin, cout, h, w = 2, 4, 24, 16, 16     # 12288 outputs
-    x = _prefix(n, cin, h, w, True)
-    scale, shift, _, _ = _bn(cin)
-    wt = torch.randn(cout, cin, 1, 1, device=DEVICE)
-    plain = torch.empty(n, cout, h, w, device=DEVICE)
-    dropped = torch.empty_like(plain)
-    K.bn_relu_conv_fwd(x, scale, shift, wt, plain)
-    mean, var = K.bn_relu_conv_fwd(x, scale, shift, wt, dropped, stats=True, drop_p=DROP_P, seed=123)
-    keep = dropped != 0
-    frac = keep.double().mean().item()
+def test_dropout_mask_statistics_and_regeneration():
+    """The 3x3 forward's dropout (seed read from a device tensor): keep fraction, scale, statistics of the
+    dropped output, determinism by seed; dgrad and wgrad given the seed equal them given gy times the mask."""
+    torch.manual_seed(6)
+    n, h, w, cin, cout = 2, 12, 11, 5, 14
+    x = _rows(n, h, w, cin)
+    bn, _, _ = _bn(cin)
+    wt = torch.randn(cout, cin, 3, 3, device=DEVICE)
+    seeds = torch.tensor([11, 123, 7], device=DEVICE)
+    plain, dropped, again = (_rows(n, h, w, cout, NAN) for _ in range(3))
+    part = K.partials(64, cout, DEVICE)
+    K.bn_relu_conv_fwd(x, cin, bn, wt, plain)
+    t = K.bn_relu_conv_fwd(x, cin, bn, wt, dropped, 0, part, DROP_P, seeds, 1)
+    y, y0 = K.nchw(dropped, 0, cout), K.nchw(plain, 0, cout)
+    keep = y != 0
     sigma = (DROP_P * (1 - DROP_P) / keep.numel()) ** 0.5
-    assert abs(frac - (1 - DROP_P)) < 5 * sigma, frac
-    assert torch.allclose(dropped[keep], plain[keep] / (1 - DROP_P), rtol=1e-5, atol=1e-6)
-    rm, rv = channel_stats(dropped)            # statistics are of the dropped-out output
+    assert abs(keep.double().mean().item() - (1 - DROP_P)) < 5 * sigma
+    torch.testing.assert_close(y[keep], y0[keep] / (1 - DROP_P), rtol=1e-5, atol=1e-6)
+    mean, var = torch.empty(cout, device=DEVICE), torch.empty(cout, device=DEVICE)
+    K.bn_finalize(part, t, cout, mean, var)
+    rm, rv = channel_stats(y)
     assert rel(mean, rm) < RTOL and rel(var, rv) < RTOL
-    again = torch.empty_like(plain)
-    K.bn_relu_conv_fwd(x, scale, shift, wt, again, drop_p=DROP_P, seed=123)
-    assert torch.equal(again, dropped)                     # the seed determines the mask
-    K.bn_relu_conv_fwd(x, scale, shift, wt, again, drop_p=DROP_P, seed=124)
-    assert not torch.equal(again != 0, keep)
-
-
-@pytest.mark.parametrize("ks", [1, 3])
-def test_backward_regenerates_the_forward_mask(ks):
-    """dgrad and wgrad given (gy, seed) equal the same kernels given gy times the mask the forward drew."""
-    torch.manual_seed(4)
-    n, cin, cout, h, w = 2, 5, 7, 5, 3
-    x = _prefix(n, cin, h, w, False)
-    scale, shift, mean, invstd = _bn(cin)
-    wt = torch.randn(cout, cin, ks, ks, device=DEVICE)
-    y = torch.empty(n, cout, h, w, device=DEVICE)
-    K.bn_relu_conv_fwd(x, scale, shift, wt, y, drop_p=DROP_P, seed=77)
-    mask = (y != 0).float() / (1 - DROP_P)
-    gy = _slice(n, cout, h, w, True)
-    dw = K.conv_wgrad(gy, x, scale, shift, ks, torch.float32, drop_p=DROP_P, seed=77)
-    dw_ref = K.conv_wgrad(gy * mask, x, scale, shift, ks, torch.float32)
+    K.bn_relu_conv_fwd(x, cin, bn, wt, again, 0, None, DROP_P, seeds, 1)
+    assert torch.equal(K.nchw(again, 0, cout), y)
+    K.bn_relu_conv_fwd(x, cin, bn, wt, again, 0, None, DROP_P, seeds, 2)
+    assert not torch.equal(K.nchw(again, 0, cout) != 0, keep)
+    # backward: the mask regenerated from the seed
+    mask = keep.float() / (1 - DROP_P)
+    gy = _rows(n, h, w, cout)
+    masked = K.to_rows(K.nchw(gy, 0, cout) * mask)
+    dw = K.conv_wgrad(gy, 0, x, cin, bn, 3, cout, drop_p=DROP_P, seeds=seeds, seed_idx=1)[0].sum(0)
+    dw_ref = K.conv_wgrad(masked, 0, x, cin, bn, 3, cout)[0].sum(0)
     assert rel(dw, dw_ref) < RTOL
-    g, dgam, dbet = K.conv_dgrad_bn_relu(gy, wt, x, scale, shift, mean, invstd, torch.float32, DROP_P, 77)
-    g_ref, dgam_ref, dbet_ref = K.conv_dgrad_bn_relu(gy * mask, wt, x, scale, shift, mean, invstd, torch.float32)
-    assert rel(g, g_ref) < RTOL and rel(dgam, dgam_ref) < RTOL and rel(dbet, dbet_ref) < RTOL
+    outs = []
+    for args in ((gy, DROP_P, seeds, 1), (masked, 0.0, None, 0)):
+        g, part = _rows(n, h, w, cin), K.partials(64, cin, DEVICE)
+        t = K.conv_dgrad_bn_relu(args[0], 0, wt, x, bn, g, part, *args[1:])
+        outs.append((K.nchw(g, 0, cin), part[:2, :t, :cin].sum(1)))
+    assert rel(outs[0][0], outs[1][0]) < RTOL and rel(outs[0][1], outs[1][1]) < RTOL
 
 
-def test_pixel_limit_is_checked():
-    from effdense.kernels.common import check_pixels
-    check_pixels(2 ** 31 - 1)
+def test_heuristics_pick_from_their_spaces():
+    """Over DenseNet layer shapes (bf16, tf32 and exact fp32) every heuristic answers a member of its space."""
+    for dtype, tf32 in ((torch.bfloat16, True), (torch.float32, True), (torch.float32, False)):
+        with common.dry_run(), _tf32(tf32):
+            for n, hw in ((2, 5), (64, 32), (64, 8), (64, 56)):
+                for cin, cout in ((24, 48), (216, 48), (48, 12), (516, 48), (48, 40), (13, 7)):
+                    for ks in (1, 3):
+                        assert fwd.heuristic(ks, n, hw, hw, cin, cout, dtype) in FWD_SPACE[f"{ks}x{ks}"]
+                        assert dgrad.heuristic(ks, n, hw, hw, cout, cin, dtype) in DGRAD_SPACE[f"{ks}x{ks}"]
+                        assert wgrad.heuristic(ks, hw, cout, cin, dtype) in WGRAD_SPACE[f"{ks}x{ks}"]
+
+
+class _tf32:
+    """``torch.backends.cudnn.allow_tf32 = on`` within the context."""
+
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __enter__(self):
+        self.saved = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = self.on
+
+    def __exit__(self, *exc):
+        torch.backends.cudnn.allow_tf32 = self.saved
+
+
+def test_fp32_dots_follow_cudnns_tf32_flag_and_the_record_says_so():
+    """These kernels are convolutions: fp32 dots run in TF32 where cuDNN's flag allows it (as the convolutions
+    of ``naive`` do), whatever cuBLAS's flag; the interpreter computes in fp32. ``precision_record`` tells."""
+    for cudnn_flag in (True, False):
+        with _tf32(cudnn_flag):
+            torch.backends.cuda.matmul.allow_tf32 = not cudnn_flag
+            on_gpu = K.dot_precision(torch.float32) if not K.interpreting() else None
+            with common.dry_run():          # what a GPU would run
+                assert K.dot_precision(torch.float32) == ("tf32" if cudnn_flag else "ieee")
+                assert K.dot_precision(torch.bfloat16) == "ieee"
+            record = K.precision_record()
+            assert record["cudnn_allow_tf32"] is cudnn_flag and record["cuda_matmul_allow_tf32"] is not cudnn_flag
+            assert record["fp32_dot"] == ("ieee" if K.interpreting() else on_gpu)
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def test_rows_layout_helpers():
+    """Rows buffers: row stride padded to 16; ``as_rows`` finds the buffer behind a channel prefix (the block
+    output), ``to_rows`` copies anything else into one."""
+    buf = K.rows_buffer(2, 3, 5, 21, torch.float32, DEVICE)
+    assert buf.shape == (2, 3, 5, 32) and K.padded(32) == 32 and K.padded(33) == 48
+    view = K.nchw(buf, 0, 21)
+    assert view.shape == (2, 21, 3, 5) and K.as_rows(view).data_ptr() == buf.data_ptr()
+    assert K.as_rows(K.nchw(buf, 3, 10)) is None or K.as_rows(K.nchw(buf, 3, 10)).data_ptr() != buf.data_ptr()
+    x = torch.randn(2, 21, 3, 5, device=DEVICE)
+    assert K.as_rows(x) is None
+    assert torch.equal(K.nchw(K.to_rows(x), 0, 21), x)
     with pytest.raises(ValueError, match="int32"):
-        check_pixels(2 ** 31)
+        common.check_pixels(2 ** 31)
+    common.check_pixels(2 ** 31 - 1)
 
 
 # ------------------------------------------------------------------------------- torch.library custom ops
 def test_custom_ops_opcheck():
-    """Schema, fake (meta) implementations and AOT-dispatch of every ``effdense::`` op."""
-    from effdense.kernels import ops
-    torch.manual_seed(5)
-    n, cin, cout, h, w = 2, 5, 3, 5, 3
-    x = _prefix(n, cin, h, w, True)
-    scale, shift, mean, invstd = _bn(cin)
+    """Schema (mutated arguments declared), fake implementations and dispatch of every block ``effdense::`` op;
+    the launcher-compatible ``Dispatch`` computes what the launchers compute."""
+    from effdense.kernels.ops import Dispatch
+    torch.manual_seed(7)
+    n, h, w, cin, cout = 2, 5, 3, 5, 3
+    x = _rows(n, h, w, cin)
+    bn, _, _ = _bn(cin)
+    args = (bn.mean, bn.var, bn.gamma, bn.beta, bn.eps)
     w3 = torch.randn(cout, cin, 3, 3, device=DEVICE)
-    out = torch.empty(n, cout, h, w, device=DEVICE)
-    gy = torch.randn(n, cout, h, w, device=DEVICE)
-    g = torch.randn(n * h * w, cin, device=DEVICE)
-    sums = torch.randn(cin, device=DEVICE), torch.randn(cin, device=DEVICE)
+    w1 = torch.randn(cout, cin, 1, 1, device=DEVICE)
+    gy = _rows(n, h, w, cout + 4)
+    seeds = torch.tensor([3], device=DEVICE)
+    part = K.partials(8, cin, DEVICE)
+    nb = nn.BatchNorm2d(cin).to(DEVICE)
+    e = torch.ops.effdense
     cases = [
-        (ops.bn_relu_conv_fwd_op, (x, scale, shift, w3, out, True, 0.0, 0)),
-        (ops.bn_relu_conv_fwd_op, (x, scale, shift, w3, out, False, 0.25, 3)),
-        (ops.conv_dgrad_bn_relu_op, (gy, w3, x, scale, shift, mean, invstd, "float32", 0.25, 3)),
-        (ops.conv_wgrad_op, (gy, x, scale, shift, 3, "float32", 0.0, 0)),
-        (ops.bn_bwd_apply_op, (g, x, _prefix(n, cin, h, w, False), scale, mean, invstd, *sums, True, True)),
+        (e.block_entry.default, (torch.randn(n, cin, h, w, device=DEVICE), _rows(n, h, w, cin), part)),
+        (e.bn_finalize.default, (part, 1, cin, torch.empty(16, device=DEVICE), torch.empty(16, device=DEVICE), 0,
+                                 nb.running_mean, nb.running_var, nb.num_batches_tracked, 0.1, cin, n * h * w)),
+        (e.bn_relu_conv_fwd.default, (x, cin, *args, w3, _rows(n, h, w, cout + 2), 2, part, 0.25, seeds, 0)),
+        (e.bn_relu_conv_fwd.default, (x, cin, *args, w1, _rows(n, h, w, cout), 0, None, 0.0, None, 0)),
+        (e.conv_dgrad_bn_relu.default, (gy, 4, w3, x, *args, _rows(n, h, w, cin), part, 0.25, seeds, 0)),
+        (e.conv_wgrad.default, (gy, 4, x, cin, *args, 3, cout, torch.empty(4 * cout * cin * 9, device=DEVICE),
+                                0.25, seeds, 0, 4)),
+        (e.bn_bwd_finalize.default, (part, 1, cin, torch.empty(2 * cin, device=DEVICE), torch.empty(cin, device=DEVICE),
+                                     torch.empty(cin, device=DEVICE), torch.randn(2, 7, device=DEVICE),
+                                     torch.empty(7, device=DEVICE))),
+        (e.bn_bwd_apply.default, (_rows(n, h, w, cin), x, cin, *args, torch.randn(2 * cin, device=DEVICE), True,
+                                  _rows(n, h, w, cin), True, h, w)),
     ]
-    for op, args in cases:
-        torch.library.opcheck(op, args)
-    # the op computes what the launcher computes
-    ref = torch.empty_like(out)
-    st = K.bn_relu_conv_fwd(x, scale, shift, w3, ref, stats=True)
-    got = torch.ops.effdense.bn_relu_conv_fwd(x, scale, shift, w3, out, True, 0.0, 0)
-    assert torch.equal(out, ref) and all(torch.equal(a, b) for a, b in zip(got, st))
+    for op, a in cases:
+        torch.library.opcheck(op, a)
+    out_l, out_d = _rows(n, h, w, cout + 2, NAN), _rows(n, h, w, cout + 2, NAN)
+    pl, pd = K.partials(8, cout, DEVICE).fill_(NAN), K.partials(8, cout, DEVICE).fill_(NAN)
+    t_l = K.bn_relu_conv_fwd(x, cin, bn, w3, out_l, 2, pl, 0.25, seeds, 0)
+    t_d = Dispatch.bn_relu_conv_fwd(x, cin, bn, w3, out_d, 2, pd, 0.25, seeds, 0)
+    assert t_l == t_d and torch.equal(out_l.nan_to_num(), out_d.nan_to_num())
+    assert torch.equal(pl[:, :t_l, :cout].nan_to_num(), pd[:, :t_d, :cout].nan_to_num())

@@ -72,6 +72,61 @@ def test_transition_matches_module(hw, layout, train):
         _close(getattr(mod.norm, name), getattr(ref.norm, name), name)
 
 
+def test_transition_kernels_every_config():
+    """The three transition kernels in every config of their spaces, in order and shuffled, on the same output,
+    ``g`` and partials buffers (NaN-filled), against BN-ReLU-AvgPool-Conv1x1 differentiated by autograd: odd H
+    and W (the floor crops a row and a column: their ``g`` is never written and the finish treats it as zero),
+    a channels-last-strided weight."""
+    import random
+
+    from effdense import kernels as K
+    from effdense.backends.bn import bn_relu, bn_relu_backward, scale_shift
+    from effdense.kernels import transition as KT
+    torch.manual_seed(9)
+    n, h, w, cin, cout = 2, 7, 9, CIN, COUT
+    nan = float("nan")
+    xb = K.rows_buffer(n, h, w, cin, torch.float32, DEV).normal_()
+    x = K.nchw(xb, 0, cin)
+    mean, var = torch.randn(cin, device=DEV) * 0.3, torch.rand(cin, device=DEV) + 0.5
+    gamma, beta = torch.randn(cin, device=DEV), torch.randn(cin, device=DEV)
+    bn = K.BN(mean, var, gamma, beta, 1e-5)
+    scale, shift, _, invstd = scale_shift(torch.nn.BatchNorm2d(cin), mean, var, torch.float32, (gamma, beta))
+    weight = torch.randn(cout, cin + 2, 1, 1, device=DEV)[:, 1:1 + cin]       # strided: read through its strides
+    u = bn_relu(x, scale, shift).requires_grad_(True)
+    wr = weight.detach().clone().requires_grad_(True)
+    y_ref = torch.nn.functional.conv2d(torch.nn.functional.avg_pool2d(u, 2), wr)
+    gyb = K.rows_buffer(n, h // 2, w // 2, cout, torch.float32, DEV).normal_()
+    y_ref.backward(K.nchw(gyb, 0, cout))
+    dx_ref, dg_ref, db_ref = bn_relu_backward(x, u.grad, scale, shift, mean, invstd, True)
+
+    def orders(space):
+        shuffled = list(space)
+        random.Random(0).shuffle(shuffled)
+        return list(space) + shuffled
+
+    out = K.rows_buffer(n, h // 2, w // 2, cout, torch.float32, DEV).fill_(nan)
+    for cfg in orders(KT.FWD_CONFIGS):
+        KT.transition_fwd(xb, cin, bn, weight, out, config=cfg)
+        _close(K.nchw(out, 0, cout), y_ref, f"output {cfg}")
+    g = K.rows_buffer(n, h, w, cin, torch.float32, DEV).fill_(nan)
+    part = K.partials(8, cin, DEV).fill_(nan)
+    tot = torch.empty(2 * cin, device=DEV)
+    for cfg in orders(KT.DGRAD_CONFIGS):
+        t = KT.transition_dgrad(gyb, weight, xb, bn, g, part, config=cfg)
+        dgamma, dbeta = torch.full_like(gamma, nan), torch.full_like(beta, nan)
+        K.bn_bwd_finalize(part, t, cin, tot, dgamma, dbeta)
+        _close(dgamma, dg_ref, f"gamma grad {cfg}")
+        _close(dbeta, db_ref, f"beta grad {cfg}")
+        dx = K.rows_buffer(n, h, w, cin, torch.float32, DEV).fill_(nan)
+        K.bn_bwd_apply(g, xb, cin, bn, tot, True, dx, crop=(h // 2 * 2, w // 2 * 2))
+        _close(K.nchw(dx, 0, cin), dx_ref, f"input grad {cfg}")
+    ws = torch.full((9 * cout * cin,), nan, device=DEV)
+    for i, cfg in enumerate(orders(KT.WGRAD_CONFIGS)):
+        dwp, _ = KT.transition_wgrad(gyb, xb, cin, bn, cout, ws, config=cfg,
+                                     splits=None if i < len(KT.WGRAD_CONFIGS) else 9)
+        _close(dwp.sum(0).view(cout, cin, 1, 1), wr.grad, f"weight grad {cfg}")
+
+
 def test_transition_strided_input_and_partial_grads():
     """A channel slice of a wider buffer (strided, no copy) as input; no grad on the input nor on gamma."""
     ref, mod = _modules(3)
@@ -112,12 +167,13 @@ def test_transition_cpu_bf16_autocast_falls_back():
 
 
 def test_transition_split_weight_gradient():
-    """More pooled pixels than one wgrad program reduces (``P_PER_PROGRAM``): the split-P partial sums, and
-    several pixel tiles of partial BN sums in dgrad."""
+    """The weight gradient split over several programs (sized from the SM count; a small fixed count in the
+    interpreter): the split-P partial sums, and several pixel tiles of partial BN sums in dgrad."""
+    from effdense.kernels import rows_buffer
     from effdense.kernels import transition as KT
     ref, mod = _modules(6, 3, 5)      # few channels: the interpreter's time goes by programs
     x = torch.randn(2, 3, 66, 65, device=DEV)
-    assert 2 * 33 * 32 > KT.P_PER_PROGRAM
+    assert KT.wgrad_plan(rows_buffer(2, 66, 65, 3, torch.float32, DEV), 3, 5)[1] > 1
     y_ref = _reference(ref, x)
     y = TB.transition_forward(x, mod.norm, mod.conv)
     _close(y, y_ref, "output")
@@ -131,20 +187,24 @@ def test_transition_split_weight_gradient():
 
 def test_transition_custom_ops_opcheck():
     """Schema, fake implementations and dispatch of the ``effdense::transition_*`` ops."""
-    from effdense.kernels import transition as KT
+    from effdense import kernels as K
     torch.manual_seed(7)
-    x = torch.randn(2, CIN, 5, 4, device=DEV).contiguous(memory_format=torch.channels_last)
-    scale, shift = torch.rand(CIN, device=DEV) + 0.5, torch.randn(CIN, device=DEV) * 0.3
-    mean, invstd = torch.randn(CIN, device=DEV) * 0.1, torch.rand(CIN, device=DEV) + 0.5
+    x = K.rows_buffer(2, 5, 4, CIN, torch.float32, DEV).normal_()
+    mean, var = torch.randn(CIN, device=DEV) * 0.1, torch.rand(CIN, device=DEV) + 0.5
+    gamma, beta = torch.rand(CIN, device=DEV) + 0.5, torch.randn(CIN, device=DEV) * 0.3
+    bn = (mean, var, gamma, beta, 1e-5)
     w = torch.randn(COUT, CIN, 1, 1, device=DEV)
-    gy = torch.randn(2, COUT, 2, 2, device=DEV)
-    for op, args in ((torch.ops.effdense.transition_fwd.default, (x, scale, shift, w, torch.empty_like(gy))),
+    gy = K.rows_buffer(2, 2, 2, COUT, torch.float32, DEV).normal_()
+    part = K.partials(4, CIN, DEV)
+    for op, args in ((torch.ops.effdense.transition_fwd.default, (x, CIN, *bn, w, torch.empty_like(gy))),
                      (torch.ops.effdense.transition_dgrad.default,
-                      (gy, w, x, scale, shift, mean, invstd, "float32")),
-                     (torch.ops.effdense.transition_wgrad.default, (gy, x, scale, shift, "float32"))):
+                      (gy, w, x, *bn, K.rows_buffer(2, 5, 4, CIN, torch.float32, DEV), part)),
+                     (torch.ops.effdense.transition_wgrad.default,
+                      (gy, x, CIN, *bn, COUT, torch.empty(2 * COUT * CIN, device=DEV), 2))):
         torch.library.opcheck(op, args)
-    assert torch.equal(KT.transition_wgrad_dispatch(gy, x, scale, shift, torch.float32),
-                       KT.transition_wgrad(gy, x, scale, shift, torch.float32))
+    ws = torch.empty(2 * COUT * CIN, device=DEV)
+    got = K.ops.Dispatch.transition_wgrad(gy, x, CIN, K.BN(*bn), COUT, ws, 2)[0]
+    assert torch.equal(got, K.transition_wgrad(gy, x, CIN, K.BN(*bn), COUT, splits=2)[0])
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])

@@ -1,40 +1,35 @@
 """``"triton"``: the memory-efficient dense block of DESIGN.md on fused Triton kernels (:mod:`effdense.kernels`).
 
-Same algorithm, storage and saved state as the ``"torch"`` specification (:mod:`.torch_backend`): one feature
-buffer ``F``, per-channel statistics computed once when a channel is written, per-layer ``scale``/``shift``,
-recomputation in backward, one gradient buffer ``G`` accumulated in place. Per layer:
+Same algorithm and statistics as the ``"torch"`` specification (:mod:`.torch_backend`): one feature buffer ``F``,
+per-channel statistics computed once when a channel is written, recomputation in backward, one gradient buffer
+``G`` accumulated in place. ``F`` and ``G`` are always rows buffers (channels-last, row stride padded to 16
+elements, :mod:`effdense.kernels.common`); the input is converted once at block entry and the block returns
+the ``[:, :C]`` view of ``F`` (same values, shape and module contract; only the strides differ).
 
-Forward (2 kernel launches for a bottleneck layer, 1 for a plain layer)
-  1. ``Z = conv1x1(relu(bn1(F[:, :c])))`` with BN2's statistics of ``Z`` from the epilogue
-     (:func:`~effdense.kernels.bn_relu_conv_fwd`; ``Z`` is a channels-last ``[N, B, H, W]`` transient).
-  2. ``F[:, c:c+k] = dropout(conv3x3(relu(bn2(Z))))`` stored in place, with the statistics of the new
-     channels (for every later layer's BN1) from the same epilogue; the dropout mask is Philox(seed, index).
-Backward (recompute ``Z`` with kernel 1, then)
-  3. ``dW2`` = wgrad with ``A = relu(bn2(Z))`` recomputed in its prologue and the dropout mask regenerated.
-  4. ``g2`` = dgrad of conv3x3 with ReLU backward and BN2's ``dbeta``/``dgamma`` sums in the epilogue;
-     ``gZ`` finished in place over ``g2`` by :func:`~effdense.kernels.bn_bwd_apply`.
-  5. ``dW1`` = wgrad with ``relu(bn1(F[:, :c]))`` recomputed in its prologue; ``g1`` = dgrad of conv1x1 with
-     BN1's sums in the epilogue; :func:`~effdense.kernels.bn_bwd_apply` adds ``dx`` into ``G[:, :c]`` in place.
-Backward launches per bottleneck layer: 1 recompute + 2 wgrad + 2 dgrad + 2 elementwise. Not fused yet: the
-finish of each BN backward is a separate elementwise pass (it needs the complete sums; it could move into the
-prologue of the next GEMM that reads ``gZ``), ``gZ`` and ``g1`` are materialized in fp32 (width ``B`` and
-``c``: one layer's transients, linear in depth), the per-tile statistics and sums are merged, and the per-layer
-``scale``/``shift`` vectors computed, with a few small PyTorch ops; ``x0``'s statistics use
-:func:`~effdense.backends.bn.channel_stats`. The 3x3 conv is always the Triton implicit GEMM (no cuDNN
-dispatch by size yet: that needs GPU measurements).
+Launches per bottleneck layer (a plain layer has the 3x3 kernel's half of each)
+  forward, 4: ``Z = conv1x1(relu(bn1(F[:, :c])))`` with ``Z``'s Welford partials; BN2's finalize (partials
+  merged, mean/var, running-statistics update, one program); ``F[:, c:c+k] = dropout(conv3x3(relu(bn2(Z))))``
+  with the new channels' partials; their finalize, which also updates the next layer's ``norm1``.
+  BN scale/shift are formed in every kernel's prologue from mean/var/gamma/beta, so none is launched for.
+  backward, 9: recompute ``Z``; wgrad3x3 and dgrad3x3 (ReLU backward and BN2's partial sums in its epilogue);
+  one finalize reducing BN2's sums (``dgamma2``/``dbeta2`` written) and the wgrad split (``dW2`` written);
+  the BN2 finish in place over ``g2`` (= ``gZ``); the same four for conv1/BN1, the finish accumulating into
+  ``G[:, :c]``.
+Per block: the entry kernel (``x`` into ``F``, with ``x``'s partials) and its finalize; in backward the copy of
+the output gradient into ``G`` and of ``G[:, :C0]`` out. Workspaces (``Z``, partials, ``gZ``, ``g1``, the wgrad
+split) are allocated once per block forward/backward; weights are read in their own layout. Nothing in a
+block waits for the device: dropout seeds are one ``torch.randint`` on the device per block, read in-kernel.
 
-With ``--sync-bn`` (:func:`~effdense.backends.bn.enable_sync_stats`) the statistics each kernel epilogue
-returns are merged over every process before use, and the BN backward's sums are all-reduced before the
-elementwise finish: the same cross-process math as the ``"torch"`` backend.
+With ``--sync-bn`` (:func:`~effdense.backends.bn.enable_sync_stats`) the finalize kernels only merge this process's
+partials; the statistics are then merged over every process and the running statistics updated with the
+``"torch"`` backend's helpers, and the BN backward's sums are all-reduced before the finish.
 
-Dropout draws a fresh mask from a Philox seed (taken from PyTorch's CPU generator, so ``torch.manual_seed``
-makes it reproducible) and regenerates it in backward: it is not ``F.dropout``'s mask, so it matches
-``"naive"`` in distribution only.
+Dropout draws a fresh mask from a Philox seed and regenerates it in backward: it is not ``F.dropout``'s mask, so
+it matches ``"naive"`` in distribution only (``torch.manual_seed`` makes it reproducible).
 
 Runs on CUDA (fp32/fp16/bf16, autocast included) and, with ``TRITON_INTERPRET=1`` set before ``triton`` is
-imported, on CPU tensors in fp32 or fp16 through Triton's interpreter (how CI exercises it). Under
-``torch.compile`` the kernels are called as ``effdense::`` custom ops (:mod:`effdense.kernels.ops`): the block
-compiles with ``fullgraph=True`` (checked with ``backend="aot_eager"`` in the tests).
+imported, on CPU tensors in fp32 or fp16 through Triton's interpreter. Under ``torch.compile`` the kernels are
+``effdense::`` custom ops (:mod:`effdense.kernels.ops`), and the block compiles with ``fullgraph=True``.
 """
 from __future__ import annotations
 
@@ -46,10 +41,9 @@ from torch import Tensor, nn
 
 from . import torch_backend
 from .base import Backend
-from .bn import (acc_dtype, check_batch_size, scale_shift, update_running_stats,
+from .bn import (check_batch_size, sync_channel_stats, sync_grad_sums, sync_stats_enabled, update_running_stats,
                  uses_batch_stats)
-from .torch_backend import (_layer_params, _split, check_block_batch, compute_dtype, forward_scale_shift,
-                            init_features, run_backward, save_block)
+from .torch_backend import _layer_params, _split, check_block_batch, compute_dtype, run_backward, save_block
 
 try:
     from .. import kernels as K
@@ -59,12 +53,12 @@ except ImportError as _err:  # triton missing or too old: the backend stays list
     _IMPORT_ERROR = f"triton is not importable: {type(_err).__name__}: {_err}"
 
 if K is not None:
-    from ..kernels import transition as KT
-from .bn import channel_stats, sync_channel_stats, sync_grad_sums, sync_stats_enabled
+    from ..kernels import common as KC, transition as KT, wgrad as KW
 
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: bfloat16 is broken in Triton's interpreter
 INTERPRETER_DTYPES = (torch.float32, torch.float16)
+F32 = torch.float32
 
 
 @dataclass
@@ -75,9 +69,9 @@ class _Ctx:
     compute_dtype: torch.dtype
     bottleneck: bool
     growth_rate: int
-    dropout: list = field(default_factory=list)     # per layer: (p, Philox seed); p = 0 without dropout
-    bs1: list = field(default_factory=list)         # per layer: does norm1 normalize with batch statistics
-    running: list = field(default_factory=list)     # per layer: [norm1, norm2] running (mean, var) used, or None
+    drop: list = field(default_factory=list)      # per layer: dropout p (0: none)
+    bs1: list = field(default_factory=list)       # per layer: does norm1 normalize with batch statistics
+    bs2: list = field(default_factory=list)       # per layer: does norm2
 
 
 def unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -99,145 +93,217 @@ def unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
+def _why_not(device: torch.device, dtype: torch.dtype) -> str | None:
+    """:func:`unavailable`, except in a kernel dry run (:func:`effdense.kernels.dry_run`), which runs anywhere."""
+    return None if K is not None and KC.dry_running() else unavailable(device, dtype)
+
+
 class _Kernels:
-    """The kernel entry points: the launchers in eager mode; under ``torch.compile`` the same calls through the
-    ``effdense::`` custom ops (:mod:`effdense.kernels.ops`), which dynamo treats as opaque."""
+    """The launchers in eager mode; under ``torch.compile`` the same calls through the ``effdense::`` custom ops
+    (:class:`effdense.kernels.ops.Dispatch`), which dynamo treats as opaque."""
 
     def __getattr__(self, name: str):
         if torch.compiler.is_compiling():
-            from ..kernels import ops
-            return getattr(ops, f"{name}_dispatch")
+            from ..kernels.ops import Dispatch
+            return getattr(Dispatch, name)
         return getattr(K, name)
 
 
 _K = _Kernels()
 
 
-def _seed() -> int:
-    """A Philox seed from PyTorch's CPU generator (reproducible under ``torch.manual_seed``)."""
-    return int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
+def _bn(norm: nn.BatchNorm2d, stats: tuple[Tensor, Tensor] | None, gamma: Tensor | None, beta: Tensor | None):
+    """The kernels' view of ``norm``: the batch ``stats`` or, when None, its running statistics."""
+    mean, var = stats if stats is not None else (norm.running_mean, norm.running_var)
+    return K.BN(mean, var, gamma, beta, norm.eps)
 
 
-def _bottleneck_buffer(n: int, width: int, h: int, w: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A ``[N, width, H, W]`` channels-last transient: a plain ``[P, width]`` GEMM operand."""
-    return torch.empty((n, width, h, w), dtype=dtype, device=device, memory_format=torch.channels_last)
+def _finalize(part: Tensor, t: int, m: int, mean: Tensor, var: Tensor, c0: int, norm: nn.BatchNorm2d | None,
+              c_upd: int, npix: int) -> None:
+    """Channels ``[c0, c0+m)`` of ``mean``/``var`` from the partials, and ``norm``'s running statistics (if given and
+    a training forward updates them) from ``[:c_upd]``: one launch, or with ``--sync-bn`` the local merge followed by
+    the cross-process merge and the update in PyTorch ops."""
+    run = None if norm is None else K.running_args(norm)
+    if not sync_stats_enabled():
+        _K.bn_finalize(part, t, m, mean, var, c0, run, c_upd, npix)
+        return
+    _K.bn_finalize(part, t, m, mean, var, c0)
+    mu, v = sync_channel_stats(mean[c0:c0 + m], var[c0:c0 + m], npix)
+    mean[c0:c0 + m].copy_(mu)
+    var[c0:c0 + m].copy_(v)
+    if run is not None:
+        update_running_stats(norm, mean[:c_upd], var[:c_upd], npix)
 
 
-def _nhwc(g: Tensor, n: int, h: int, w: int) -> Tensor:
-    """A ``[P, C]`` matrix (pixels in NHW order) viewed as ``[N, C, H, W]``."""
-    return g.view(n, h, w, -1).permute(0, 3, 1, 2)
+def _world_sums(tot: Tensor, c: int, npix: int, batch_stats: bool) -> Tensor:
+    """The sums :func:`~effdense.kernels.bn_bwd_apply` divides by this process's ``P``: its own, or with ``--sync-bn``
+    the totals over every process rescaled by ``P / P_total``; the parameter gradients stay local."""
+    if not (batch_stats and sync_stats_enabled()):
+        return tot
+    sum_g, sum_gx, total = sync_grad_sums(tot[:c], tot[c:2 * c], npix)
+    return torch.cat([sum_g, sum_gx]) * (npix / total)
+
+
+def _stat_rows(n: int, h: int, w: int) -> int:
+    """Partial rows any config of any block kernel writes, at most (64-pixel tiles, flat or 8x8 / 16x4)."""
+    return max(_cdiv(n * h * w, 64), KC.halo_tiles(n, h, w, 8, 8), KC.halo_tiles(n, h, w, 16, 4))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 class _TritonBlockFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cfg: _Ctx, x: Tensor, *params: Tensor) -> Tensor:
         layers, cdt, k = cfg.layers, cfg.compute_dtype, cfg.growth_rate
-        adt = acc_dtype(cdt)
         n, c0, h, w = x.shape
-        npix = n * h * w
+        npix, nl, dev = n * h * w, len(layers), x.device
+        width = layers[0].conv1.out_channels if cfg.bottleneck else k
         cfg.bs1 = [uses_batch_stats(layer.norm1) for layer in layers]
-        batch_stats = any(cfg.bs1)
-        feat, mean, var = init_features(x, len(layers), k, cdt, batch_stats)
-        stats2: list[tuple[Tensor, Tensor] | None] = []
-        cfg.running = []
-        for i, (layer, p) in enumerate(zip(layers, _split(params, len(layers)))):
+        cfg.bs2 = [cfg.bottleneck and uses_batch_stats(layer.norm2) for layer in layers]
+        cfg.drop = [layer.drop_rate if layer.drop_rate > 0 and layer.training else 0.0 for layer in layers]
+        batch, sync = any(cfg.bs1), sync_stats_enabled()
+        feat = K.rows_buffer(n, h, w, c0 + nl * k, cdt, dev)
+        part = K.partials(_stat_rows(n, h, w), max(c0, width, k), dev) if batch or any(cfg.bs2) else None
+        mean = torch.empty(K.padded(feat.shape[3]), dtype=F32, device=dev) if batch else None
+        var = torch.empty_like(mean) if batch else None
+        stats2 = torch.empty(nl, 2, K.padded(width), dtype=F32, device=dev) if any(cfg.bs2) else None
+        seeds = torch.randint(0, 2 ** 31 - 1, (nl,), device=dev) if any(cfg.drop) else None
+        z = K.rows_buffer(n, h, w, width, cdt, dev) if cfg.bottleneck else None
+        t = _K.block_entry(x, feat, part if batch else None)
+        if batch:
+            _finalize(part, t, c0, mean, var, 0, layers[0].norm1 if cfg.bs1[0] else None, c0, npix)
+        for i, (layer, p) in enumerate(zip(layers, _split(params, nl))):
             c = c0 + i * k
-            s1, t1, run1 = forward_scale_shift(layer.norm1, (mean[:c], var[:c]) if cfg.bs1[i] else None, adt,
-                                               p[0:2], npix)
-            run2 = None
-            drop = layer.drop_rate if layer.drop_rate > 0 and layer.training else 0.0
-            seed = _seed() if drop > 0 else 0
-            cfg.dropout.append((drop, seed))
-            new = feat[:, c:c + k]
+            bn1 = _bn(layer.norm1, (mean, var) if cfg.bs1[i] else None, p[0], p[1])
+            # the last layer's channels feed no later BN; with --sync-bn every process still merges them, as the
+            # "torch" backend does (an empty process runs it and must meet the same collectives)
+            new_part = part if batch and (i < nl - 1 or sync) else None
             if cfg.bottleneck:
-                z = _bottleneck_buffer(n, layer.conv1.out_channels, h, w, cdt, x.device)
-                st = _K.bn_relu_conv_fwd(feat[:, :c], s1, t1, p[2], z, stats=uses_batch_stats(layer.norm2))
-                if st:
-                    st = sync_channel_stats(*st, npix)
-                stats2.append(st)
-                s2, t2, run2 = forward_scale_shift(layer.norm2, st, adt, p[3:5], npix)
-                st_new = _K.bn_relu_conv_fwd(z, s2, t2, p[5], new, stats=batch_stats, drop_p=drop, seed=seed)
-                del z
+                t = _K.bn_relu_conv_fwd(feat, c, bn1, p[2], z, 0, part if cfg.bs2[i] else None)
+                if cfg.bs2[i]:
+                    _finalize(part, t, width, stats2[i, 0], stats2[i, 1], 0, layer.norm2, width, npix)
+                bn2 = _bn(layer.norm2, (stats2[i, 0], stats2[i, 1]) if cfg.bs2[i] else None, p[3], p[4])
+                t = _K.bn_relu_conv_fwd(z, width, bn2, p[5], feat, c, new_part, cfg.drop[i], seeds, i)
             else:
-                stats2.append(None)
-                st_new = _K.bn_relu_conv_fwd(feat[:, :c], s1, t1, p[2], new, stats=batch_stats,
-                                            drop_p=drop, seed=seed)
-            cfg.running.append([run1, run2])
-            if batch_stats:
-                mean[c:c + k], var[c:c + k] = sync_channel_stats(*st_new, npix)
-        save_block(ctx, cfg, stats2, feat, mean, var, params, x.dtype)
-        return feat
+                t = _K.bn_relu_conv_fwd(feat, c, bn1, p[2], feat, c, new_part, cfg.drop[i], seeds, i)
+            if new_part is not None:
+                nxt = layers[i + 1].norm1 if i < nl - 1 and cfg.bs1[i + 1] else None
+                _finalize(part, t, k, mean, var, c, nxt, c + k, npix)
+        out = K.nchw(feat, 0, c0 + nl * k)
+        # the output view is saved, not feat: under torch.compile a saved intermediate may not alias an output
+        save_block(ctx, cfg, (stats2, seeds), out, mean, var, params, x.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         return run_backward(ctx, grad_out, "triton", _block_backward)
 
 
-def _world_sums(dbeta: Tensor, dgamma: Tensor, npix: int, batch_stats: bool) -> tuple[Tensor, Tensor]:
-    """The sums :func:`~effdense.kernels.bn_bwd_apply` divides by this process's ``P``: its own, or with
-    ``--sync-bn`` the totals over every process rescaled by ``P / P_total`` (the kernel then divides by
-    ``P_total``); ``dbeta``/``dgamma`` themselves stay local parameter gradients."""
-    if not (batch_stats and sync_stats_enabled()):
-        return dbeta, dgamma
-    sum_g, sum_gx, total = sync_grad_sums(dbeta, dgamma, npix)
-    return sum_g * (npix / total), sum_gx * (npix / total)
+@dataclass
+class _Work:
+    """A block backward's workspaces, allocated once: partials of the dgrad sums, their totals, the weight-gradient
+    split partials, and (bottleneck) the recomputed ``Z`` and ``g2``/``gZ``; ``g1`` per layer from one buffer."""
+
+    part: Tensor
+    tot: Tensor
+    dwp: Tensor
+    z: Tensor | None
+    g2: Tensor | None
+    g1: Tensor
+
+    def g1_rows(self, n: int, h: int, w: int, c: int) -> Tensor:
+        return self.g1[:n * h * w * K.padded(c)].view(n, h, w, K.padded(c))
 
 
-def _block_backward(cfg: _Ctx, stats2: list, feat: Tensor, mean: Tensor | None, var: Tensor | None,
+def _workspaces(cfg: _Ctx, feat: Tensor, width: int, needs: list) -> _Work:
+    n, h, w, _ = feat.shape
+    layers, k, cdt, dev = cfg.layers, cfg.growth_rate, cfg.compute_dtype, feat.device
+    c_last = K.padded(layers[-1].norm1.num_features)      # the widest layer input
+    c0 = layers[0].norm1.num_features
+    dw = 1
+    for i, need in enumerate(needs):      # the largest weight-gradient split of any layer
+        c = c0 + i * k
+        shapes = [(3, width, k, need[5]), (1, c, width, need[2])] if cfg.bottleneck else [(3, c, k, need[2])]
+        for ks, cin, cout, nd in shapes:
+            if nd:
+                dw = max(dw, KW.plan(ks, feat, cin, cout)[1] * cout * cin * ks * ks)
+    return _Work(part=K.partials(_stat_rows(n, h, w), max(c_last, width), dev),
+                 tot=torch.empty(2 * max(c_last, width), dtype=F32, device=dev),
+                 dwp=torch.empty(dw, dtype=F32, device=dev),
+                 z=K.rows_buffer(n, h, w, width, cdt, dev) if cfg.bottleneck else None,
+                 g2=K.rows_buffer(n, h, w, width, F32, dev) if cfg.bottleneck else None,
+                 g1=torch.empty(n * h * w * c_last, dtype=F32, device=dev))
+
+
+def _conv_backward(ws: _Work, gy: Tensor, gy_c0: int, x: Tensor, cin: int, bn, w: Tensor, g: Tensor,
+                   batch_stats: bool, need_w: bool, drop: float = 0.0, seeds: Tensor | None = None, idx: int = 0,
+                   out: Tensor | None = None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """One conv + BN-ReLU backward, 4 launches: wgrad (if ``need_w``), dgrad, the finalize (dW, dgamma, dbeta),
+    the finish (into ``out`` accumulating, or in place over ``g``). Returns ``(dgamma, dbeta, dW)``."""
+    cout, ks = w.shape[0], w.shape[-1]
+    n, h, wd, _ = x.shape
+    npix = n * h * wd
+    dwp = dw = None
+    if need_w:
+        _, s = KW.plan(ks, x, cin, cout)
+        dwp = _K.conv_wgrad(gy, gy_c0, x, cin, bn, ks, cout, ws.dwp, drop, seeds, idx, splits=s)[0]
+        dw = torch.empty(w.shape, dtype=w.dtype, device=w.device)     # contiguous: the finalize writes it so
+    t = _K.conv_dgrad_bn_relu(gy, gy_c0, w, x, bn, g, ws.part, drop, seeds, idx)
+    dgamma = torch.empty_like(bn.gamma) if bn.affine else None
+    dbeta = torch.empty_like(bn.beta) if bn.affine else None
+    _K.bn_bwd_finalize(ws.part, t, cin, ws.tot, dgamma, dbeta, dwp, dw)
+    tot = _world_sums(ws.tot, cin, npix, batch_stats)
+    _K.bn_bwd_apply(g, x, cin, bn, tot, batch_stats, out, out is not None)
+    return dgamma, dbeta, dw
+
+
+def _block_backward(cfg: _Ctx, saved: tuple, feat: Tensor, mean: Tensor | None, var: Tensor | None,
                     params: Sequence[Tensor | None], needs: Sequence[bool], grad_out: Tensor,
                     x_dtype: torch.dtype) -> list[Tensor | None]:
     """Gradients of the block input and of every layer parameter (see the module docstring)."""
-    layers, cdt, k = cfg.layers, cfg.compute_dtype, cfg.growth_rate
-    adt = acc_dtype(cdt)
-    n, _, h, w = feat.shape
-    npix = n * h * w
-    c0 = feat.shape[1] - len(layers) * k
-    grad = torch.empty_like(feat, dtype=adt)
-    grad.copy_(grad_out)
+    stats2, seeds = saved
+    feat = K.as_rows(feat)          # the block output, back to its rows buffer
+    layers, k = cfg.layers, cfg.growth_rate
+    n, h, w, _ = feat.shape
+    nl = len(layers)
+    c0 = layers[0].norm1.num_features
+    width = layers[0].conv1.out_channels if cfg.bottleneck else k
+    grad = K.rows_buffer(n, h, w, c0 + nl * k, F32, feat.device)
+    K.nchw(grad, 0, c0 + nl * k).copy_(grad_out)
+    per_layer, per_needs = _split(params, nl), _split(needs, nl)
+    ws = _workspaces(cfg, feat, width, per_needs)
     grads: list[Tensor | None] = []
-    per_layer, per_needs = _split(params, len(layers)), _split(needs, len(layers))
-    for i in reversed(range(len(layers))):
+    for i in reversed(range(nl)):
         layer, c, p, need = layers[i], c0 + i * k, per_layer[i], per_needs[i]
-        run1, run2 = cfg.running[i]
-        x = feat[:, :c]
-        s1, t1, m1, i1 = scale_shift(layer.norm1, *(run1 or (mean[:c], var[:c])), adt, p[0:2])
-        drop, seed = cfg.dropout[i]
-        gy = grad[:, c:c + k]
+        bn1 = _bn(layer.norm1, (mean, var) if cfg.bs1[i] else None, p[0], p[1])
+        g1 = ws.g1_rows(n, h, w, c)
         if cfg.bottleneck:
-            w1, w2 = p[2], p[5]
-            z = _bottleneck_buffer(n, w1.shape[0], h, w, cdt, feat.device)
-            _K.bn_relu_conv_fwd(x, s1, t1, w1, z)                      # recompute Z (no statistics)
-            s2, t2, m2, i2 = scale_shift(layer.norm2, *(stats2[i] or run2), adt, p[3:5])
-            dw2 = _K.conv_wgrad(gy, z, s2, t2, w2.shape[-1], cdt, drop, seed) if need[5] else None
-            g2, dg2, db2 = _K.conv_dgrad_bn_relu(gy, w2, z, s2, t2, m2, i2, cdt, drop, seed)
-            gz = _nhwc(g2, n, h, w)
-            _K.bn_bwd_apply(g2, z, gz, s2, m2, i2, *_world_sums(db2, dg2, npix, stats2[i] is not None),
-                            stats2[i] is not None, accumulate=False)
-            del z
-            dw1 = _K.conv_wgrad(gz, x, s1, t1, w1.shape[-1], cdt) if need[2] else None
-            g1, dg1, db1 = _K.conv_dgrad_bn_relu(gz, w1, x, s1, t1, m1, i1, cdt)
-            del g2, gz
-            tail = [dw1, dg2, db2, dw2]
+            _K.bn_relu_conv_fwd(feat, c, bn1, p[2], ws.z, 0)                 # recompute Z (no statistics)
+            bn2 = _bn(layer.norm2, (stats2[i, 0], stats2[i, 1]) if cfg.bs2[i] else None, p[3], p[4])
+            dg2, db2, dw2 = _conv_backward(ws, grad, c, ws.z, width, bn2, p[5], ws.g2, cfg.bs2[i], need[5],
+                                           cfg.drop[i], seeds, i)           # g2 becomes gZ in place
+            dg1, db1, dw1 = _conv_backward(ws, ws.g2, 0, feat, c, bn1, p[2], g1, cfg.bs1[i], need[2], out=grad)
+            got = [dg1, db1, dw1, dg2, db2, dw2]
         else:
-            w1 = p[2]
-            dw1 = _K.conv_wgrad(gy, x, s1, t1, w1.shape[-1], cdt, drop, seed) if need[2] else None
-            g1, dg1, db1 = _K.conv_dgrad_bn_relu(gy, w1, x, s1, t1, m1, i1, cdt, drop, seed)
-            tail = [dw1]
-        _K.bn_bwd_apply(g1, x, grad[:, :c], s1, m1, i1, *_world_sums(db1, dg1, npix, cfg.bs1[i]), cfg.bs1[i],
-                        accumulate=True)
-        del g1
-        grads = [g.to(q.dtype) if g is not None and q is not None and nd else None
-                 for g, q, nd in zip([dg1, db1, *tail], p, need)] + grads
-    return [grad[:, :c0].to(x_dtype, copy=True), *grads]
+            dg1, db1, dw1 = _conv_backward(ws, grad, c, feat, c, bn1, p[2], g1, cfg.bs1[i], need[2], cfg.drop[i],
+                                           seeds, i, out=grad)
+            got = [dg1, db1, dw1]
+        grads = [g if nd else None for g, nd in zip(got, need)] + grads
+    dx = K.rows_buffer(n, h, w, c0, x_dtype, feat.device)
+    K.nchw(dx, 0, c0).copy_(K.nchw(grad, 0, c0))
+    return [K.nchw(dx, 0, c0), *grads]
 
 
 def block_forward(x: Tensor, layers: Sequence[nn.Module]) -> Tensor:
-    """Run a dense block on the Triton kernels (same contract as :func:`.torch_backend.block_forward`)."""
+    """Run a dense block on the Triton kernels (same contract as :func:`.torch_backend.block_forward`); the output
+    is the ``[:, :C]`` view of a padded channels-last buffer."""
     check_block_batch(x, layers)
     if x.numel() == 0:  # nothing for a kernel to do: the specification handles the empty batch
         return torch_backend.block_forward(x, layers)
     cdt = compute_dtype(x)
-    why = unavailable(x.device, cdt)
+    why = _why_not(x.device, cdt)
     if why is not None:
         if x.device.type == "cpu" and K.interpreting():
             # CPU bf16 autocast under the interpreter (a debugging/CI mode without bf16): run the specification
@@ -251,57 +317,60 @@ def block_forward(x: Tensor, layers: Sequence[nn.Module]) -> Tensor:
         return _TritonBlockFunction.apply(cfg, x, *params)
 
 
-
-
-class _TransitionKernels:
-    """:mod:`effdense.kernels.transition`'s launchers, or under ``torch.compile`` their custom ops."""
-
-    def __getattr__(self, name: str):
-        return getattr(KT, f"{name}_dispatch" if torch.compiler.is_compiling() else name)
-
-
-_KT = _TransitionKernels()
-
-
 class _TritonTransitionFunction(torch.autograd.Function):
-    """``conv1x1(avgpool2x2(relu(bn(x))))`` on :mod:`effdense.kernels.transition`: one fused forward kernel;
-    backward = wgrad (pooled BN-ReLU recomputed) + dgrad (pool, ReLU and BN sums in its epilogue) +
-    :func:`~effdense.kernels.bn_bwd_apply`. Saves only ``x`` and per-channel vectors."""
+    """``conv1x1(avgpool2x2(relu(bn(x))))`` on :mod:`effdense.kernels.transition`. Forward: the statistics
+    partials of ``x`` (:func:`~effdense.kernels.block_entry` without the copy), their finalize (running
+    statistics updated in the same launch), the fused kernel: 3 launches. Backward: wgrad, dgrad (pool, ReLU and
+    BN sums in its epilogue), the finalize (dW, dgamma, dbeta), the finish: 4. Saves ``x`` and two vectors."""
 
     @staticmethod
     def forward(ctx, norm: nn.BatchNorm2d, cdt: torch.dtype, x: Tensor, gamma: Tensor | None, beta: Tensor | None,
                 weight: Tensor) -> Tensor:
-        n, _, h, w = x.shape
+        n, c, h, w = x.shape
+        npix, dev = n * h * w, x.device
+        xb = K.to_rows(x, cdt)
         batch = uses_batch_stats(norm)
-        mean, var = channel_stats(x) if batch else (None, None)
-        update_running_stats(norm, mean, var, n * h * w)
-        scale, shift, mu, invstd = scale_shift(norm, mean, var, acc_dtype(cdt))
-        fmt = (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-               else torch.contiguous_format)
-        y = torch.empty((n, weight.shape[0], h // 2, w // 2), dtype=cdt, device=x.device, memory_format=fmt)
-        _KT.transition_fwd(x, scale, shift, weight, y)
-        ctx.save_for_backward(x, scale, shift, mu, invstd, weight)
-        ctx.batch, ctx.cdt = batch, cdt
-        ctx.param_dtypes = [None if p is None else p.dtype for p in (gamma, beta)]
-        return y
+        mean = var = None
+        if batch:
+            part = K.partials(_cdiv(npix, 64), c, dev)
+            mean = torch.empty(K.padded(c), dtype=F32, device=dev)
+            var = torch.empty_like(mean)
+            t = _K.block_entry(K.nchw(xb, 0, c), None, part)
+            _K.bn_finalize(part, t, c, mean, var, 0, K.running_args(norm), c, npix)
+        bn = _bn(norm, (mean, var) if batch else None, gamma, beta)
+        y = K.rows_buffer(n, h // 2, w // 2, weight.shape[0], cdt, dev)
+        _K.transition_fwd(xb, c, bn, weight, y)
+        ctx.save_for_backward(xb, bn.mean, bn.var, gamma, beta, weight)
+        ctx.batch, ctx.eps, ctx.x_dtype = batch, norm.eps, x.dtype
+        return K.nchw(y, 0, weight.shape[0])
 
     @staticmethod
     def backward(ctx, gy: Tensor):
-        x, scale, shift, mu, invstd, weight = ctx.saved_tensors
+        xb, mean, var, gamma, beta, weight = ctx.saved_tensors
         need_x, need_g, need_b, need_w = ctx.needs_input_grad[2:6]
-        dx = dgamma = dbeta = dw = None
+        n, h, w, _ = xb.shape
+        c, cout, dev = weight.shape[1], weight.shape[0], xb.device
+        bn = K.BN(mean, var, gamma, beta, ctx.eps)
+        dx = dw = dwp = None
         with torch.autocast(gy.device.type, enabled=False):
+            gyb = K.to_rows(gy)
             if need_w:
-                dw = _KT.transition_wgrad(gy, x, scale, shift, ctx.cdt).to(weight.dtype)
-            if need_x or need_g or need_b:
-                g, dgamma, dbeta = _KT.transition_dgrad(gy, weight, x, scale, shift, mu, invstd, ctx.cdt)
-                if need_x:
-                    dx = torch.empty_like(x)
-                    _K.bn_bwd_apply(g, x, dx, scale, mu, invstd, dbeta, dgamma, ctx.batch, accumulate=False)
-                del g
-                dgamma = dgamma.to(ctx.param_dtypes[0]) if need_g else None
-                dbeta = dbeta.to(ctx.param_dtypes[1]) if need_b else None
-        return None, None, dx, dgamma, dbeta, dw
+                _, s = KT.wgrad_plan(xb, c, cout)
+                dwp = _K.transition_wgrad(gyb, xb, c, bn, cout, torch.empty(s * cout * c, dtype=F32, device=dev),
+                                          splits=s)[0]
+                dw = torch.empty(weight.shape, dtype=weight.dtype, device=dev)
+            part = K.partials(KT.dgrad_tiles(xb, KT.dgrad_heuristic(cout, c)), c, dev)
+            g = K.rows_buffer(n, h, w, c, F32, dev)
+            t = _K.transition_dgrad(gyb, weight, xb, bn, g, part)
+            dgamma = torch.empty_like(gamma) if gamma is not None else None
+            dbeta = torch.empty_like(beta) if beta is not None else None
+            tot = torch.empty(2 * c, dtype=F32, device=dev)
+            _K.bn_bwd_finalize(part, t, c, tot, dgamma, dbeta, dwp, dw)
+            if need_x:
+                dxb = K.rows_buffer(n, h, w, c, ctx.x_dtype, dev)
+                _K.bn_bwd_apply(g, xb, c, bn, tot, ctx.batch, dxb, False, (h // 2 * 2, w // 2 * 2))
+                dx = K.nchw(dxb, 0, c)
+        return None, None, dx, dgamma if need_g else None, dbeta if need_b else None, dw
 
 
 def _torch_transition(x: Tensor, norm: nn.BatchNorm2d, conv: nn.Conv2d) -> Tensor:
@@ -324,7 +393,7 @@ def transition_forward(x: Tensor, norm: nn.BatchNorm2d, conv: nn.Conv2d) -> Tens
     if uses_batch_stats(norm):
         check_batch_size(x.shape)
     cdt = compute_dtype(x)
-    why = unavailable(x.device, cdt)
+    why = _why_not(x.device, cdt)
     if (x.numel() == 0 or x.shape[2] < 2 or x.shape[3] < 2 or not _fused_conv(conv)
             or type(norm) is not nn.BatchNorm2d or sync_stats_enabled()      # e.g. SyncBatchNorm: its own math
             or (why is not None and x.device.type == "cpu" and K is not None and K.interpreting())):
@@ -339,5 +408,5 @@ def transition_forward(x: Tensor, norm: nn.BatchNorm2d, conv: nn.Conv2d) -> Tens
 
 
 BACKEND = Backend("triton", "fused BN-ReLU-Conv Triton kernels on the shared feature buffer (GPU; CPU through "
-                  "TRITON_INTERPRET=1)", True, block_forward, unavailable,
+                  "TRITON_INTERPRET=1)", True, block_forward, _why_not,
                   auto_devices=("cuda",), sync_stats=True, transition=transition_forward)

@@ -1,116 +1,99 @@
-"""Ahead-of-time compilation of every kernel and autotune configuration for real GPU targets, on any machine.
+"""The compile set of a training step: every kernel specialization it launches, compiled ahead of time for a GPU.
 
-``python -m effdense.kernels.aot [--arch 80,90] [--quick]`` compiles each kernel of :mod:`effdense.kernels` with
-``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` (ptxas included, no GPU needed) for
-every autotune config and the constexpr variants the backend launches, and prints registers, spills (stack
-bytes) and shared memory per compile from the cubin's resource usage (``cuobjdump``). Exits non-zero when a
-compile fails. Must run with ``TRITON_INTERPRET`` unset (interpreted kernels cannot be compiled), so the test
-runs it in a subprocess.
+``python -m effdense.kernels.aot --model densenet_bc_100_k12 --dtype bf16`` runs one training step (forward,
+cross-entropy, backward; batch 64 of 32x32 images by default) of the model on the ``triton`` backend in a
+:func:`~effdense.kernels.common.dry_run`: every launcher runs (heuristic configs, argument checks, workspace
+sizing) and records the specialization it would launch (kernel, argument types with pointer alignment,
+constexprs, warps, stages; :class:`~effdense.kernels.common.Spec`) instead of launching. This runs on any
+machine, without a GPU; fp32 dots follow the GPU's TF32 rule. The distinct specializations are the set a GPU
+compiles in the first step (no autotuning, and every size/offset argument ``do_not_specialize``, so the set
+does not grow with depth). Each is then compiled with ``triton.compile(ASTSource(...),
+target=GPUTarget("cuda", arch, 32))`` (ptxas included) and its registers, spill stores (``STACK`` bytes) and
+shared memory are printed from the cubin's resource usage (``cuobjdump``). Exits non-zero when a compile fails.
+
+Must run with ``TRITON_INTERPRET`` unset (interpreted kernels cannot be compiled); ``--list-only`` only traces.
+``--json PATH`` writes the listing and resources (what ``benchmarks/results/aot/`` holds).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections import Counter
 
-import triton
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
+import torch
 
-from . import bn_bwd, dgrad, fwd, transition, wgrad
+from . import bn_bwd, dgrad, fwd, stats, transition, wgrad
+from .common import Spec, dry_run, precision_record
 
-_FLOATS = {"drop_p", "drop_scale", "inv_npix"}
-
-
-@dataclass
-class Variant:
-    """One kernel specialization: pointer dtypes (``"*fp32"``...) and constexprs other than the config's."""
-
-    label: str
-    pointers: dict[str, str]
-    constexprs: dict
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _ptrs(names: str, dt: str) -> dict[str, str]:
-    return {n: f"*{dt}" for n in names.split()}
-
-
-def _fp32(names: str) -> dict[str, str]:
-    return _ptrs(names, "fp32")
-
-
-def variants() -> list[tuple[object, list, list[Variant]]]:
-    """``(kernel, configs, variants)`` for every kernel: what the backend launches, fp32 and bf16."""
-    out = []
-    v_fwd, v_dgr, v_wgr = [], [], []
-    # (label, storage dtype, dot precision): fp32 with tf32 off (the exact path), tf32, and bf16 (autocast)
-    for name, dt, prec in (("fp32", "fp32", "ieee"), ("tf32", "fp32", "tf32"), ("bf16", "bf16", "ieee")):
-        # conv1x1 of a bottleneck (reads F, writes Z) and conv3x3 with dropout (writes F); the exact fp32
-        # path only for the 3x3, which is a superset of the 1x1's code
-        for ks, drop in ((1, False), (3, True)) if name != "fp32" else ((3, True),):
-            label = f"{name} ks={ks} dropout={int(drop)}"
-            v_fwd.append(Variant(label, {**_ptrs("x_ptr w_ptr y_ptr", dt),
-                                         **_fp32("scale_ptr shift_ptr cnt_ptr mean_ptr m2_ptr")},
-                                 dict(KS=ks, HAS_DROPOUT=drop, STATS=True, PRECISION=prec)))
-            # dgrad: gy is G (fp32) for the 3x3 with dropout, gZ (fp32) for the 1x1; x is F or Z
-            v_dgr.append(Variant(label, {**_fp32("gy_ptr scale_ptr shift_ptr mean_ptr invstd_ptr g_ptr "
-                                                 "dbeta_ptr dgamma_ptr"), **_ptrs("w_ptr x_ptr", dt)},
-                                 dict(KS=ks, HAS_DROPOUT=drop, PRECISION=prec)))
-            v_wgr.append(Variant(label, {**_fp32("gy_ptr scale_ptr shift_ptr dw_ptr"), **_ptrs("x_ptr", dt)},
-                                 dict(KS=ks, HAS_DROPOUT=drop, PRECISION=prec,
-                                      DOT_DTYPE=tl.float32 if dt == "fp32" else tl.bfloat16)))
-    out.append((fwd.bn_relu_conv_fwd_kernel, fwd.CONFIGS, v_fwd))
-    out.append((dgrad.conv_dgrad_bn_relu_kernel, dgrad.CONFIGS, v_dgr))
-    out.append((wgrad.conv_wgrad_kernel, wgrad.CONFIGS, v_wgr))
-    bwd_cfg = triton.Config({"BLOCK_P": bn_bwd.BLOCK_P, "BLOCK_C": bn_bwd.BLOCK_C}, num_warps=4, num_stages=1)
-    out.append((bn_bwd.bn_bwd_apply_kernel, [bwd_cfg],
-                [Variant(f"{dt} accumulate", {**_fp32("g_ptr out_ptr scale_ptr mean_ptr invstd_ptr dbeta_ptr "
-                                                      "dgamma_ptr"), **_ptrs("x_ptr", dt)},
-                         dict(BATCH_STATS=True, ACCUMULATE=True)) for dt in ("fp32", "bf16")]))
-    # the transition (x: the block's output F, fp32 or bf16; gy: the next block's input gradient, fp32)
-    v_tf, v_td, v_tw = [], [], []
-    for name, dt, prec in (("fp32", "fp32", "ieee"), ("tf32", "fp32", "tf32"), ("bf16", "bf16", "ieee")):
-        v_tf.append(Variant(name, {**_ptrs("x_ptr w_ptr y_ptr", dt), **_fp32("scale_ptr shift_ptr")},
-                            dict(PRECISION=prec)))
-        v_td.append(Variant(name, {**_fp32("gy_ptr scale_ptr shift_ptr mean_ptr invstd_ptr g_ptr dbeta_ptr "
-                                           "dgamma_ptr"), **_ptrs("w_ptr x_ptr", dt)}, dict(PRECISION=prec)))
-        v_tw.append(Variant(name, {**_fp32("gy_ptr scale_ptr shift_ptr dw_ptr"), **_ptrs("x_ptr", dt)},
-                            dict(PRECISION=prec, DOT_DTYPE=tl.float32 if dt == "fp32" else tl.bfloat16)))
-    out.append((transition.transition_fwd_kernel, transition.FWD_CONFIGS, v_tf))
-    out.append((transition.transition_dgrad_kernel, transition.DGRAD_CONFIGS, v_td))
-    out.append((transition.transition_wgrad_kernel, transition.WGRAD_CONFIGS, v_tw))
+def kernels() -> dict[str, object]:
+    """Every ``@triton.jit`` kernel of the package by name."""
+    out = {}
+    for mod in (stats, fwd, dgrad, wgrad, bn_bwd, transition):
+        for name in dir(mod):
+            obj = getattr(mod, name)
+            if name.endswith("_kernel") and hasattr(obj, "fn"):
+                out[name] = obj
     return out
 
 
-#: channel strides, specialized to 1 as Triton's JIT does for channels-last tensors (the fast layout)
-CHANNEL_STRIDES = ("sxc", "syc", "sgc", "soc")
+def trace_step(model: torch.nn.Module, batch: int, size: int, dtype: str = "fp32") -> Counter:
+    """``Counter`` of the :class:`Spec` s one training step of ``model`` (on CPU, ``triton`` backend) launches, with
+    their launch counts; ``dtype`` "bf16"/"fp16" runs it under autocast, as ``effdense-train --amp`` does."""
+    model = model.train()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=g)
+    y = torch.randint(0, 10, (batch,), generator=g)
+    record: list[Spec] = []
+    with dry_run(record), torch.autocast("cpu", dtype=DTYPES[dtype], enabled=dtype != "fp32"):
+        loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+    with dry_run(record):
+        loss.backward()
+    return Counter(record)
 
 
-def signature(kernel, variant: Variant, config) -> tuple[dict, dict]:
-    const = {**variant.constexprs, **config.kwargs,
-             **{name: 1 for name in CHANNEL_STRIDES if name in kernel.arg_names}}
-    sig = {}
-    for name in kernel.arg_names:
-        if name in const:
-            sig[name] = "constexpr"
-        elif name in variant.pointers:
-            sig[name] = variant.pointers[name]
-        elif name in _FLOATS:
-            sig[name] = "fp32"
-        elif name.endswith("_ptr"):
-            raise KeyError(f"{kernel.__name__}: no dtype for pointer {name}")
-        else:
-            sig[name] = "i32"   # sizes, strides, seed: what the JIT specializes values < 2^31 to
-    return sig, const
+def model_specs(name: str, batch: int = 64, size: int = 32, dtype: str = "fp32", drop_rate: float = 0.0) -> Counter:
+    """:func:`trace_step` of ``effdense.MODELS[name]`` on the ``triton`` backend."""
+    import effdense
+    torch.manual_seed(0)
+    return trace_step(effdense.MODELS[name](backend="triton", drop_rate=drop_rate), batch, size, dtype)
+
+
+def describe(spec: Spec) -> str:
+    """One line: the constexprs and the non-fp32 pointer types of a specialization."""
+    const = " ".join(f"{k[6:] if k.startswith('BLOCK_') else k}={v}" for k, v in spec.constexprs)
+    ptrs = ",".join(f"{n[:-4]}:{t[1:]}{'' if a else '!'}" for n, t, a in spec.signature
+                    if t.startswith("*") and t != "*fp32")
+    return f"{const} w{spec.num_warps} s{spec.num_stages}" + (f" [{ptrs}]" if ptrs else "")
+
+
+def compile_spec(spec: Spec, arch: int):
+    """``triton.compile`` of one specialization for ``sm_<arch>`` (pointer alignment as the JIT would see it)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    kernel = kernels()[spec.kernel]
+    const = dict(spec.constexprs)
+    names = list(kernel.arg_names)
+    types = {n: t for n, t, _ in spec.signature}
+    signature = {n: "constexpr" if n in const else types[n] for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t, aligned in spec.signature
+             if aligned and t.startswith("*")}
+    src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=const, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages))
 
 
 def resource_usage(cubin: bytes) -> dict[str, int]:
     """``REG``, ``STACK`` (spill bytes), ``SHARED``, ``LOCAL`` of the cubin's kernel from ``cuobjdump``."""
+    import triton
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
@@ -119,49 +102,62 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text)}
 
 
-def compile_one(kernel, variant: Variant, config, arch: int):
-    sig, const = signature(kernel, variant, config)
-    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=const)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--arch", default="80,90", help="comma-separated compute capabilities (default 80,90)")
-    ap.add_argument("--quick", action="store_true",
-                    help="on archs other than the last, only the bf16 3x3 dropout variant (the 1x1's code is a subset)")
-    ap.add_argument("--kernel", default="", help="only kernels whose name contains this")
+    ap.add_argument("--model", default="densenet_bc_100_k12", help="a name of effdense.MODELS")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="fp32, or autocast bf16/fp16")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--size", type=int, default=32, help="image size")
+    ap.add_argument("--drop-rate", type=float, default=0.0, help="the model's dropout rate")
+    ap.add_argument("--arch", default="90", help="comma-separated compute capabilities (default 90)")
+    ap.add_argument("--list-only", action="store_true", help="trace and list, do not compile")
+    ap.add_argument("--no-tf32", action="store_true", help="torch.backends.cudnn.allow_tf32 = False (exact fp32 dots)")
+    ap.add_argument("--json", default="", help="write the listing and resources to this file")
     args = ap.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if os.environ.get("TRITON_INTERPRET", "0") == "1" and not args.list_only:
         print("unset TRITON_INTERPRET: interpreted kernels cannot be compiled", file=sys.stderr)
         return 2
-    archs = [int(a) for a in args.arch.split(",")]
-    failures = 0
-    print(f"triton {triton.__version__}")
-    print(f"{'kernel':28} {'sm':>3} {'variant':26} {'config':34} {'regs':>4} {'spill':>5} {'smem':>6} {'s':>5}")
-    for kernel, configs, vs in variants():
-        if args.kernel not in kernel.__name__:
-            continue
-        for arch in archs:
-            for v in vs:
-                if args.quick and arch != archs[-1] and (not v.label.startswith("bf16") or "ks=1" in v.label):
-                    continue
-                for cfg in configs:
-                    cfg_s = " ".join(f"{k[6:] if k.startswith('BLOCK_') else k}={x}" for k, x in cfg.kwargs.items())
-                    cfg_s += f" w{cfg.num_warps} s{cfg.num_stages}"
-                    t0 = time.time()
-                    try:
-                        ck = compile_one(kernel, v, cfg, arch)
-                    except Exception as err:  # noqa: BLE001 - report every failure, then fail
-                        failures += 1
-                        print(f"{kernel.__name__:28} {arch:>3} {v.label:26} {cfg_s:34} FAILED: "
-                              f"{type(err).__name__}: {str(err)[:400]}")
-                        continue
+    import triton
+    if args.no_tf32:
+        torch.backends.cudnn.allow_tf32 = False
+    specs = model_specs(args.model, args.batch, args.size, args.dtype, args.drop_rate)
+    archs = [int(a) for a in args.arch.split(",")] if not args.list_only else []
+    print(f"{args.model} {args.dtype} batch {args.batch} {args.size}x{args.size}: {len(specs)} specializations, "
+          f"{sum(specs.values())} launches per training step; triton {triton.__version__}; "
+          f"fp32 dot: {precision_record()['fp32_dot'] if args.dtype == 'fp32' else 'n/a'}")
+    print(f"{'kernel':24} {'sm':>3} {'launches':>8} {'regs':>4} {'spill':>5} {'smem':>6} {'s':>5}  specialization")
+    rows, failures = [], 0
+    for spec, count in sorted(specs.items(), key=lambda kv: (kv[0].kernel, describe(kv[0]))):
+        row = dict(kernel=spec.kernel, launches=count, constexprs=dict(spec.constexprs),
+                   signature=[list(s) for s in spec.signature], num_warps=spec.num_warps,
+                   num_stages=spec.num_stages, compiled={})
+        for arch in archs or [None]:
+            res = "-"
+            t0 = time.time()
+            if arch is not None:
+                try:
+                    ck = compile_spec(spec, arch)
                     ru = resource_usage(ck.asm["cubin"])
-                    print(f"{kernel.__name__:28} {arch:>3} {v.label:26} {cfg_s:34} {ru.get('REG', -1):>4} "
-                          f"{ru.get('STACK', -1):>5} {ck.metadata.shared:>6} {time.time() - t0:5.1f}", flush=True)
+                    ru["SHARED"] = ck.metadata.shared
+                    row["compiled"][f"sm_{arch}"] = ru
+                    res = f"{ru.get('REG', -1):>4} {ru.get('STACK', -1):>5} {ru['SHARED']:>6} {time.time() - t0:5.1f}"
+                except Exception as err:  # noqa: BLE001 - report every failure, then fail
+                    failures += 1
+                    row["compiled"][f"sm_{arch}"] = {"error": f"{type(err).__name__}: {str(err)[:400]}"}
+                    res = f"FAILED: {type(err).__name__}: {str(err)[:200]}"
+            print(f"{spec.kernel[:-7]:24} {arch or '':>3} {count:>8} {res:>24}  {describe(spec)}", flush=True)
+        rows.append(row)
     print(f"{failures} failure(s)")
+    if args.json:
+        out = dict(command=" ".join(["python -m effdense.kernels.aot", *(argv if argv is not None else sys.argv[1:])]),
+                   model=args.model, dtype=args.dtype, batch=args.batch, size=args.size, drop_rate=args.drop_rate,
+                   triton=triton.__version__,
+                   torch=torch.__version__, precision=precision_record() if args.dtype == "fp32" else None,
+                   specializations=len(specs), launches=sum(specs.values()), archs=archs, kernels=rows)
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+            f.write("\n")
     return 1 if failures else 0
 
 

@@ -1,100 +1,171 @@
-"""The kernels as ``torch.library`` custom ops (``effdense::*``), with fake (meta) implementations, so that
-``torch.compile``/``torch.export`` can trace through them and ``torch.library.opcheck`` can check them.
+"""The launchers as ``torch.library`` custom ops (``effdense::*``) with fake implementations, so ``torch.compile``
+(``fullgraph=True``) and ``torch.export`` trace through them as opaque ops, and ``torch.library.opcheck`` checks them.
 
-``torch.library.custom_op`` + ``register_fake`` (available in torch 2.4+, so in both 2.11 and 2.13) rather than
-``triton_op``/``wrap_triton``: the launchers allocate statistics partials and merge them, and they must also
-run through Triton's CPU interpreter, which ``wrap_triton`` does not cover. The ops carry no autograd formula:
-they are the pieces of the block's hand-written ``autograd.Function`` (:mod:`effdense.backends.triton_backend`),
-which calls them (through the ``*_dispatch`` adapters below) only under ``torch.compile`` — there dynamo traces
-the function's forward and backward into one graph with the ops opaque — and calls the launchers directly in
-eager mode (no dispatcher overhead per launch).
+``custom_op`` + ``register_fake`` rather than ``triton_op``/``wrap_triton``: the launchers pick configs by
+heuristic and must also run through Triton's CPU interpreter, which ``wrap_triton`` does not cover. Every op
+writes into buffers it is given (``mutates_args``) and returns nothing: the big ones are the feature and
+gradient rows buffers *as whole tensors* (never a view of them), with the column range as ints, so
+functionalization sees one base per mutation and inductor's reinplacing can update ``F``/``G`` in place instead
+of cloning them per layer. The BN is passed unpacked (``mean, var, gamma, beta, eps``) and a BatchNorm's running
+statistics as the tensors they are. The ops carry no autograd formula: they are the pieces of the block's
+hand-written ``autograd.Function``, which calls them through the launcher-compatible wrappers below only under
+``torch.compile`` (:mod:`effdense.backends.triton_backend`) and the launchers directly in eager mode.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .bn_bwd import bn_bwd_apply
-from .dgrad import conv_dgrad_bn_relu
-from .fwd import bn_relu_conv_fwd
-from .wgrad import conv_wgrad
+from . import bn_bwd, dgrad, fwd, stats, transition, wgrad
+from .common import BN
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_OPS = "effdense::"
 
 
-@torch.library.custom_op("effdense::bn_relu_conv_fwd", mutates_args=("out",))
-def bn_relu_conv_fwd_op(x: Tensor, scale: Tensor, shift: Tensor, w: Tensor, out: Tensor, stats: bool,
-                        drop_p: float, seed: int) -> tuple[Tensor, Tensor]:
-    """:func:`~effdense.kernels.bn_relu_conv_fwd`; returns empty statistics when ``stats`` is False."""
-    st = bn_relu_conv_fwd(x, scale, shift, w, out, stats=stats, drop_p=drop_p, seed=seed)
-    if st is None:
-        empty = torch.empty(0, dtype=torch.float32, device=x.device)
-        return empty, empty.clone()
-    return st
+def _bn(mean, var, gamma, beta, eps) -> BN:
+    return BN(mean, var, gamma, beta, eps)
 
 
-@bn_relu_conv_fwd_op.register_fake
-def _(x, scale, shift, w, out, stats, drop_p, seed):
-    c = w.shape[0] if stats else 0
-    return x.new_empty(c, dtype=torch.float32), x.new_empty(c, dtype=torch.float32)
+def _fake(op):
+    op.register_fake(lambda *args, **kwargs: None)
+    return op
 
 
-@torch.library.custom_op("effdense::conv_dgrad_bn_relu", mutates_args=())
-def conv_dgrad_bn_relu_op(gy: Tensor, w: Tensor, x: Tensor, scale: Tensor, shift: Tensor, mean: Tensor,
-                          invstd: Tensor, compute_dtype: str, drop_p: float, seed: int
-                          ) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`~effdense.kernels.conv_dgrad_bn_relu` (``compute_dtype`` by name: "float32", "bfloat16"...)."""
-    return conv_dgrad_bn_relu(gy, w, x, scale, shift, mean, invstd, _DTYPES[compute_dtype], drop_p, seed)
+# --------------------------------------------------------------------------------------------- statistics
+@torch.library.custom_op(_OPS + "block_entry", mutates_args=("out", "part"))
+def block_entry_op(x: Tensor, out: Optional[Tensor], part: Optional[Tensor]) -> None:
+    stats.block_entry(x, out, part)
 
 
-@conv_dgrad_bn_relu_op.register_fake
-def _(gy, w, x, scale, shift, mean, invstd, compute_dtype, drop_p, seed):
-    n, _, h, wd = gy.shape
-    cin = w.shape[1]
-    f32 = torch.float32
-    return gy.new_empty(n * h * wd, cin, dtype=f32), gy.new_empty(cin, dtype=f32), gy.new_empty(cin, dtype=f32)
+@torch.library.custom_op(_OPS + "bn_finalize", mutates_args=("mean", "var", "rmean", "rvar", "nbt"))
+def bn_finalize_op(part: Tensor, t: int, m: int, mean: Tensor, var: Tensor, c0: int, rmean: Optional[Tensor],
+                   rvar: Optional[Tensor], nbt: Optional[Tensor], momentum: float, c_upd: int, npix: int) -> None:
+    running = None if rmean is None else (rmean, rvar, nbt, momentum)
+    stats.bn_finalize(part, t, m, mean, var, c0, running, c_upd, npix)
 
 
-@torch.library.custom_op("effdense::conv_wgrad", mutates_args=())
-def conv_wgrad_op(gy: Tensor, x: Tensor, scale: Tensor, shift: Tensor, ks: int, compute_dtype: str,
-                  drop_p: float, seed: int) -> Tensor:
-    """:func:`~effdense.kernels.conv_wgrad`."""
-    return conv_wgrad(gy, x, scale, shift, ks, _DTYPES[compute_dtype], drop_p, seed)
+# --------------------------------------------------------------------------------------------- block GEMMs
+@torch.library.custom_op(_OPS + "bn_relu_conv_fwd", mutates_args=("out", "part"))
+def bn_relu_conv_fwd_op(x: Tensor, cin: int, mean: Tensor, var: Tensor, gamma: Optional[Tensor],
+                        beta: Optional[Tensor], eps: float, w: Tensor, out: Tensor, out_c0: int, part: Optional[Tensor],
+                        drop_p: float, seeds: Optional[Tensor], seed_idx: int) -> None:
+    fwd.bn_relu_conv_fwd(x, cin, _bn(mean, var, gamma, beta, eps), w, out, out_c0, part, drop_p, seeds, seed_idx)
 
 
-@conv_wgrad_op.register_fake
-def _(gy, x, scale, shift, ks, compute_dtype, drop_p, seed):
-    return gy.new_empty(gy.shape[1], x.shape[1], ks, ks, dtype=torch.float32)
+@torch.library.custom_op(_OPS + "conv_dgrad_bn_relu", mutates_args=("g", "part"))
+def conv_dgrad_bn_relu_op(gy: Tensor, gy_c0: int, w: Tensor, x: Tensor, mean: Tensor, var: Tensor,
+                          gamma: Optional[Tensor], beta: Optional[Tensor], eps: float, g: Tensor, part: Tensor,
+                          drop_p: float, seeds: Optional[Tensor], seed_idx: int) -> None:
+    dgrad.conv_dgrad_bn_relu(gy, gy_c0, w, x, _bn(mean, var, gamma, beta, eps), g, part, drop_p, seeds, seed_idx)
 
 
-@torch.library.custom_op("effdense::bn_bwd_apply", mutates_args=("out",))
-def bn_bwd_apply_op(g: Tensor, x: Tensor, out: Tensor, scale: Tensor, mean: Tensor, invstd: Tensor,
-                    dbeta: Tensor, dgamma: Tensor, batch_stats: bool, accumulate: bool) -> None:
-    """:func:`~effdense.kernels.bn_bwd_apply` (``out`` written or accumulated in place)."""
-    bn_bwd_apply(g, x, out, scale, mean, invstd, dbeta, dgamma, batch_stats, accumulate)
+@torch.library.custom_op(_OPS + "conv_wgrad", mutates_args=("part",))
+def conv_wgrad_op(gy: Tensor, gy_c0: int, x: Tensor, cin: int, mean: Tensor, var: Tensor, gamma: Optional[Tensor],
+                  beta: Optional[Tensor], eps: float, ks: int, cout: int, part: Tensor, drop_p: float,
+                  seeds: Optional[Tensor], seed_idx: int, splits: int) -> None:
+    wgrad.conv_wgrad(gy, gy_c0, x, cin, _bn(mean, var, gamma, beta, eps), ks, cout, part, drop_p, seeds, seed_idx,
+                     splits=splits)
 
 
-@bn_bwd_apply_op.register_fake
-def _(g, x, out, scale, mean, invstd, dbeta, dgamma, batch_stats, accumulate):
-    return None
+# --------------------------------------------------------------------------------------------- BN backward
+@torch.library.custom_op(_OPS + "bn_bwd_finalize", mutates_args=("tot", "dgamma", "dbeta", "dw"))
+def bn_bwd_finalize_op(part: Tensor, t: int, c: int, tot: Tensor, dgamma: Optional[Tensor], dbeta: Optional[Tensor],
+                       dw_part: Optional[Tensor], dw: Optional[Tensor]) -> None:
+    bn_bwd.bn_bwd_finalize(part, t, c, tot, dgamma, dbeta, dw_part, dw)
 
 
-# Launcher-compatible entry points through the dispatcher (what the backend calls under torch.compile, where
-# dynamo must see opaque ops instead of tracing into Triton's launch machinery).
-def bn_relu_conv_fwd_dispatch(x, scale, shift, w, out, stats=False, drop_p=0.0, seed=0):
-    mean, var = torch.ops.effdense.bn_relu_conv_fwd(x, scale, shift, w, out, stats, float(drop_p), int(seed))
-    return (mean, var) if stats else None
+@torch.library.custom_op(_OPS + "bn_bwd_apply", mutates_args=("g", "out"))
+def bn_bwd_apply_op(g: Tensor, x: Tensor, c: int, mean: Tensor, var: Tensor, gamma: Optional[Tensor],
+                    beta: Optional[Tensor], eps: float, tot: Tensor, batch_stats: bool, out: Optional[Tensor],
+                    accumulate: bool, h_lim: int, w_lim: int) -> None:
+    bn_bwd.bn_bwd_apply(g, x, c, _bn(mean, var, gamma, beta, eps), tot, batch_stats, out, accumulate, (h_lim, w_lim))
 
 
-def conv_dgrad_bn_relu_dispatch(gy, w, x, scale, shift, mean, invstd, compute_dtype, drop_p=0.0, seed=0):
-    return torch.ops.effdense.conv_dgrad_bn_relu(gy, w, x, scale, shift, mean, invstd, str(compute_dtype)[6:],
-                                                 float(drop_p), int(seed))
+# --------------------------------------------------------------------------------------------- transition
+@torch.library.custom_op(_OPS + "transition_fwd", mutates_args=("out",))
+def transition_fwd_op(x: Tensor, cin: int, mean: Tensor, var: Tensor, gamma: Optional[Tensor], beta: Optional[Tensor],
+                      eps: float, w: Tensor, out: Tensor) -> None:
+    transition.transition_fwd(x, cin, _bn(mean, var, gamma, beta, eps), w, out)
 
 
-def conv_wgrad_dispatch(gy, x, scale, shift, ks, compute_dtype, drop_p=0.0, seed=0):
-    return torch.ops.effdense.conv_wgrad(gy, x, scale, shift, ks, str(compute_dtype)[6:], float(drop_p), int(seed))
+@torch.library.custom_op(_OPS + "transition_dgrad", mutates_args=("g", "part"))
+def transition_dgrad_op(gy: Tensor, w: Tensor, x: Tensor, mean: Tensor, var: Tensor, gamma: Optional[Tensor],
+                        beta: Optional[Tensor], eps: float, g: Tensor, part: Tensor) -> None:
+    transition.transition_dgrad(gy, w, x, _bn(mean, var, gamma, beta, eps), g, part)
 
 
-def bn_bwd_apply_dispatch(g, x, out, scale, mean, invstd, dbeta, dgamma, batch_stats, accumulate):
-    torch.ops.effdense.bn_bwd_apply(g, x, out, scale, mean, invstd, dbeta, dgamma, batch_stats, accumulate)
-    return out
+@torch.library.custom_op(_OPS + "transition_wgrad", mutates_args=("part",))
+def transition_wgrad_op(gy: Tensor, x: Tensor, cin: int, mean: Tensor, var: Tensor, gamma: Optional[Tensor],
+                        beta: Optional[Tensor], eps: float, cout: int, part: Tensor, splits: int) -> None:
+    transition.transition_wgrad(gy, x, cin, _bn(mean, var, gamma, beta, eps), cout, part, splits=splits)
+
+
+for _op in (block_entry_op, bn_finalize_op, bn_relu_conv_fwd_op, conv_dgrad_bn_relu_op, conv_wgrad_op,
+            bn_bwd_finalize_op, bn_bwd_apply_op, transition_fwd_op, transition_dgrad_op, transition_wgrad_op):
+    _fake(_op)
+
+
+# ---------------------------------------------------------------------- launcher-compatible entry points
+def _unpack(bn: BN) -> tuple:
+    return bn.mean, bn.var, bn.gamma, bn.beta, float(bn.eps)
+
+
+class Dispatch:
+    """The launchers' signatures (as :mod:`effdense.backends.triton_backend` calls them) through the ops."""
+
+    @staticmethod
+    def block_entry(x, out, part):
+        torch.ops.effdense.block_entry(x, out, part)
+        return stats.entry_tiles(x)
+
+    @staticmethod
+    def bn_finalize(part, t, m, mean, var, c0=0, running=None, c_upd=0, npix=0):
+        rm, rv, nbt, momentum = running if running is not None else (None, None, None, 0.0)
+        torch.ops.effdense.bn_finalize(part, t, m, mean, var, c0, rm, rv, nbt, momentum, c_upd, npix)
+
+    @staticmethod
+    def bn_relu_conv_fwd(x, cin, bn, w, out, out_c0=0, part=None, drop_p=0.0, seeds=None, seed_idx=0):
+        torch.ops.effdense.bn_relu_conv_fwd(x, cin, *_unpack(bn), w, out, out_c0, part, float(drop_p), seeds,
+                                            seed_idx)
+        n, h, wd, _ = x.shape
+        ks, cout = w.shape[-1], w.shape[0]
+        return fwd.tiles(ks, n, h, wd, fwd.heuristic(ks, n, h, wd, cin, cout, x.dtype))
+
+    @staticmethod
+    def conv_dgrad_bn_relu(gy, gy_c0, w, x, bn, g, part, drop_p=0.0, seeds=None, seed_idx=0):
+        torch.ops.effdense.conv_dgrad_bn_relu(gy, gy_c0, w, x, *_unpack(bn), g, part, float(drop_p), seeds, seed_idx)
+        n, h, wd, _ = x.shape
+        ks, cout, cin = w.shape[-1], w.shape[0], w.shape[1]
+        return dgrad.tiles(ks, n, h, wd, dgrad.heuristic(ks, n, h, wd, cout, cin, x.dtype))
+
+    @staticmethod
+    def conv_wgrad(gy, gy_c0, x, cin, bn, ks, cout, part, drop_p=0.0, seeds=None, seed_idx=0, splits=1):
+        torch.ops.effdense.conv_wgrad(gy, gy_c0, x, cin, *_unpack(bn), ks, cout, part, float(drop_p), seeds, seed_idx,
+                                      splits)
+        m = cout * cin * ks * ks
+        return part[:splits * m].view(splits, m), splits
+
+    @staticmethod
+    def bn_bwd_finalize(part, t, c, tot, dgamma, dbeta, dw_part=None, dw=None):
+        torch.ops.effdense.bn_bwd_finalize(part, t, c, tot, dgamma, dbeta, dw_part, dw)
+
+    @staticmethod
+    def bn_bwd_apply(g, x, c, bn, tot, batch_stats, out=None, accumulate=False, crop=None):
+        h_lim, w_lim = crop or (x.shape[1], x.shape[2])
+        torch.ops.effdense.bn_bwd_apply(g, x, c, *_unpack(bn), tot, batch_stats, out, accumulate, h_lim, w_lim)
+
+    @staticmethod
+    def transition_fwd(x, cin, bn, w, out):
+        torch.ops.effdense.transition_fwd(x, cin, *_unpack(bn), w, out)
+
+    @staticmethod
+    def transition_dgrad(gy, w, x, bn, g, part):
+        torch.ops.effdense.transition_dgrad(gy, w, x, *_unpack(bn), g, part)
+        return transition.dgrad_tiles(x, transition.dgrad_heuristic(w.shape[0], w.shape[1]))
+
+    @staticmethod
+    def transition_wgrad(gy, x, cin, bn, cout, part, splits):
+        torch.ops.effdense.transition_wgrad(gy, x, cin, *_unpack(bn), cout, part, splits)
+        return part[:splits * cout * cin].view(splits, cout * cin), splits
