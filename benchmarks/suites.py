@@ -306,9 +306,17 @@ def _cpp_conv1x1(device: torch.device) -> str | None:
 
 
 def _triton_conv1x1_factory(x, scale, shift, w):
-    out = torch.empty(x.shape[0], w.shape[0], *x.shape[2:], device=x.device, dtype=x.dtype,
-                      memory_format=torch.channels_last)
-    return lambda: torch.ops.effdense.bn_relu_conv_fwd(x, scale, shift, w, out, True, 0.0, 0)
+    """The block's bottleneck launch: ``relu(scale * x + shift)`` as the kernels' BN (mean 0, var 1, eps 0,
+    gamma ``scale``, beta ``shift``), the output rows buffer and its BN statistics' partials in the epilogue."""
+    from effdense import kernels as K
+    from effdense.kernels import fwd
+    n, c, h, wd = x.shape
+    xb = K.to_rows(x)                                  # the padded channels-last layout the block keeps F in
+    out = K.rows_buffer(n, h, wd, w.shape[0], x.dtype, x.device)
+    part = K.partials(fwd.tiles(1, n, h, wd, fwd.heuristic(1, n, h, wd, c, w.shape[0], x.dtype)), w.shape[0],
+                      x.device)
+    bn = K.BN(torch.zeros_like(scale), torch.ones_like(scale), scale, shift, 0.0)
+    return lambda: K.bn_relu_conv_fwd(xb, c, bn, w, out, 0, part)
 
 
 def _cpp_conv1x1_factory(x, scale, shift, w):
