@@ -1,20 +1,29 @@
 // The memory-efficient dense block of ../shared/DESIGN.md, forward and backward, driven from C++.
 //
-// Device generic: the per-channel BN work goes through the effdense ops (dispatched to the CPU kernels in
-// ops.cpp or the CUDA kernels in cuda/), the convolutions through ATen (oneDNN on CPU, cuDNN/cuBLAS on GPU).
+// Device generic: every step is an effdense op (CPU kernels in block_cpu.cpp/ops.cpp, CUDA in cuda_*.cpp and
+// cuda/) or an ATen convolution (oneDNN on CPU, cuDNN on GPU). Each op takes a BN as (gamma, beta, mean, var,
+// eps) and derives scale/shift itself, writes its statistics straight into the block's statistics buffers and
+// its results into caller-given buffers, so a layer is a fixed handful of launches and no host sync:
+//   forward   bn_relu_linear_into (BN1-ReLU-conv1x1, with the statistics of z) | batch_norm_relu_into (plain)
+//             -> batch_norm_relu_into (BN2-ReLU, in place) -> conv3x3 -> [bernoulli_] -> store_channels
+//             (dropout, the store into F, the new channels' statistics)
+//   backward  gather_grad -> bn_relu_linear_into (recompute z) -> batch_norm_relu_into (a) -> conv3x3 backward
+//             -> bottleneck_backward (BN2-ReLU backward, then conv1's wgrad and dgrad and the BN1-ReLU backward
+//             added into G)
 //
 // Storage, as in effdense/backends/torch_backend.py (the executable specification):
 //  * one feature buffer F [N, C0 + L*k, H, W] in the input's memory format; layer l reads the prefix
-//    F[:, :c_l] (a view) and its k new channels are copied into F[:, c_l:c_l+k]; F is the block output.
+//    F[:, :c_l] (a view) and its k new channels are stored into F[:, c_l:c_l+k]; F is the block output.
 //  * per-channel batch statistics (mean, biased var) of F, computed once when a channel is written and
 //    reused by every later layer's norm1; per-layer statistics of the bottleneck for norm2.
-//  * one shared scratch buffer for BN-ReLU(F[:, :c_l]), sized for the widest layer and reused by every
-//    layer (the "shared BN storage" of Pleiss et al.): a dense [N, c_l, H, W] view of its first N*c_l*H*W
-//    elements, so the convolution reads a dense operand.
-//  * dropout masks kept as bits (bool) of the k new channels per layer, linear in depth.
-//  * backward: one gradient buffer G (accumulation dtype) shaped like F; layer l (from last to first)
-//    recomputes BN-ReLU, conv1 and BN2-ReLU from F and the saved statistics and adds its input gradient into
-//    G[:, :c_l] in place (fused into the BN-ReLU backward kernel).
+//  * every transient is channels-last [P, width] whatever F's layout (a 1x1 convolution is then a GEMM on
+//    it, and oneDNN's channels-last 3x3 convolutions are the faster ones): the bottleneck z (and a = BN2-ReLU(z)
+//    in backward), the plain layers' BN-ReLU(F[:, :c]), the gradient gy of the new channels, and the
+//    gradient buffer G (accumulation dtype, in F's layout, so the BN1 backward reads F and updates G in the same
+//    tiles) that each layer, last to first, adds its input gradient into (G[:, :c_l] += ...). They are carved
+//    from one workspace (Scratch below).
+//  * dropout masks kept as bits (bool) of the k new channels per layer, linear in depth; the Bernoulli draw
+//    is the one F.dropout makes (same generator, shape and layout), so masks agree with naive's.
 // Running statistics are not touched here (the op is functional): effdense::update_running_stats does that
 // once per forward, called by the Python backend.
 #include <ATen/ATen.h>
@@ -23,6 +32,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <optional>
 #include <vector>
 
@@ -32,18 +42,6 @@ namespace effdense {
 namespace {
 
 using OptList = c10::List<std::optional<at::Tensor>>;
-
-struct BNParams {
-  at::Tensor scale, shift, mean, invstd;
-};
-
-// (scale, shift, mean, invstd) in the accumulation dtype, as effdense.backends.bn.scale_shift.
-BNParams scale_shift(const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& var,
-                     double eps, at::ScalarType acc) {
-  at::Tensor m = mean.to(acc), invstd = at::rsqrt(var.to(acc) + eps);
-  at::Tensor scale = gamma.to(acc) * invstd;
-  return {scale, beta.to(acc) - m * scale, m, invstd};
-}
 
 at::Tensor conv(const at::Tensor& x, const at::Tensor& w) {
   return at::convolution(x, w, std::nullopt, {1, 1}, {w.size(2) / 2, w.size(3) / 2}, {1, 1}, false, {0, 0}, 1);
@@ -56,13 +54,6 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(const at::Tensor& gy, const at:
                                                {1, 1}, false, {0, 0}, 1, {true, true, false});
   if (gw.strides() != w.strides()) gw = at::empty_like(w).copy_(gw);
   return {gx, gw};
-}
-
-// A dense [N, c, H, W] view (in memory format mf) of the first N*c*H*W elements of a flat scratch buffer.
-at::Tensor scratch_view(const at::Tensor& buf, int64_t N, int64_t c, int64_t H, int64_t W, at::MemoryFormat mf) {
-  at::Tensor flat = buf.narrow(0, 0, N * c * H * W);
-  if (mf == at::MemoryFormat::ChannelsLast) return flat.view({N, H, W, c}).permute({0, 3, 1, 2});
-  return flat.view({N, c, H, W});
 }
 
 bool fused_conv1x1_enabled() {
@@ -163,21 +154,103 @@ bool any_of(const std::vector<bool>& v) {
   return false;
 }
 
-BNParams norm1_params(const Block& b, size_t i, at::TensorList g1, at::TensorList b1, const OptList& rm1,
-                      const OptList& rv1, at::ArrayRef<double> eps1, const at::Tensor& mean, const at::Tensor& var) {
-  const int64_t c = b.width(static_cast<int64_t>(i));
-  if (b.bs1[i]) return scale_shift(g1[i], b1[i], mean.narrow(0, 0, c), var.narrow(0, 0, c), eps1[i], b.acc);
-  return scale_shift(g1[i], b1[i], *rm1.get(i), *rv1.get(i), eps1[i], b.acc);
+bool all_of(const std::vector<bool>& v) {
+  for (bool e : v)
+    if (!e) return false;
+  return true;
 }
 
-// z = conv1(relu(bn1(F[:, :c]))): the fused tensor-core kernel when enabled, else BN-ReLU into the shared
-// scratch buffer and ATen's convolution. `u` receives the scratch view (undefined on the fused path).
-at::Tensor stage1(const Block& b, const at::Tensor& xin, const BNParams& p, const at::Tensor& w,
-                  const at::Tensor& scratch, at::Tensor& u) {
-  if (b.bottleneck && fused_conv1x1_enabled()) return call_bn_relu_conv1x1(xin, p.scale, p.shift, w);
-  u = scratch_view(scratch, b.N, xin.size(1), b.H, b.W, b.mf);
-  call_bn_relu_into(xin, p.scale, p.shift, u);
-  return conv(u, w);
+// ------------------------------------------------------------------------------------------ workspace
+
+// Why a workspace: on CPU every allocation above glibc's mmap threshold (32 MiB at most) is a fresh zero-filled
+// mapping, paid for in page faults at first touch (issue 15's profile: 330-600k faults, ~0.85 s a step at batch
+// 64). So on CPU the block's transients come from one buffer kept across layers, blocks and steps, grown to the
+// largest request (blocks run one at a time, so one buffer per process is enough) and freed by
+// effdense._C.release_workspace(); effdense.memory.measure_step releases it first, so a measured peak includes
+// it. A mutex serializes block calls that would share it from several threads. On CUDA the caching allocator
+// already reuses memory (and stream-orders it), so each call takes a fresh buffer from it.
+struct CpuWorkspace {
+  std::mutex mu;
+  at::Tensor buf;
+};
+
+CpuWorkspace& cpu_workspace() {
+  static CpuWorkspace ws;
+  return ws;
+}
+
+constexpr int64_t kAlign = 64;
+
+int64_t aligned(int64_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
+
+int64_t cl_bytes(int64_t N, int64_t c, int64_t H, int64_t W, at::ScalarType dt) {
+  return aligned(N * c * H * W * static_cast<int64_t>(c10::elementSize(dt)));
+}
+
+// The buffers of one block call, as dense channels-last [N, c, H, W] views of one allocation.
+class Scratch {
+ public:
+  Scratch(const at::Tensor& like, int64_t bytes) {
+    if (like.is_cpu()) {
+      CpuWorkspace& ws = cpu_workspace();
+      lock_ = std::unique_lock<std::mutex>(ws.mu);
+      if (!ws.buf.defined() || ws.buf.numel() < bytes) {
+        ws.buf.reset();  // the old one first: growing never holds both
+        ws.buf = at::empty({bytes}, like.options().dtype(at::kByte));
+      }
+      buf_ = ws.buf;
+    } else {
+      buf_ = at::empty({bytes}, like.options().dtype(at::kByte));
+    }
+  }
+
+  // the next N*c*H*W elements of dtype dt, flat
+  at::Tensor take_flat(int64_t N, int64_t c, int64_t H, int64_t W, at::ScalarType dt) {
+    at::Tensor flat = buf_.narrow(0, off_, N * c * H * W * static_cast<int64_t>(c10::elementSize(dt))).view(dt);
+    off_ += cl_bytes(N, c, H, W, dt);
+    return flat;
+  }
+  at::Tensor take(int64_t N, int64_t c, int64_t H, int64_t W, at::ScalarType dt,
+                  at::MemoryFormat mf = at::MemoryFormat::ChannelsLast) {
+    at::Tensor flat = take_flat(N, c, H, W, dt);
+    return mf == at::MemoryFormat::ChannelsLast ? cl_view(flat, N, c, H, W) : flat.view({N, c, H, W});
+  }
+  // a dense channels-last [N, c, H, W] view of the first N*c*H*W elements of a flat buffer
+  static at::Tensor cl_view(const at::Tensor& flat, int64_t N, int64_t c, int64_t H, int64_t W) {
+    return flat.narrow(0, 0, N * c * H * W).as_strided({N, c, H, W}, {H * W * c, 1, W * c, c});
+  }
+
+ private:
+  std::unique_lock<std::mutex> lock_;
+  at::Tensor buf_;
+  int64_t off_ = 0;
+};
+
+// A BN's (mean, var): the block's batch statistics of its first c channels, or its running statistics.
+std::pair<at::Tensor, at::Tensor> bn_stats(bool batch, const at::Tensor& mean, const at::Tensor& var, int64_t row,
+                                           int64_t c, const std::optional<at::Tensor>& rm,
+                                           const std::optional<at::Tensor>& rv) {
+  if (!batch) return {*rm, *rv};
+  if (row >= 0) return {mean.select(0, row), var.select(0, row)};
+  return {mean.narrow(0, 0, c), var.narrow(0, 0, c)};
+}
+
+// z = conv1x1(relu(bn1(x)), w) into `z`, with z's statistics into (out_mean, out_var) if given: the tiled
+// BN-ReLU-GEMM op, or with EFFDENSE_FUSED_CONV1X1=1 the fused conv1x1 op (the tensor-core kernel on CUDA).
+void linear_forward(const at::Tensor& x, const at::Tensor& g, const at::Tensor& bt,
+                    const std::pair<at::Tensor, at::Tensor>& st, double eps, const at::Tensor& w, const at::Tensor& z,
+                    const OptTensor& out_mean, const OptTensor& out_var) {
+  if (!fused_conv1x1_enabled()) {
+    call_bn_relu_linear_into(x, g, bt, st.first, st.second, eps, w, z, out_mean, out_var);
+    return;
+  }
+  auto [scale, shift, invstd] = call_bn_scale_shift(g, bt, st.first, st.second, eps, acc_type(x.scalar_type()));
+  z.copy_(call_bn_relu_conv1x1(x, scale, shift, w));
+  if (out_mean) {
+    auto [m, v] = call_channel_stats(z);
+    const_cast<at::Tensor&>(*out_mean).copy_(m);
+    const_cast<at::Tensor&>(*out_var).copy_(v);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_forward(
@@ -189,51 +262,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::NoGradGuard no_grad;
   const auto opts = x.options(), aopts = x.options().dtype(b.acc);
   at::Tensor feat = at::empty({b.N, b.C, b.H, b.W}, opts, b.mf);
-  feat.narrow(1, 0, b.C0).copy_(x);
   const bool stats1 = any_of(b.bs1);
   at::Tensor mean = at::empty({stats1 ? b.C : 0}, aopts), var = at::empty({stats1 ? b.C : 0}, aopts);
-  auto write_stats = [&](int64_t c0, int64_t n) {
-    auto [m, v] = call_channel_stats(feat.narrow(1, c0, n));
-    mean.narrow(0, c0, n).copy_(m);
-    var.narrow(0, c0, n).copy_(v);
+  // outputs every entry of which is written stay uninitialized; the others are zeroed (eval-mode rows)
+  const std::vector<int64_t> shape2{b.bottleneck ? b.L : 0, b.B};
+  const bool rows2 = all_of(b.bs2);
+  at::Tensor mean2 = rows2 ? at::empty(shape2, aopts) : at::zeros(shape2, aopts);
+  at::Tensor var2 = rows2 ? at::empty(shape2, aopts) : at::zeros(shape2, aopts);
+  bool any_drop = false, all_drop = true;
+  for (double p : drop) any_drop = any_drop || p > 0, all_drop = all_drop && p > 0;
+  at::Tensor mask = any_drop ? at::empty({b.N, b.L * b.k, b.H, b.W}, opts.dtype(at::kBool), b.mf)
+                             : at::empty({0}, opts.dtype(at::kBool));
+  if (any_drop && !all_drop) mask.zero_();
+  auto stats_of = [&](int64_t c0, int64_t n) {
+    return stats1 ? std::make_pair(OptTensor(mean.narrow(0, c0, n)), OptTensor(var.narrow(0, c0, n)))
+                  : std::make_pair(OptTensor(), OptTensor());
   };
-  if (stats1) write_stats(0, b.C0);
-  at::Tensor mean2 = at::zeros({b.bottleneck ? b.L : 0, b.B}, aopts), var2 = at::zeros_like(mean2);
-  bool any_drop = false;
-  for (double p : drop) any_drop = any_drop || p > 0;
-  const std::vector<int64_t> mask_shape = any_drop ? std::vector<int64_t>{b.N, b.L * b.k, b.H, b.W}
-                                                   : std::vector<int64_t>{0};
-  at::Tensor mask = at::empty(mask_shape, opts.dtype(at::kBool), any_drop ? b.mf : at::MemoryFormat::Contiguous);
-  mask.zero_();
-  at::Tensor scratch = at::empty({b.N * (b.C - b.k) * b.H * b.W}, opts);
+  {
+    auto [m, v] = stats_of(0, b.C0);
+    call_store_channels(x, std::nullopt, 0.0, feat.narrow(1, 0, b.C0), std::nullopt, m, v);
+  }
+  Scratch ws(x, b.bottleneck ? cl_bytes(b.N, b.B, b.H, b.W, b.cdt) : cl_bytes(b.N, b.C - b.k, b.H, b.W, b.cdt));
+  at::Tensor z = b.bottleneck ? ws.take(b.N, b.B, b.H, b.W, b.cdt) : at::Tensor();
+  at::Tensor u_all = b.bottleneck ? at::Tensor() : ws.take_flat(b.N, b.C - b.k, b.H, b.W, b.cdt);
   for (int64_t i = 0; i < b.L; ++i) {
     const size_t li = static_cast<size_t>(i);
     const int64_t c = b.width(i);
-    const BNParams p1 = norm1_params(b, li, g1, b1, rm1, rv1, eps1, mean, var);
-    at::Tensor u;
-    at::Tensor y = stage1(b, feat.narrow(1, 0, c), p1, w1[li], scratch, u);
+    const at::Tensor xin = feat.narrow(1, 0, c);
+    const auto st1 = bn_stats(b.bs1[li], mean, var, -1, c, rm1.get(li), rv1.get(li));
+    at::Tensor y;
     if (b.bottleneck) {
-      BNParams p2;
-      if (b.bs2[li]) {
-        auto [m2, v2] = call_channel_stats(y);
-        mean2.select(0, i).copy_(m2);
-        var2.select(0, i).copy_(v2);
-        p2 = scale_shift(g2[li], b2[li], m2, v2, eps2[li], b.acc);
-      } else {
-        p2 = scale_shift(g2[li], b2[li], *rm2.get(li), *rv2.get(li), eps2[li], b.acc);
-      }
-      call_bn_relu_into(y, p2.scale, p2.shift, y);  // in place: the bottleneck is not needed again
-      y = conv(y, w2[li]);
+      const bool bs2 = b.bs2[li];
+      linear_forward(xin, g1[li], b1[li], st1, eps1[li], w1[li], z, bs2 ? OptTensor(mean2.select(0, i)) : OptTensor(),
+                     bs2 ? OptTensor(var2.select(0, i)) : OptTensor());
+      const auto st2 = bn_stats(bs2, mean2, var2, i, b.B, rm2.get(li), rv2.get(li));
+      call_batch_norm_relu_into(z, g2[li], b2[li], st2.first, st2.second, eps2[li], z);  // in place
+      y = conv(z, w2[li]);
+    } else {
+      const at::Tensor u = Scratch::cl_view(u_all, b.N, c, b.H, b.W);
+      call_batch_norm_relu_into(xin, g1[li], b1[li], st1.first, st1.second, eps1[li], u);
+      y = conv(u, w1[li]);
     }
-    at::Tensor out = feat.narrow(1, c, b.k);
-    if (drop[li] > 0) {
-      // the same draw as F.dropout(ones_like(new channels)) in the torch backend, so masks agree
-      at::Tensor noise = at::dropout(at::ones_like(out), drop[li], true);
-      y = y * noise;
-      mask.narrow(1, i * b.k, b.k).copy_(noise.ne(0));
-    }
-    out.copy_(y);
-    if (stats1) write_stats(c, b.k);
+    const double p = drop[li];
+    // the draw F.dropout makes on a tensor shaped and laid out as naive's conv output (empty_like + bernoulli_)
+    const OptTensor noise = p > 0 ? OptTensor(at::empty({b.N, b.k, b.H, b.W}, opts, b.mf).bernoulli_(1.0 - p))
+                                  : OptTensor();
+    auto [m, v] = stats_of(c, b.k);
+    call_store_channels(y, noise, p, feat.narrow(1, c, b.k), p > 0 ? OptTensor(mask.narrow(1, i * b.k, b.k))
+                                                                   : OptTensor(), m, v);
   }
   return {feat, mean, var, mean2, var2, mask};
 }
@@ -264,9 +340,24 @@ dense_block_backward(const at::Tensor& grad_out, const at::Tensor& feat, const a
               "] with dtype bool, got ", shape_str(mask), " with dtype ", mask.scalar_type());
   const c10::DeviceGuard guard(feat.device());
   at::NoGradGuard no_grad;
-  at::Tensor G = at::empty(feat.sizes(), feat.options().dtype(b.acc), b.mf);
+  const int64_t N = b.N, H = b.H, W = b.W;
+  const int64_t bytes = cl_bytes(N, b.C, H, W, b.acc) + cl_bytes(N, b.k, H, W, b.cdt) +
+                        (b.bottleneck ? 2 * cl_bytes(N, b.B, H, W, b.cdt) : cl_bytes(N, b.C - b.k, H, W, b.cdt));
+  Scratch ws(feat, bytes);
+  // G in F's layout: the BN1 backward then reads F and updates G with the same (plane or row) tiles
+  at::Tensor G = ws.take(N, b.C, H, W, b.acc, b.mf), gy = ws.take(N, b.k, H, W, b.cdt);
+  at::Tensor z = b.bottleneck ? ws.take(N, b.B, H, W, b.cdt) : at::Tensor();
+  at::Tensor a = b.bottleneck ? ws.take(N, b.B, H, W, b.cdt) : at::Tensor();
+  at::Tensor u_all = b.bottleneck ? at::Tensor() : ws.take_flat(N, b.C - b.k, H, W, b.cdt);
   G.copy_(grad_out);
-  at::Tensor scratch = at::empty({b.N * (b.C - b.k) * b.H * b.W}, feat.options());
+  // the BN1 backward's batch-statistics corrections, deferred per channel (block_cpu.cpp apply_correction) and
+  // applied when a channel's gradient is read: by gather_grad for a layer's new channels, at the end for x0's
+  const OptTensor coef = stats1 ? OptTensor(at::zeros({2, b.C}, feat.options().dtype(b.acc))) : OptTensor();
+  auto deferred = [&](int64_t c0, int64_t n) {
+    return coef ? std::make_tuple(OptTensor(feat.narrow(1, c0, n)), OptTensor(coef->narrow(1, c0, n)),
+                                  OptTensor(mean.narrow(0, c0, n)))
+                : std::make_tuple(OptTensor(), OptTensor(), OptTensor());
+  };
   const size_t L = static_cast<size_t>(b.L);
   std::vector<at::Tensor> dw1(L), dw2(b.bottleneck ? L : 0), dg1(L), db1(L), dg2(b.bottleneck ? L : 0),
       db2(b.bottleneck ? L : 0);
@@ -274,47 +365,54 @@ dense_block_backward(const at::Tensor& grad_out, const at::Tensor& feat, const a
     const size_t li = static_cast<size_t>(i);
     const int64_t c = b.width(i);
     const at::Tensor x = feat.narrow(1, 0, c);
-    const BNParams p1 = norm1_params(b, li, g1, b1, rm1, rv1, eps1, mean, var);
-    at::Tensor gy = G.narrow(1, c, b.k);
-    if (drop[li] > 0) gy = gy * mask.narrow(1, i * b.k, b.k).to(b.cdt).div_(1.0 - drop[li]);
-    gy = gy.to(b.cdt);
-    at::Tensor u = scratch_view(scratch, b.N, c, b.H, b.W, b.mf);
-    call_bn_relu_into(x, p1.scale, p1.shift, u);
-    at::Tensor gu;
+    const auto st1 = bn_stats(b.bs1[li], mean, var, -1, c, rm1.get(li), rv1.get(li));
+    const double p = drop[li];
+    {
+      auto [xs, cs, ms] = deferred(c, b.k);
+      call_gather_grad(G.narrow(1, c, b.k), p > 0 ? OptTensor(mask.narrow(1, i * b.k, b.k)) : OptTensor(), p, gy,
+                       xs, cs, ms);
+    }
+    const at::Tensor gx = G.narrow(1, 0, c);
+    const OptTensor cf = coef ? OptTensor(coef->narrow(1, 0, c)) : OptTensor();
     if (b.bottleneck) {
-      at::Tensor z = conv(u, w1[li]);
-      const BNParams p2 = b.bs2[li]
-                              ? scale_shift(g2[li], b2[li], mean2.select(0, i), var2.select(0, i), eps2[li], b.acc)
-                              : scale_shift(g2[li], b2[li], *rm2.get(li), *rv2.get(li), eps2[li], b.acc);
-      at::Tensor a = at::empty(z.sizes(), z.options(), out_format(z));
-      call_bn_relu_into(z, p2.scale, p2.shift, a);
+      const bool bs2 = b.bs2[li];
+      linear_forward(x, g1[li], b1[li], st1, eps1[li], w1[li], z, std::nullopt, std::nullopt);  // recompute z
+      const auto st2 = bn_stats(bs2, mean2, var2, i, b.B, rm2.get(li), rv2.get(li));
+      call_batch_norm_relu_into(z, g2[li], b2[li], st2.first, st2.second, eps2[li], a);
       auto [ga, gw2] = conv_backward(gy, a, w2[li]);
-      a.reset();
-      auto [gz, gg2, gb2] = call_bn_relu_backward(z, ga, p2.scale, p2.shift, p2.mean, p2.invstd, b.bs2[li]);
-      ga.reset();
-      z.reset();
-      auto [gu1, gw1] = conv_backward(gz, u, w1[li]);
-      gu = gu1;
-      dw1[li] = gw1;
+      std::tie(dw1[li], dg1[li], db1[li], dg2[li], db2[li]) =
+          call_bottleneck_backward(x, z, ga, w1[li], g1[li], b1[li], st1.first, st1.second, eps1[li], b.bs1[li],
+                                   g2[li], b2[li], st2.first, st2.second, eps2[li], bs2, gx, cf);
       dw2[li] = gw2;
-      dg2[li] = gg2.to(g2[li].scalar_type());
-      db2[li] = gb2.to(b2[li].scalar_type());
     } else {
-      auto [gu1, gw1] = conv_backward(gy, u, w1[li]);
-      gu = gu1;
+      const at::Tensor u = Scratch::cl_view(u_all, N, c, H, W);
+      call_batch_norm_relu_into(x, g1[li], b1[li], st1.first, st1.second, eps1[li], u);
+      auto [gu, gw1] = conv_backward(gy, u, w1[li]);
+      std::tie(dg1[li], db1[li]) = call_batch_norm_relu_backward_into(x, gu, g1[li], b1[li], st1.first, st1.second,
+                                                                      eps1[li], b.bs1[li], gx, true, cf);
       dw1[li] = gw1;
     }
-    auto [gg1, gb1] = call_bn_relu_backward_into(x, gu, p1.scale, p1.shift, p1.mean, p1.invstd, b.bs1[li],
-                                                 G.narrow(1, 0, c), true);
-    dg1[li] = gg1.to(g1[li].scalar_type());
-    db1[li] = gb1.to(b1[li].scalar_type());
   }
   at::Tensor gx = at::empty({b.N, b.C0, b.H, b.W}, feat.options(), b.mf);
-  gx.copy_(G.narrow(1, 0, b.C0));
+  auto [xs, cs, ms] = deferred(0, b.C0);
+  call_gather_grad(G.narrow(1, 0, b.C0), std::nullopt, 0.0, gx, xs, cs, ms);
   return {gx, dw1, dw2, dg1, db1, dg2, db2};
 }
 
 }  // namespace
+
+int64_t workspace_bytes() {
+  CpuWorkspace& ws = cpu_workspace();
+  std::lock_guard<std::mutex> lock(ws.mu);
+  return ws.buf.defined() ? ws.buf.numel() : 0;
+}
+
+void release_workspace() {
+  CpuWorkspace& ws = cpu_workspace();
+  std::lock_guard<std::mutex> lock(ws.mu);
+  ws.buf.reset();
+}
+
 }  // namespace effdense
 
 TORCH_LIBRARY_IMPL(effdense, CPU, m) {

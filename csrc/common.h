@@ -3,8 +3,10 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace effdense {
@@ -13,6 +15,8 @@ namespace effdense {
 inline at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // The memory format outputs take: channels-last when `x` is laid out channels-last (also as a strided prefix
 // view of a channels-last buffer), else contiguous. Same rule as effdense.backends.torch_backend.memory_format
@@ -45,6 +49,9 @@ void check_conv1x1_args(const at::Tensor& x, const at::Tensor& scale, const at::
 at::Tensor bn_relu_conv1x1_composite(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
                                      const at::Tensor& w);
 
+// The CPU channel statistics (ops.cpp), called directly by other CPU kernels.
+std::tuple<at::Tensor, at::Tensor> channel_stats_cpu(const at::Tensor& x);
+
 // Raw dispatcher handles of the per-device ops, used by the device-generic block driver (block.cpp).
 std::tuple<at::Tensor, at::Tensor> call_channel_stats(const at::Tensor& x);
 void call_bn_relu_into(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& out);
@@ -56,5 +63,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> call_bn_relu_backward(
 std::tuple<at::Tensor, at::Tensor> call_bn_relu_backward_into(
     const at::Tensor& x, const at::Tensor& gy, const at::Tensor& scale, const at::Tensor& shift,
     const at::Tensor& mean, const at::Tensor& invstd, bool batch_stats, const at::Tensor& gx, bool accumulate);
+
+// ---- the block driver's ops, which take a BN's (gamma, beta, mean, var, eps) and derive scale/shift inside
+// (schemas and argument checks in ops.cpp, CPU kernels in block_cpu.cpp, CUDA in cuda_block_ops.cpp)
+using OptTensor = std::optional<at::Tensor>;
+void check_bn_params(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean,
+                     const at::Tensor& var, const char* op);
+void check_stats_out(const OptTensor& mean, const OptTensor& var, int64_t n, const at::Tensor& x, const char* op);
+void check_out(const at::Tensor& out, at::IntArrayRef shape, const at::Tensor& x, bool acc_ok, const char* op,
+               const char* name);
+void check_linear_weight(const at::Tensor& x, const at::Tensor& w, const char* op);
+void check_running_stats_args(at::TensorList running_mean, at::TensorList running_var, at::TensorList nbt,
+                              const at::Tensor& mean, const at::Tensor& var, at::IntArrayRef rows,
+                              at::ArrayRef<double> momentum);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_bn_scale_shift(const at::Tensor& gamma, const at::Tensor& beta,
+                                                                   const at::Tensor& mean, const at::Tensor& var,
+                                                                   double eps, at::ScalarType dtype);
+void call_batch_norm_relu_into(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
+                               const at::Tensor& mean, const at::Tensor& var, double eps, const at::Tensor& out);
+void call_bn_relu_linear_into(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
+                              const at::Tensor& mean, const at::Tensor& var, double eps, const at::Tensor& w,
+                              const at::Tensor& out, const OptTensor& out_mean, const OptTensor& out_var);
+std::tuple<at::Tensor, at::Tensor> call_batch_norm_relu_backward_into(
+    const at::Tensor& x, const at::Tensor& gy, const at::Tensor& gamma, const at::Tensor& beta,
+    const at::Tensor& mean, const at::Tensor& var, double eps, bool batch_stats, const at::Tensor& gx,
+    bool accumulate, const OptTensor& coef);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_bn_relu_linear_backward(
+    const at::Tensor& x, const at::Tensor& gz, const at::Tensor& w, const at::Tensor& gamma, const at::Tensor& beta,
+    const at::Tensor& mean, const at::Tensor& var, double eps, bool batch_stats, const at::Tensor& gx,
+    bool accumulate, const OptTensor& coef);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_bottleneck_backward(
+    const at::Tensor& x, const at::Tensor& z, const at::Tensor& ga, const at::Tensor& w, const at::Tensor& g1,
+    const at::Tensor& b1, const at::Tensor& m1, const at::Tensor& v1, double eps1, bool bs1, const at::Tensor& g2,
+    const at::Tensor& b2, const at::Tensor& m2, const at::Tensor& v2, double eps2, bool bs2, const at::Tensor& gx,
+    const OptTensor& coef);
+void call_store_channels(const at::Tensor& y, const OptTensor& noise, double p, const at::Tensor& out,
+                         const OptTensor& mask, const OptTensor& out_mean, const OptTensor& out_var);
+void call_gather_grad(const at::Tensor& g, const OptTensor& mask, double p, const at::Tensor& out,
+                      const OptTensor& x, const OptTensor& coef, const OptTensor& mean);
+void check_gather_coef(const at::Tensor& out, const OptTensor& x, const OptTensor& coef, const OptTensor& mean);
+
+// The process-wide scratch memory of the CPU block driver (block.cpp): grown to the largest request and kept
+// across calls and steps (see block.cpp), released by effdense._C.release_workspace().
+int64_t workspace_bytes();
+void release_workspace();
 
 }  // namespace effdense

@@ -55,6 +55,73 @@ void check_same_shape(const at::Tensor& a, const at::Tensor& x, const char* op, 
               " with dtype float32, float64, float16 or bfloat16, got ", a.scalar_type());
 }
 
+void check_bn_params(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean,
+                     const at::Tensor& var, const char* op) {
+  const char* names[] = {"gamma", "beta", "mean", "var"};
+  const at::Tensor* ts[] = {&gamma, &beta, &mean, &var};
+  for (int i = 0; i < 4; ++i) {
+    const at::Tensor& v = *ts[i];
+    TORCH_CHECK(v.defined() && v.dim() == 1 && v.size(0) == x.size(1) && is_float_type(v.scalar_type()) &&
+                    v.device() == x.device(),
+                "effdense::", op, ": expected ", names[i], " of shape [", x.size(1), "] (one value per channel of x ",
+                shape_str(x), ") with a floating dtype on ", x.device(), ", got ",
+                v.defined() ? "shape " + shape_str(v) + " with dtype " + c10::toString(v.scalar_type()) + " on " +
+                                  v.device().str()
+                            : std::string("an undefined tensor"));
+  }
+}
+
+void check_stats_out(const OptTensor& mean, const OptTensor& var, int64_t n, const at::Tensor& x, const char* op) {
+  TORCH_CHECK(mean.has_value() == var.has_value(), "effdense::", op, ": expected out_mean and out_var both given "
+              "or both None");
+  if (!mean) return;
+  const auto a = acc_type(x.scalar_type());
+  for (const at::Tensor* t : {&*mean, &*var})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == n && t->scalar_type() == a && t->device() == x.device(),
+                "effdense::", op, ": expected out_mean and out_var of shape [", n, "] with dtype ", a, " on ",
+                x.device(), ", got shape ", shape_str(*t), " with dtype ", t->scalar_type(), " on ", t->device());
+}
+
+void check_out(const at::Tensor& out, at::IntArrayRef shape, const at::Tensor& x, bool acc_ok, const char* op,
+               const char* name) {
+  const auto dt = x.scalar_type(), a = acc_type(dt);
+  TORCH_CHECK(out.defined() && out.sizes() == shape && out.device() == x.device() &&
+                  (out.scalar_type() == dt || (acc_ok && out.scalar_type() == a)),
+              "effdense::", op, ": expected ", name, " of shape ", shape, " with dtype ", dt,
+              acc_ok ? std::string(" (that of x) or ") + c10::toString(a) : std::string(" (that of x)"), " on ",
+              x.device(), ", got ",
+              out.defined() ? "shape " + shape_str(out) + " with dtype " + c10::toString(out.scalar_type()) + " on " +
+                                  out.device().str()
+                            : std::string("an undefined tensor"));
+}
+
+void check_gather_coef(const at::Tensor& out, const OptTensor& x, const OptTensor& coef, const OptTensor& mean) {
+  TORCH_CHECK(x.has_value() == coef.has_value() && x.has_value() == mean.has_value(), "effdense::gather_grad: "
+              "expected x, coef and mean all given (deferred BN corrections) or all None");
+  if (!x) return;
+  const auto a = acc_type(out.scalar_type());
+  TORCH_CHECK(x->sizes() == out.sizes() && x->scalar_type() == out.scalar_type() && x->device() == out.device(),
+              "effdense::gather_grad: expected x of shape ", shape_str(out), " with dtype ", out.scalar_type(),
+              " (those of out) on ", out.device());
+  TORCH_CHECK(coef->dim() == 2 && coef->size(0) == 2 && coef->size(1) == out.size(1) && coef->scalar_type() == a &&
+                  coef->device() == out.device(),
+              "effdense::gather_grad: expected coef of shape [2, ", out.size(1), "] with dtype ", a, " on ",
+              out.device(), ", got ", shape_str(*coef), " with dtype ", coef->scalar_type());
+  TORCH_CHECK(mean->dim() == 1 && mean->size(0) == out.size(1) && is_float_type(mean->scalar_type()) &&
+                  mean->device() == out.device(),
+              "effdense::gather_grad: expected mean of shape [", out.size(1), "] with a floating dtype on ",
+              out.device(), ", got ", shape_str(*mean));
+}
+
+void check_linear_weight(const at::Tensor& x, const at::Tensor& w, const char* op) {
+  TORCH_CHECK(w.defined() && w.dim() == 4 && w.size(1) == x.size(1) && w.size(2) == 1 && w.size(3) == 1 &&
+                  w.scalar_type() == x.scalar_type() && w.device() == x.device(),
+              "effdense::", op, ": expected weight of shape [B, ", x.size(1), ", 1, 1] with dtype ", x.scalar_type(),
+              " (that of x) on ", x.device(), ", got ", w.defined() ? shape_str(w) : std::string("undefined"),
+              w.defined() ? std::string(" with dtype ") + c10::toString(w.scalar_type()) + " on " + w.device().str()
+                          : std::string());
+}
+
 // ------------------------------------------------------------------------------------------------ geometry
 
 // Element (n, c, h, w) of a 4-D strided tensor; pixels p = (n, h, w) in row-major order.
@@ -75,9 +142,6 @@ struct Geo {
 bool channels_inner(const at::Tensor& x) { return out_format(x) == at::MemoryFormat::ChannelsLast; }
 
 constexpr int64_t kChunk = 256;  // pixels per task of the channels-innermost loops
-
-template <typename T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // Chan et al.'s merge of (count, mean, M2) triples.
 struct Moments {
@@ -111,23 +175,33 @@ void stats_cpu_impl(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
     at::parallel_for(0, nchunks, 1, [&](int64_t b, int64_t e) {
       for (int64_t k = b; k < e; ++k) {
         const int64_t p0 = k * kChunk, p1 = std::min(P, p0 + kChunk);
-        double* m = cm.data() + k * C;
-        double* m2 = cm2.data() + k * C;
-        std::fill(m, m + C, 0.0);
-        std::fill(m2, m2 + C, 0.0);
+        // two-pass within the chunk in the accumulation type (exact enough over kChunk pixels), unit-stride
+        // channel loops when channels are contiguous (they vectorize); chunks merge in double below
+        thread_local std::vector<O> sm, sq;
+        sm.assign(static_cast<size_t>(C), O(0));
+        sq.assign(static_cast<size_t>(C), O(0));
+        O* __restrict__ a = sm.data();
+        O* __restrict__ q = sq.data();
+        const int64_t sc = C == 1 ? 1 : g.sC;
         for (int64_t p = p0; p < p1; ++p) {
-          const T* row = px + g.pix(p);
-          for (int64_t c = 0; c < C; ++c) m[c] += static_cast<double>(row[c * g.sC]);
+          const T* __restrict__ row = px + g.pix(p);
+          if (sc == 1)
+            for (int64_t c = 0; c < C; ++c) a[c] += static_cast<O>(row[c]);
+          else
+            for (int64_t c = 0; c < C; ++c) a[c] += static_cast<O>(row[c * sc]);
         }
-        const double inv = 1.0 / static_cast<double>(p1 - p0);
-        for (int64_t c = 0; c < C; ++c) m[c] *= inv;
+        const O inv = O(1) / static_cast<O>(p1 - p0);
+        for (int64_t c = 0; c < C; ++c) a[c] *= inv;
         for (int64_t p = p0; p < p1; ++p) {
-          const T* row = px + g.pix(p);
+          const T* __restrict__ row = px + g.pix(p);
           for (int64_t c = 0; c < C; ++c) {
-            const double d = static_cast<double>(row[c * g.sC]) - m[c];
-            m2[c] += d * d;
+            const O d = static_cast<O>(row[c * sc]) - a[c];
+            q[c] += d * d;
           }
         }
+        double* m = cm.data() + k * C;
+        double* m2 = cm2.data() + k * C;
+        for (int64_t c = 0; c < C; ++c) m[c] = static_cast<double>(a[c]), m2[c] = static_cast<double>(q[c]);
       }
     });
     at::parallel_for(0, C, 16, [&](int64_t b, int64_t e) {
@@ -149,16 +223,29 @@ void stats_cpu_impl(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
       Moments acc;
       for (int64_t n = 0; n < g.N; ++n) {
         const T* plane = px + n * g.sN + c * g.sC;
-        double s = 0;
-        for (int64_t h = 0; h < g.H; ++h)
-          for (int64_t w = 0; w < g.W; ++w) s += static_cast<double>(plane[h * g.sH + w * g.sW]);
-        const double m = s / static_cast<double>(HW);
-        double m2 = 0;
-        for (int64_t h = 0; h < g.H; ++h)
-          for (int64_t w = 0; w < g.W; ++w) {
-            const double d = static_cast<double>(plane[h * g.sH + w * g.sW]) - m;
-            m2 += d * d;
+        double m = 0, m2 = 0;
+        if ((g.W == 1 || g.sW == 1) && (g.H == 1 || g.sH == g.W)) {  // a contiguous plane: two-pass, SIMD
+          O s = 0, q = 0;
+#pragma omp simd reduction(+ : s)
+          for (int64_t i = 0; i < HW; ++i) s += static_cast<O>(plane[i]);
+          const O mo = s / static_cast<O>(HW);
+#pragma omp simd reduction(+ : q)
+          for (int64_t i = 0; i < HW; ++i) {
+            const O d = static_cast<O>(plane[i]) - mo;
+            q += d * d;
           }
+          m = static_cast<double>(mo), m2 = static_cast<double>(q);
+        } else {
+          double s = 0;
+          for (int64_t h = 0; h < g.H; ++h)
+            for (int64_t w = 0; w < g.W; ++w) s += static_cast<double>(plane[h * g.sH + w * g.sW]);
+          m = s / static_cast<double>(HW);
+          for (int64_t h = 0; h < g.H; ++h)
+            for (int64_t w = 0; w < g.W; ++w) {
+              const double d = static_cast<double>(plane[h * g.sH + w * g.sW]) - m;
+              m2 += d * d;
+            }
+        }
         acc.merge(static_cast<double>(HW), m, m2);
       }
       pm[c] = static_cast<O>(acc.mean);
@@ -479,10 +566,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_backward(
 // running = lerp(running, batch, factor) with factor = momentum, or 1/num_batches_tracked when momentum < 0
 // (PyTorch's momentum=None); running_var takes the unbiased variance var * n / (n - 1). `mean`/`var` are
 // either the block's per-channel statistics [C] (layer i takes the prefix its running_mean is long) or the
-// per-layer bottleneck statistics [L, B] (layer i takes row rows[i]). Device generic (ATen ops only).
-void update_running_stats(at::TensorList running_mean, at::TensorList running_var, at::TensorList nbt,
-                          const at::Tensor& mean, const at::Tensor& var, at::IntArrayRef rows,
-                          at::ArrayRef<double> momentum, int64_t count) {
+// per-layer bottleneck statistics [L, B] (layer i takes row rows[i]). One call, no host synchronization:
+// on CPU one loop over the layers' memory, on CUDA one kernel (cuda_block_ops.cpp) reading
+// num_batches_tracked on the device.
+void check_running_stats_args(at::TensorList running_mean, at::TensorList running_var, at::TensorList nbt,
+                              const at::Tensor& mean, const at::Tensor& var, at::IntArrayRef rows,
+                              at::ArrayRef<double> momentum) {
   const size_t L = running_mean.size();
   TORCH_CHECK(running_var.size() == L && nbt.size() == L && rows.size() == L && momentum.size() == L,
               "effdense::update_running_stats: expected running_var, num_batches_tracked, rows and momentum of "
@@ -490,33 +579,77 @@ void update_running_stats(at::TensorList running_mean, at::TensorList running_va
               rows.size(), ", ", momentum.size());
   TORCH_CHECK(mean.dim() == 1 || mean.dim() == 2, "effdense::update_running_stats: expected mean of shape [C] "
               "or [L, B], got ", shape_str(mean));
-  TORCH_CHECK(var.sizes() == mean.sizes(), "effdense::update_running_stats: expected var of shape ",
-              shape_str(mean), " (that of mean), got ", shape_str(var));
-  at::NoGradGuard no_grad;
+  TORCH_CHECK(var.sizes() == mean.sizes() && var.scalar_type() == mean.scalar_type() && is_float_type(mean.scalar_type()),
+              "effdense::update_running_stats: expected var of shape ", shape_str(mean), " with dtype ",
+              mean.scalar_type(), " (that of mean, a floating dtype), got ", shape_str(var), " with dtype ",
+              var.scalar_type());
   for (size_t i = 0; i < L; ++i) {
-    const at::Tensor& rm = running_mean[i];
-    const at::Tensor& rv = running_var[i];
+    const at::Tensor &rm = running_mean[i], &rv = running_var[i];
     const int64_t c = rm.numel();
-    TORCH_CHECK(rv.numel() == c, "effdense::update_running_stats: expected running_var[", i, "] of ", c,
-                " elements (those of running_mean[", i, "]), got ", rv.numel());
-    at::Tensor m, v;
+    TORCH_CHECK(rm.dim() == 1 && rv.dim() == 1 && rv.numel() == c && is_float_type(rm.scalar_type()) &&
+                    rv.scalar_type() == rm.scalar_type() && rm.device() == mean.device() &&
+                    rv.device() == mean.device(),
+                "effdense::update_running_stats: expected running_mean[", i, "] and running_var[", i, "] 1-D of ",
+                "equal length and floating dtype on ", mean.device(), ", got ", shape_str(rm), " ",
+                rm.scalar_type(), " and ", shape_str(rv), " ", rv.scalar_type());
+    TORCH_CHECK(nbt[i].numel() == 1 && nbt[i].scalar_type() == at::kLong && nbt[i].device() == mean.device(),
+                "effdense::update_running_stats: expected num_batches_tracked[", i, "] a one-element int64 tensor "
+                "on ", mean.device());
     if (mean.dim() == 1) {
       TORCH_CHECK(c <= mean.size(0), "effdense::update_running_stats: running_mean[", i, "] has ", c,
                   " channels, more than the ", mean.size(0), " of mean");
-      m = mean.narrow(0, 0, c);
-      v = var.narrow(0, 0, c);
     } else {
       TORCH_CHECK(rows[i] >= 0 && rows[i] < mean.size(0) && mean.size(1) == c, "effdense::update_running_stats:"
                   " expected row ", rows[i], " of mean ", shape_str(mean), " to hold ", c, " channels");
-      m = mean.select(0, rows[i]);
-      v = var.select(0, rows[i]);
     }
-    nbt[i].add_(1);
-    if (count == 0) continue;
-    const double factor = momentum[i] < 0 ? 1.0 / static_cast<double>(nbt[i].item<int64_t>()) : momentum[i];
-    at::Tensor unbiased = count > 1 ? v * (static_cast<double>(count) / static_cast<double>(count - 1)) : v;
-    const_cast<at::Tensor&>(rm).lerp_(m.to(rm.scalar_type()), factor);
-    const_cast<at::Tensor&>(rv).lerp_(unbiased.to(rv.scalar_type()), factor);
+  }
+}
+
+namespace {
+
+// running (R) lerp'd towards batch statistics (M), arithmetic in R's opmath type as torch's lerp_ does
+template <typename R, typename M>
+void running_update_cpu(const at::Tensor& rm, const at::Tensor& rv, const M* m, const M* v, int64_t sm,
+                        double factor, int64_t count) {
+  using O = acc_t<R>;
+  R* pm = rm.data_ptr<R>();
+  R* pv = rv.data_ptr<R>();
+  const int64_t c = rm.numel(), s0 = rm.stride(0), s1 = rv.stride(0);
+  const O w = static_cast<O>(factor);
+  const M unb = static_cast<M>(count > 1 ? static_cast<double>(count) / static_cast<double>(count - 1) : 1.0);
+  auto lerp = [w](O a, O b) { return w < O(0.5) ? a + w * (b - a) : b - (b - a) * (O(1) - w); };
+  for (int64_t j = 0; j < c; ++j) {
+    const O mb = static_cast<O>(static_cast<R>(m[j * sm]));
+    const O vb = static_cast<O>(static_cast<R>(static_cast<M>(v[j * sm] * unb)));
+    pm[j * s0] = static_cast<R>(lerp(static_cast<O>(pm[j * s0]), mb));
+    pv[j * s1] = static_cast<R>(lerp(static_cast<O>(pv[j * s1]), vb));
+  }
+}
+
+}  // namespace
+
+void update_running_stats_cpu(at::TensorList running_mean, at::TensorList running_var, at::TensorList nbt,
+                              const at::Tensor& mean, const at::Tensor& var, at::IntArrayRef rows,
+                              at::ArrayRef<double> momentum, int64_t count) {
+  check_running_stats_args(running_mean, running_var, nbt, mean, var, rows, momentum);
+  for (size_t i = 0; i < running_mean.size(); ++i) {
+    int64_t& tracked = *nbt[i].data_ptr<int64_t>();
+    tracked += 1;
+    if (count == 0) continue;  // an empty batch only counts, as nn.BatchNorm2d
+    const double factor = momentum[i] < 0 ? 1.0 / static_cast<double>(tracked) : momentum[i];
+    const int64_t off = mean.dim() == 1 ? 0 : rows[i] * mean.stride(0);
+    const int64_t sm = mean.stride(mean.dim() - 1);
+    AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "effdense_running_stats_m", [&] {
+      using M = scalar_t;
+      const M* m = mean.const_data_ptr<M>() + off;
+      const M* v = var.const_data_ptr<M>() + (mean.dim() == 1 ? 0 : rows[i] * var.stride(0));
+      TORCH_CHECK(var.stride(var.dim() - 1) == sm, "effdense::update_running_stats: expected var with the strides "
+                  "of mean");
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_mean[i].scalar_type(),
+                                      "effdense_running_stats_r", [&] {
+        running_update_cpu<scalar_t, M>(running_mean[i], running_var[i], m, v, sm, factor, count);
+      });
+    });
   }
 }
 
@@ -566,6 +699,69 @@ std::tuple<at::Tensor, at::Tensor> call_bn_relu_backward_into(
   return op.call(x, gy, scale, shift, mean, invstd, batch_stats, gx, accumulate);
 }
 
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+using T_ = const at::Tensor&;
+using O_ = const OptTensor&;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_bn_scale_shift(T_ gamma, T_ beta, T_ mean, T_ var, double eps,
+                                                                   at::ScalarType dtype) {
+  static auto op = handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(T_, T_, T_, T_, double, at::ScalarType)>(
+      "effdense::bn_scale_shift");
+  return op.call(gamma, beta, mean, var, eps, dtype);
+}
+
+void call_batch_norm_relu_into(T_ x, T_ gamma, T_ beta, T_ mean, T_ var, double eps, T_ out) {
+  static auto op = handle<void(T_, T_, T_, T_, T_, double, T_)>("effdense::batch_norm_relu_into");
+  op.call(x, gamma, beta, mean, var, eps, out);
+}
+
+void call_bn_relu_linear_into(T_ x, T_ gamma, T_ beta, T_ mean, T_ var, double eps, T_ w, T_ out, O_ out_mean,
+                              O_ out_var) {
+  static auto op = handle<void(T_, T_, T_, T_, T_, double, T_, T_, O_, O_)>("effdense::bn_relu_linear_into");
+  op.call(x, gamma, beta, mean, var, eps, w, out, out_mean, out_var);
+}
+
+std::tuple<at::Tensor, at::Tensor> call_batch_norm_relu_backward_into(T_ x, T_ gy, T_ gamma, T_ beta, T_ mean,
+                                                                      T_ var, double eps, bool batch_stats, T_ gx,
+                                                                      bool accumulate, O_ coef) {
+  static auto op = handle<std::tuple<at::Tensor, at::Tensor>(T_, T_, T_, T_, T_, T_, double, bool, T_, bool, O_)>(
+      "effdense::batch_norm_relu_backward_into");
+  return op.call(x, gy, gamma, beta, mean, var, eps, batch_stats, gx, accumulate, coef);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_bn_relu_linear_backward(T_ x, T_ gz, T_ w, T_ gamma, T_ beta,
+                                                                            T_ mean, T_ var, double eps,
+                                                                            bool batch_stats, T_ gx, bool accumulate,
+                                                                            O_ coef) {
+  static auto op = handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(T_, T_, T_, T_, T_, T_, T_, double, bool,
+                                                                          T_, bool, O_)>(
+      "effdense::bn_relu_linear_backward");
+  return op.call(x, gz, w, gamma, beta, mean, var, eps, batch_stats, gx, accumulate, coef);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_bottleneck_backward(
+    T_ x, T_ z, T_ ga, T_ w, T_ g1, T_ b1, T_ m1, T_ v1, double eps1, bool bs1, T_ g2, T_ b2, T_ m2, T_ v2, double eps2,
+    bool bs2, T_ gx, O_ coef) {
+  using R = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+  static auto op = handle<R(T_, T_, T_, T_, T_, T_, T_, T_, double, bool, T_, T_, T_, T_, double, bool, T_, O_)>(
+      "effdense::bottleneck_backward");
+  return op.call(x, z, ga, w, g1, b1, m1, v1, eps1, bs1, g2, b2, m2, v2, eps2, bs2, gx, coef);
+}
+
+void call_store_channels(T_ y, O_ noise, double p, T_ out, O_ mask, O_ out_mean, O_ out_var) {
+  static auto op = handle<void(T_, O_, double, T_, O_, O_, O_)>("effdense::store_channels");
+  op.call(y, noise, p, out, mask, out_mean, out_var);
+}
+
+void call_gather_grad(T_ g, O_ mask, double p, T_ out, O_ x, O_ coef, O_ mean) {
+  static auto op = handle<void(T_, O_, double, T_, O_, O_, O_)>("effdense::gather_grad");
+  op.call(g, mask, p, out, x, coef, mean);
+}
+
 }  // namespace effdense
 
 // ------------------------------------------------------------------------------------------ registration
@@ -580,6 +776,32 @@ TORCH_LIBRARY(effdense, m) {
         "Tensor invstd, bool batch_stats, Tensor(a!) grad_x, bool accumulate) -> (Tensor grad_gamma, "
         "Tensor grad_beta)");
   m.def("bn_relu_conv1x1(Tensor x, Tensor scale, Tensor shift, Tensor weight) -> Tensor");
+  // the block driver's ops: a BN given as (gamma, beta, mean, var, eps), scale/shift derived inside
+  m.def("bn_scale_shift(Tensor gamma, Tensor beta, Tensor mean, Tensor var, float eps, ScalarType dtype) -> "
+        "(Tensor scale, Tensor shift, Tensor invstd)");
+  m.def("batch_norm_relu_into(Tensor x, Tensor gamma, Tensor beta, Tensor mean, Tensor var, float eps, "
+        "Tensor(a!) out) -> ()");
+  m.def("bn_relu_linear_into(Tensor x, Tensor gamma, Tensor beta, Tensor mean, Tensor var, float eps, "
+        "Tensor weight, Tensor(a!) out, Tensor(b!)? out_mean, Tensor(c!)? out_var) -> ()");
+  m.def("batch_norm_relu_backward_into(Tensor x, Tensor grad_y, Tensor gamma, Tensor beta, Tensor mean, "
+        "Tensor var, float eps, bool batch_stats, Tensor(a!) grad_x, bool accumulate, Tensor(b!)? grad_coef=None) "
+        "-> (Tensor grad_gamma, Tensor grad_beta)");
+  m.def("bn_relu_linear_backward(Tensor x, Tensor grad_z, Tensor weight, Tensor gamma, Tensor beta, Tensor mean, "
+        "Tensor var, float eps, bool batch_stats, Tensor(a!) grad_x, bool accumulate, Tensor(b!)? grad_coef=None) "
+        "-> (Tensor grad_weight, Tensor grad_gamma, Tensor grad_beta)");
+  m.def("bottleneck_backward(Tensor x, Tensor z, Tensor grad_a, Tensor weight, Tensor gamma1, Tensor beta1, "
+        "Tensor mean1, Tensor var1, float eps1, bool batch_stats1, Tensor gamma2, Tensor beta2, Tensor mean2, "
+        "Tensor var2, float eps2, bool batch_stats2, Tensor(a!) grad_x, Tensor(b!)? grad_coef=None) -> "
+        "(Tensor grad_weight, Tensor grad_gamma1, Tensor grad_beta1, Tensor grad_gamma2, Tensor grad_beta2)");
+  m.def("store_channels(Tensor y, Tensor? noise, float p, Tensor(a!) out, Tensor(b!)? mask, "
+        "Tensor(c!)? out_mean, Tensor(d!)? out_var) -> ()");
+  m.def("gather_grad(Tensor grad, Tensor? mask, float p, Tensor(a!) out, Tensor? x=None, Tensor? coef=None, "
+        "Tensor? mean=None) -> ()");
+  m.def("transition_forward(Tensor x, Tensor gamma, Tensor beta, Tensor? running_mean, Tensor? running_var, "
+        "float eps, Tensor weight) -> (Tensor y, Tensor mean, Tensor var)");
+  m.def("transition_backward(Tensor grad_y, Tensor x, Tensor gamma, Tensor beta, Tensor mean, Tensor var, "
+        "float eps, bool batch_stats, Tensor weight) -> (Tensor grad_x, Tensor grad_gamma, Tensor grad_beta, "
+        "Tensor grad_weight)");
   m.def("update_running_stats(Tensor(a!)[] running_mean, Tensor(b!)[] running_var, "
         "Tensor(c!)[] num_batches_tracked, Tensor mean, Tensor var, int[] rows, float[] momentum, int count) -> ()");
   m.def("dense_block_forward(Tensor x, Tensor[] w1, Tensor[] w2, Tensor[] gamma1, Tensor[] beta1, "
@@ -601,21 +823,34 @@ TORCH_LIBRARY_IMPL(effdense, CPU, m) {
   m.impl("bn_relu_backward", &effdense::bn_relu_backward);
   m.impl("bn_relu_backward_into", &effdense::bn_relu_backward_into_cpu);
   m.impl("bn_relu_conv1x1", &effdense::bn_relu_conv1x1_composite);
-  m.impl("update_running_stats", &effdense::update_running_stats);
+  m.impl("update_running_stats", &effdense::update_running_stats_cpu);
 }
 
 #ifdef WITH_CUDA
 TORCH_LIBRARY_IMPL(effdense, CUDA, m) {  // device generic; the CUDA kernels are in cuda_ops.cpp
   m.impl("bn_relu", &effdense::bn_relu);
   m.impl("bn_relu_backward", &effdense::bn_relu_backward);
-  m.impl("update_running_stats", &effdense::update_running_stats);
 }
 #endif
 
 // `import effdense._C` loads this library, whose static initializers register the ops above. No pybind11:
-// a bare module keeps the build fast.
+// a bare module keeps the build fast. Its two functions report and release the CPU block driver's workspace.
+namespace {
+PyObject* py_workspace_bytes(PyObject*, PyObject*) { return PyLong_FromLongLong(effdense::workspace_bytes()); }
+PyObject* py_release_workspace(PyObject*, PyObject*) {
+  effdense::release_workspace();
+  Py_RETURN_NONE;
+}
+PyMethodDef methods[] = {
+    {"workspace_bytes", py_workspace_bytes, METH_NOARGS,
+     "Bytes of CPU scratch memory the cpp backend's block driver holds for reuse across layers and steps."},
+    {"release_workspace", py_release_workspace, METH_NOARGS,
+     "Free that scratch memory (the next block call allocates it again)."},
+    {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "effdense's C++/CUDA operators (torch.ops.effdense)",
-                                   -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+                                   -1, methods, nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&def);
 }

@@ -89,14 +89,23 @@ class StepMemory:
         return self.peak_bytes / 2 ** 20
 
 
+def release_workspaces() -> None:
+    """Free the scratch memory a backend keeps across steps (the ``cpp`` backend's CPU workspace)."""
+    from .backends import cpp_backend  # noqa: PLC0415 - the backend registry imports this module's users
+
+    cpp_backend.release_workspace()
+
+
 def measure_step(step: Callable[[], object], device: torch.device | str) -> StepMemory:
     """Peak memory that ``step()`` adds on ``device`` (allocator statistics on CUDA, :class:`CPUAllocatorBytes`
     on CPU).
 
     Run a warm-up step first so gradients and optimizer state already exist: then the figure is the step's
-    activation memory plus its transients.
+    activation memory plus its transients. Workspaces a backend keeps across steps are released first
+    (:func:`release_workspaces`), so the step allocates them again and the peak includes them.
     """
     device = torch.device(device)
+    release_workspaces()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)

@@ -200,6 +200,132 @@ def test_cpp_backend_registered_and_reasons():
         assert unavailable_reason("cpp", "cuda", torch.float32) is not None
 
 
+def test_cpp_cuda_kernels_built_but_no_gpu_is_unavailable(monkeypatch):
+    """Issue 12: an extension built with its CUDA kernels on a machine without a GPU must not claim CUDA."""
+    monkeypatch.setattr(_ext, "has_cuda_kernels", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "torch.cuda.is_available() is False" in unavailable_reason("cpp", "cuda", torch.float32)
+
+
+# ------------------------------------------------------------------------------------------- tiles, threads
+
+@pytest.mark.parametrize("options", [{}, {"channels_last": True}, {"noncontiguous": True}],
+                         ids=["nchw", "channels_last", "noncontiguous"])
+def test_cpp_block_many_tiles_two_threads_float64(options):
+    """Images large enough for the CPU kernels' tiles to span several images and split into one group per
+    thread (2 threads), against naive: the block_cpu.cpp tile paths the small configurations do not reach."""
+    kwargs = dict(num_layers=3, num_input_features=6, bn_size=4, growth_rate=5, drop_rate=0.2)
+    block, x = make_block(kwargs, options), make_input((3, 6, 17, 19), options)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = run_steps(block, "cpp", x, steps=2)
+        ref = run_steps(block, "naive", x, steps=2)
+    finally:
+        torch.set_num_threads(threads)
+    assert_runs_close(got, ref, RTOL64)
+
+
+# ----------------------------------------------------------------------------------------------- transition
+
+def _transition(cin, cout, train, affine=True):
+    from effdense.models import Transition
+
+    torch.manual_seed(3)
+    t = Transition(cin, cout, backend="naive").double().train(train)
+    if not affine:
+        t.norm = torch.nn.BatchNorm2d(cin, affine=False).double().train(train)
+    else:
+        t.norm.weight.data.uniform_(0.5, 1.5)
+        t.norm.bias.data.uniform_(-0.3, 0.3)
+    t.norm.running_mean.uniform_(-0.2, 0.2)
+    t.norm.running_var.uniform_(0.5, 2.0)
+    return t
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape,options", [((2, 6, 6, 8), {}), ((3, 5, 7, 5), {"channels_last": True}),
+                                           ((2, 7, 5, 6), {"noncontiguous": True}), ((2, 40, 20, 18), {})],
+                         ids=["nchw", "odd-channels_last", "odd-noncontiguous", "many-tiles"])
+def test_cpp_transition_matches_pytorch_float64(shape, options, train):
+    """effdense::transition_forward/backward against the module's PyTorch ops (pooling first), three steps
+    (running statistics included), odd H/W (the row/column outside every window), any input layout."""
+    from effdense.backends import cpp_backend
+
+    ref_t = _transition(shape[1], 4, train)
+    t = copy.deepcopy(ref_t)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (t, ref_t)]
+    for step in range(3):
+        x = make_input(shape, options) * (1 + step)
+        xa, xb = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+        ya = cpp_backend.transition_forward(xa, t.norm, t.conv)
+        yb = ref_t.conv(torch.nn.functional.avg_pool2d(torch.relu(ref_t.norm(xb)), 2))
+        assert ya.stride() == yb.stride() and rel_err(ya, yb) < RTOL64
+        weight = torch.linspace(-1, 1, yb.numel(), dtype=yb.dtype).view_as(yb)
+        for o in opts:
+            o.zero_grad()
+        (ya * weight).sum().backward()
+        (yb * weight).sum().backward()
+        assert rel_err(xa.grad, xb.grad) < RTOL64
+        for (name, p), q in zip(t.named_parameters(), ref_t.parameters()):
+            assert rel_err(p.grad, q.grad) < RTOL64, name
+        for o in opts:
+            o.step()
+    for (name, a), b in zip(t.state_dict().items(), ref_t.state_dict().values()):
+        assert rel_err(a.double(), b.double()) < RTOL64, name
+
+
+def test_cpp_transition_without_affine_and_fallbacks():
+    from effdense.backends import cpp_backend
+
+    t = _transition(4, 3, True, affine=False)
+    x = make_input((2, 4, 4, 4), {}).requires_grad_()
+    y = cpp_backend.transition_forward(x, t.norm, t.conv)
+    ref = t.conv(torch.nn.functional.avg_pool2d(torch.relu(torch.nn.functional.batch_norm(
+        x, None, None, training=True)), 2))
+    assert rel_err(y, ref) < RTOL64
+    y.sum().backward()
+    assert x.grad is not None and t.conv.weight.grad is not None
+    one_row = make_input((2, 4, 1, 4), {})                    # H below 2: PyTorch's ops, which refuse it
+    with pytest.raises(RuntimeError, match="Output size is too small"):
+        cpp_backend.transition_forward(one_row, t.norm, t.conv)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        xx = make_input((2, 4, 4, 4), {}).requires_grad_()
+        torch.autograd.grad(cpp_backend.transition_forward(xx, t.norm, t.conv).square().sum(), xx, create_graph=True)
+
+
+# ------------------------------------------------------------------------------------------------ workspace
+
+def _allocations(fn) -> list[int]:
+    """Sizes of the CPU allocator's allocations during fn()."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return [e.nbytes() for e in prof.profiler.kineto_results.events()
+            if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU and e.nbytes() > 0]
+
+
+def test_cpp_workspace_is_kept_across_steps_and_released_on_request():
+    """The CPU block driver's transients come from one workspace held across layers, blocks and steps: after a
+    warm-up step, a step allocates nothing as large as it; release_workspace frees it, and the next step
+    allocates it once (which effdense.memory.measure_step relies on to count it in a step's peak)."""
+    from effdense.backends import cpp_backend
+    from effdense.memory import measure_step, training_step
+
+    torch.manual_seed(0)
+    model = effdense.densenet_cifar(depth=16, growth_rate=6, backend="cpp")
+    step = training_step(model, torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,)),
+                         torch.optim.SGD(model.parameters(), lr=0.1))
+    step()
+    held = cpp_backend.workspace_bytes()
+    assert held > 0
+    assert max(_allocations(step)) < held, "a warm step allocated a buffer as large as the workspace"
+    assert cpp_backend.workspace_bytes() == held
+    cpp_backend.release_workspace()
+    assert cpp_backend.workspace_bytes() == 0
+    assert held in _allocations(step) and cpp_backend.workspace_bytes() == held
+    assert measure_step(step, "cpu").peak_bytes >= held
+
+
 # -------------------------------------------------------------------------------------------------- CUDA
 
 @cuda_only

@@ -168,6 +168,237 @@ def test_update_running_stats(momentum):
     assert torch.allclose(norm.running_mean, 0.5 * m2[2]) and torch.allclose(norm.running_var, 0.5 + 0.5 * m2[2])
 
 
+# ------------------------------------------------------------------------------ the block driver's ops
+
+# (N, C, H, W) of the block-driver op tests: one tile, and several tiles over several images (960 pixels:
+# more than a tile's rows for these widths, tiles crossing image boundaries, one group per thread)
+OP_SHAPES = {"one-tile": (2, 6, 3, 5), "tiles": (3, 40, 16, 20)}
+
+
+def bn_vecs(c, device, dtype, seed=2, running=False):
+    """(gamma, beta, mean, var) of a BN over c channels in the accumulation dtype (var > 0)."""
+    g = torch.Generator().manual_seed(seed)
+    a = bn.acc_dtype(dtype)
+    r = lambda: torch.randn(c, generator=g, dtype=torch.float64)  # noqa: E731
+    gamma, beta, mean, var = r() * 0.5 + 1, r() * 0.3, r() * 0.2, r().abs() + 0.5
+    return tuple(t.to(a).to(device) for t in (gamma, beta, mean, var))
+
+
+def ref_affine(gamma, beta, mean, var, eps=1e-5):
+    """(scale, shift, mean, invstd) from effdense.backends.bn.scale_shift (the specification)."""
+    norm = torch.nn.BatchNorm2d(gamma.numel(), eps=eps)
+    return bn.scale_shift(norm, mean, var, gamma.dtype, (gamma, beta))
+
+
+def cl_empty(shape, device, dtype):
+    return torch.empty(shape, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+
+
+def batch_stats_of(x):
+    var, mean = torch.var_mean(x.to(bn.acc_dtype(x.dtype)), dim=(0, 2, 3), correction=0)
+    return mean, var
+
+
+@pytest.mark.parametrize("shape", list(OP_SHAPES))
+@pytest.mark.parametrize("device,dtype,tol", CASES)
+def test_bn_scale_shift(shape, device, dtype, tol):
+    gamma, beta, mean, var = bn_vecs(OP_SHAPES[shape][1], device, dtype)
+    a = bn.acc_dtype(dtype)
+    got = ops.bn_scale_shift(gamma, beta, mean, var, 1e-5, a)
+    for g_, r_ in zip(got, (ref_affine(gamma, beta, mean, var)[i] for i in (0, 1, 3))):
+        assert g_.dtype == a and rel(g_, r_) < 1e-6 if a == torch.float32 else rel(g_, r_) < 1e-14
+
+
+@pytest.mark.parametrize("shape", list(OP_SHAPES))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("device,dtype,tol", CASES)
+def test_batch_norm_relu_into(shape, layout, device, dtype, tol):
+    x = make_x(layout, shape=OP_SHAPES[shape], device=device, dtype=dtype)
+    gamma, beta, mean, var = bn_vecs(x.shape[1], device, dtype)
+    scale, shift, _, _ = ref_affine(gamma, beta, mean, var)
+    ref = bn.bn_relu(x, scale, shift, dtype)
+    for out in (cl_empty(x.shape, device, dtype), torch.empty_like(x, dtype=bn.acc_dtype(dtype))):
+        ops.batch_norm_relu_into(x, gamma, beta, mean, var, 1e-5, out)
+        assert rel(out, ref) < tol
+    z = x.clone()
+    ops.batch_norm_relu_into(z, gamma, beta, mean, var, 1e-5, z)                    # in place
+    assert rel(z, ref) < tol
+
+
+@pytest.mark.parametrize("shape", list(OP_SHAPES))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("device,dtype,tol", CASES)
+def test_bn_relu_linear_into(shape, layout, device, dtype, tol):
+    x = make_x(layout, shape=OP_SHAPES[shape], device=device, dtype=dtype)
+    gamma, beta, mean, var = bn_vecs(x.shape[1], device, dtype)
+    w = (torch.randn(7, x.shape[1], 1, 1, dtype=torch.float64) * 0.3).to(dtype).to(device)
+    scale, shift, _, _ = ref_affine(gamma, beta, mean, var)
+    ref = torch.nn.functional.conv2d(bn.bn_relu(x, scale, shift, dtype).double(), w.double())
+    ref_mean, ref_var = batch_stats_of(ref)
+    a = bn.acc_dtype(dtype)
+    for z in (cl_empty(ref.shape, device, dtype), torch.empty(ref.shape, device=device, dtype=dtype)):
+        m, v = torch.empty(7, dtype=a, device=device), torch.empty(7, dtype=a, device=device)
+        ops.bn_relu_linear_into(x, gamma, beta, mean, var, 1e-5, w, z, m, v)       # z and its statistics
+        assert rel(z, ref) < max(tol * 10, 1e-6 if dtype == torch.float32 else 0)
+        assert rel(m, ref_mean) < tol * 10 and rel(v, ref_var) < tol * 10
+    ops.bn_relu_linear_into(x, gamma, beta, mean, var, 1e-5, w, z, None, None)
+    assert rel(z, ref) < max(tol * 10, 1e-6 if dtype == torch.float32 else 0)
+
+
+def _bwd_case(shape, layout, device, dtype, batch_stats):
+    x = make_x(layout, shape=OP_SHAPES[shape], device=device, dtype=dtype)
+    gamma, beta, mean, var = bn_vecs(x.shape[1], device, dtype)
+    if batch_stats:
+        mean, var = batch_stats_of(x)
+    return x, gamma, beta, mean, var, ref_affine(gamma, beta, mean, var)
+
+
+def _deferred(gx, coef, x, mean):
+    """The complete gradient of a deferred-correction call: gx + coef[0] + coef[1] * (x - mean)."""
+    a = coef.dtype
+    return gx.to(a) + coef[0].view(1, -1, 1, 1) + coef[1].view(1, -1, 1, 1) * (x.to(a) - mean.view(1, -1, 1, 1))
+
+
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
+@pytest.mark.parametrize("shape", list(OP_SHAPES))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("device,dtype,tol", CASES)
+def test_batch_norm_relu_backward_into(batch_stats, shape, layout, device, dtype, tol):
+    x, gamma, beta, mean, var, (scale, shift, mu, invstd) = _bwd_case(shape, layout, device, dtype, batch_stats)
+    gy = make_x(layout, shape=x.shape, device=device, dtype=dtype, seed=3)
+    ref_dx, ref_dg, ref_db = bn.bn_relu_backward(x, gy, scale, shift, mu, invstd, batch_stats)
+    a = bn.acc_dtype(dtype)
+    acc = torch.randn(x.shape, dtype=a, device=device)                      # accumulate into a float buffer
+    expect = acc + ref_dx
+    dg, db = ops.batch_norm_relu_backward_into(x, gy, gamma, beta, mean, var, 1e-5, batch_stats, acc, True)
+    assert rel(acc, expect) < tol * 10 and rel(dg, ref_dg) < tol * 10 and rel(db, ref_db) < tol * 10
+    assert dg.dtype == gamma.dtype and db.dtype == beta.dtype
+    g = gy.clone()                                                           # in place over grad_y
+    ops.batch_norm_relu_backward_into(x, g, gamma, beta, mean, var, 1e-5, batch_stats, g, False)
+    assert rel(g, ref_dx) < tol * 10
+    coef = torch.zeros(2, x.shape[1], dtype=a, device=device)               # correction deferred into coef
+    out = torch.zeros(x.shape, dtype=a, device=device)
+    ops.batch_norm_relu_backward_into(x, gy, gamma, beta, mean, var, 1e-5, batch_stats, out, True, coef)
+    assert rel(_deferred(out, coef, x, mu), ref_dx) < tol * 10
+    assert batch_stats or not coef.any(), "running statistics have no correction to defer"
+
+
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["batch", "running"])
+@pytest.mark.parametrize("shape", list(OP_SHAPES))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("device,dtype,tol", CASES)
+def test_bn_relu_linear_backward(batch_stats, shape, layout, device, dtype, tol):
+    x, gamma, beta, mean, var, (scale, shift, mu, invstd) = _bwd_case(shape, layout, device, dtype, batch_stats)
+    n, c, h, w_ = x.shape
+    w = (torch.randn(7, c, 1, 1, dtype=torch.float64) * 0.3).to(dtype).to(device)
+    gz = cl_empty((n, 7, h, w_), device, dtype).copy_(torch.randn(n, 7, h, w_, dtype=torch.float64))
+    u = bn.bn_relu(x, scale, shift, dtype)
+    ref_dw = torch.einsum("nbhw,nchw->bc", gz.double(), u.double()).view(7, c, 1, 1)
+    gu = torch.nn.functional.conv_transpose2d(gz.double(), w.double()).to(dtype)
+    ref_dx, ref_dg, ref_db = bn.bn_relu_backward(x, gu, scale, shift, mu, invstd, batch_stats)
+    a = bn.acc_dtype(dtype)
+    loose = max(tol * 10, 1e-6 if dtype == torch.float32 else 0)
+    for grad_x in (torch.randn(x.shape, dtype=a, device=device),                            # x's layout
+                   torch.randn(x.shape, dtype=a, device=device).contiguous(memory_format=torch.channels_last)):
+        expect = grad_x + ref_dx
+        dw, dg, db = ops.bn_relu_linear_backward(x, gz, w, gamma, beta, mean, var, 1e-5, batch_stats, grad_x, True)
+        assert dw.dtype == w.dtype and dw.stride() == w.stride()
+        assert rel(dw, ref_dw) < loose and rel(grad_x, expect) < loose
+        assert rel(dg, ref_dg) < loose and rel(db, ref_db) < loose
+        coef = torch.zeros(2, c, dtype=a, device=device)
+        out = torch.zeros_like(grad_x)
+        ops.bn_relu_linear_backward(x, gz, w, gamma, beta, mean, var, 1e-5, batch_stats, out, False, coef)
+        assert rel(_deferred(out, coef, x, mu), ref_dx) < loose
+
+
+@pytest.mark.parametrize("bs1,bs2", [(True, True), (False, True), (True, False)],
+                         ids=["batch", "running1", "running2"])
+@pytest.mark.parametrize("shape", list(OP_SHAPES))
+@pytest.mark.parametrize("layout", ["prefix_nchw", "prefix_cl"])
+@pytest.mark.parametrize("device,dtype,tol", CASES)
+def test_bottleneck_backward_is_bn2_backward_then_linear_backward(bs1, bs2, shape, layout, device, dtype, tol):
+    """The fused op equals its two steps: batch_norm_relu_backward_into on (z, grad_a), then
+    bn_relu_linear_backward (each tested against the reference math above)."""
+    x, gamma1, beta1, mean1, var1, _ = _bwd_case(shape, layout, device, dtype, bs1)
+    n, c, h, w_ = x.shape
+    w = (torch.randn(6, c, 1, 1, dtype=torch.float64) * 0.3).to(dtype).to(device)
+    z = cl_empty((n, 6, h, w_), device, dtype)
+    ops.bn_relu_linear_into(x, gamma1, beta1, mean1, var1, 1e-5, w, z, None, None)
+    gamma2, beta2, mean2, var2 = bn_vecs(6, device, dtype, seed=4)
+    if bs2:
+        mean2, var2 = batch_stats_of(z)
+    ga = cl_empty(z.shape, device, dtype).copy_(torch.randn(z.shape, dtype=torch.float64))
+    a = bn.acc_dtype(dtype)
+    gz = ga.clone()
+    ref_dg2, ref_db2 = ops.batch_norm_relu_backward_into(z, ga, gamma2, beta2, mean2, var2, 1e-5, bs2, gz, False)
+    g0 = torch.randn(x.shape, dtype=a, device=device)
+    gx_ref, gx = g0.clone(), g0.clone()
+    coef_ref, coef = torch.zeros(2, c, dtype=a, device=device), torch.zeros(2, c, dtype=a, device=device)
+    ref_dw, ref_dg1, ref_db1 = ops.bn_relu_linear_backward(x, gz, w, gamma1, beta1, mean1, var1, 1e-5, bs1, gx_ref,
+                                                           True, coef_ref)
+    got = ops.bottleneck_backward(x, z, ga, w, gamma1, beta1, mean1, var1, 1e-5, bs1, gamma2, beta2, mean2, var2,
+                                  1e-5, bs2, gx, coef)
+    for g_, r_ in zip((*got, gx, coef), (ref_dw, ref_dg1, ref_db1, ref_dg2, ref_db2, gx_ref, coef_ref)):
+        assert rel(g_, r_) < max(tol * 10, 1e-6 if dtype == torch.float32 else 0)
+
+
+@pytest.mark.parametrize("shape", list(OP_SHAPES))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "prefix_nchw", "prefix_cl"])
+@pytest.mark.parametrize("device,dtype,tol", CASES)
+def test_store_channels(shape, layout, device, dtype, tol):
+    y = make_x("channels_last", shape=OP_SHAPES[shape], device=device, dtype=dtype)    # a convolution output
+    out = make_x(layout, shape=OP_SHAPES[shape], device=device, dtype=dtype, seed=7)    # a slice of F
+    a = bn.acc_dtype(dtype)
+    m, v = torch.empty(y.shape[1], dtype=a, device=device), torch.empty(y.shape[1], dtype=a, device=device)
+    ops.store_channels(y, None, 0.0, out, None, m, v)
+    rm, rv = batch_stats_of(y)
+    assert torch.equal(out, y) and rel(m, rm) < tol * 10 and rel(v, rv) < tol * 10
+    noise = torch.empty_like(out).bernoulli_(0.7)
+    mask = torch.empty(y.shape, dtype=torch.bool, device=device)
+    ops.store_channels(y, noise, 0.3, out, mask, m, v)
+    ref = y * noise.div(0.7)                                                   # F.dropout's arithmetic
+    assert rel(out, ref) < tol and torch.equal(mask, noise != 0)
+    rm, rv = batch_stats_of(ref)
+    assert rel(m, rm) < tol * 10 and rel(v, rv) < tol * 10
+
+
+@pytest.mark.parametrize("shape", list(OP_SHAPES))
+@pytest.mark.parametrize("layout", ["prefix_nchw", "prefix_cl", "contiguous"])
+@pytest.mark.parametrize("device,dtype,tol", CASES)
+def test_gather_grad(shape, layout, device, dtype, tol):
+    a = bn.acc_dtype(dtype)
+    g = make_x(layout, shape=OP_SHAPES[shape], device=device, dtype=a)      # a slice of the gradient buffer
+    x = make_x(layout, shape=OP_SHAPES[shape], device=device, dtype=dtype, seed=5)
+    mask = torch.rand(g.shape, device=device) > 0.4
+    coef = torch.randn(2, g.shape[1], dtype=a, device=device)
+    mean = torch.randn(g.shape[1], dtype=a, device=device)
+    out = cl_empty(g.shape, device, dtype)
+    ops.gather_grad(g, None, 0.0, out)
+    assert rel(out, g.to(dtype)) < tol
+    ops.gather_grad(g, mask, 0.4, out, x, coef, mean)
+    ref = _deferred(g, coef, x, mean) * mask.to(dtype).div(0.6)
+    assert rel(out, ref) < tol
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("running_dtype", [torch.float64, torch.float16], ids=["f64", "f16"])
+def test_update_running_stats_rows_of_any_dtype(momentum, running_dtype):
+    """The [L, B] bottleneck statistics (rows), running statistics of another dtype than the batch ones."""
+    norms = [torch.nn.BatchNorm2d(4, momentum=momentum).to(running_dtype) for _ in range(3)]
+    refs = [torch.nn.BatchNorm2d(4, momentum=momentum).to(running_dtype) for _ in range(3)]
+    mean, var = torch.rand(3, 4, dtype=torch.float64), torch.rand(3, 4, dtype=torch.float64) + 0.1
+    for _ in range(2):
+        ops.update_running_stats([m.running_mean for m in norms], [m.running_var for m in norms],
+                                 [m.num_batches_tracked for m in norms], mean, var, [2, 0, 1],
+                                 [-1.0 if momentum is None else momentum] * 3, 9)
+        for m, row in zip(refs, (2, 0, 1)):
+            bn.update_running_stats(m, mean[row].to(running_dtype), var[row].to(running_dtype), 9)
+    tol = 1e-14 if running_dtype == torch.float64 else 2e-3
+    for m, r in zip(norms, refs):
+        assert rel(m.running_mean, r.running_mean) < tol and rel(m.running_var, r.running_var) < tol
+        assert int(m.num_batches_tracked) == int(r.num_batches_tracked) == 2
+
+
 # ----------------------------------------------------------------------------------------- gradcheck
 
 def test_gradcheck_bn_relu_and_stats_and_conv1x1():
@@ -226,6 +457,52 @@ def _op_samples():
                                   18)),
         ("dense_block_forward", tuple(_block_args())),
         ("dense_block_forward", tuple(_block_args(bottleneck=False, eval_layer=True, cl=True))),
+        *_driver_op_samples(),
+    ]
+
+
+def _driver_op_samples():
+    """Samples of the block driver's ops: NCHW and channels-last inputs, optional outputs given and not."""
+    x_cl, x_nchw = make_x("prefix_cl", shape=(2, 4, 3, 3)), make_x("prefix_nchw", shape=(2, 4, 3, 3))
+    gamma, beta, mean, var = bn_vecs(4, "cpu", torch.float64)
+    w = torch.randn(5, 4, 1, 1, dtype=torch.float64)
+    z = cl_empty((2, 5, 3, 3), "cpu", torch.float64)
+    gz = make_x("channels_last", shape=(2, 5, 3, 3), seed=4)
+    gy = make_x("channels_last", shape=(2, 4, 3, 3), seed=4)
+    vec = lambda n: torch.empty(n, dtype=torch.float64)  # noqa: E731
+    coef = torch.zeros(2, 4, dtype=torch.float64)
+    noise = torch.empty(2, 4, 3, 3, dtype=torch.float64).bernoulli_(0.5)
+    mask = torch.empty(2, 4, 3, 3, dtype=torch.bool)
+    n1 = torch.nn.BatchNorm2d(4).double()
+    tx = make_x("contiguous", shape=(2, 4, 5, 6))
+    ty = torch.randn(2, 5, 2, 3, dtype=torch.float64)
+    return [
+        ("bn_scale_shift", (gamma, beta, mean, var, 1e-5, torch.float64)),
+        ("batch_norm_relu_into", (x_cl, gamma, beta, mean, var, 1e-5, cl_empty(x_cl.shape, "cpu", torch.float64))),
+        ("bn_relu_linear_into", (x_cl, gamma, beta, mean, var, 1e-5, w, z, vec(5), vec(5))),
+        ("bn_relu_linear_into", (x_nchw, gamma, beta, mean, var, 1e-5, w, z, None, None)),
+        ("batch_norm_relu_backward_into", (x_cl, gy, gamma, beta, mean, var, 1e-5, True,
+                                           torch.zeros(x_cl.shape, dtype=torch.float64), True, coef)),
+        ("batch_norm_relu_backward_into", (x_nchw, gy, gamma, beta, mean, var, 1e-5, False,
+                                           torch.zeros(x_cl.shape, dtype=torch.float64), False)),
+        ("bn_relu_linear_backward", (x_nchw, gz, w, gamma, beta, mean, var, 1e-5, True,
+                                     torch.zeros(x_nchw.shape, dtype=torch.float64), True, coef)),
+        ("bn_relu_linear_backward", (x_cl, gz, w, gamma, beta, mean, var, 1e-5, False,
+                                     torch.zeros(x_cl.shape, dtype=torch.float64), False)),
+        ("bottleneck_backward", (x_nchw, z.clone().normal_(), gz, w, gamma, beta, mean, var, 1e-5, True,
+                                 *bn_vecs(5, "cpu", torch.float64, seed=3), 1e-5, True,
+                                 torch.zeros(x_nchw.shape, dtype=torch.float64), coef)),
+        ("bottleneck_backward", (x_cl, z.clone().normal_(), gz, w, gamma, beta, mean, var, 1e-5, False,
+                                 *bn_vecs(5, "cpu", torch.float64, seed=3), 1e-5, False,
+                                 torch.zeros(x_cl.shape, dtype=torch.float64))),
+        ("store_channels", (gy, noise, 0.5, x_cl.clone(), mask, vec(4), vec(4))),
+        ("store_channels", (gy, None, 0.0, torch.empty_like(gy), None, None, None)),
+        ("gather_grad", (gy, mask, 0.5, cl_empty(gy.shape, "cpu", torch.float64), x_nchw, coef, mean)),
+        ("gather_grad", (gy, None, 0.0, torch.empty_like(gy))),
+        ("transition_forward", (tx, gamma, beta, None, None, 1e-5, w)),
+        ("transition_forward", (tx.contiguous(memory_format=torch.channels_last), gamma, beta, n1.running_mean,
+                                n1.running_var, 1e-5, w)),
+        ("transition_backward", (ty, tx, gamma, beta, mean, var, 1e-5, True, w)),
     ]
 
 

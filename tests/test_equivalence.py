@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import effdense
+from effdense import backends
 from utils import DEVICES, assert_runs_close, make_block, make_input, rel_err, run_steps
 
 RTOL = {torch.float64: 1e-10}
@@ -193,6 +194,24 @@ def test_torch_backend_rejects_double_backward_and_inplace_weight_changes():
         block.denselayer1.conv2.weight.add_(1.0)      # an optimizer step between forward and backward
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.backward()
+
+
+@pytest.mark.parametrize("backend", [n for n, b in sorted(backends.BACKENDS.items()) if b.memory_efficient])
+def test_memory_efficient_backends_reject_double_backward(backend):
+    """A gradient penalty (create_graph=True) through a memory-efficient block raises instead of silently
+    computing wrong second-order gradients (issue 12's repro: the cpp backend used to return zeros)."""
+    dtype = next((dt for dt in (torch.float64, torch.float32)                # triton's interpreter: no float64
+                  if backends.unavailable_reason(backend, "cpu", dt) is None), None)
+    if dtype is None:
+        pytest.skip(f"backend {backend!r} unavailable: {backends.unavailable_reason(backend, 'cpu', torch.float32)}")
+    blk = effdense.EfficientDenseBlock(2, 4, 2, 3, 0.0).to(dtype)
+    blk.backend = backend
+    x = torch.randn(2, 4, 5, 5, dtype=dtype, requires_grad=True)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        g = torch.autograd.grad(blk(x).pow(2).sum(), x, create_graph=True)[0]
+        g.pow(2).sum().backward()
+    (g,) = torch.autograd.grad(blk(x).pow(2).sum(), x)                  # first order still works
+    assert g.shape == x.shape and torch.isfinite(g).all()
 
 
 def test_one_pixel_batch_fails_when_only_norm2_trains():

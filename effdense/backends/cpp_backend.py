@@ -1,10 +1,15 @@
 """``"cpp"``: the memory-efficient dense block of DESIGN.md run from C++ (csrc/, ``effdense._C``).
 
 One operator call runs the whole block forward (``torch.ops.effdense.dense_block_forward``) and one the whole
-backward (``dense_block_backward``), with the per-channel BN work in the extension's CPU (``at::parallel_for``)
-or CUDA kernels and the convolutions in ATen (oneDNN on CPU, cuDNN/cuBLAS on GPU). The algorithm and storage
-are those of :mod:`effdense.backends.torch_backend`, its executable specification. Running statistics are
-updated once per forward by one ``effdense::update_running_stats`` call per BN kind.
+backward (``dense_block_backward``): per layer a fixed handful of effdense ops (BN-ReLU and the bottleneck
+1x1 convolution as tiled GEMMs on CPU, csrc/block_cpu.cpp; the CUDA kernels on GPU) and ATen's 3x3
+convolutions (oneDNN on CPU, cuDNN on GPU), no host synchronization. The algorithm and storage are those of
+:mod:`effdense.backends.torch_backend`, its executable specification. Running statistics are updated once per
+forward by one ``effdense::update_running_stats`` call per BN kind.
+
+On CPU the block's transients (the gradient buffer, the bottleneck) live in one workspace kept across layers,
+blocks and steps (no fresh large allocation, hence no page faults, per step); :func:`workspace_bytes` says how
+large it is and :func:`release_workspace` frees it.
 
 This module also registers, for every ``effdense`` op, a fake (meta) implementation and, where the op is
 differentiable, its autograd formula, so ``torch.compile`` traces through the ops and
@@ -19,7 +24,7 @@ from torch import Tensor, nn
 
 from .. import _ext
 from .base import FLOAT_DTYPES, Backend
-from .bn import acc_dtype, check_batch_size, uses_batch_stats
+from .bn import acc_dtype, check_batch_size, sync_stats_enabled, uses_batch_stats
 from .torch_backend import compute_dtype, memory_format
 
 NAME = "cpp"
@@ -63,6 +68,41 @@ def _fake_bn_relu_conv1x1(x, scale, shift, weight):
 
 def _fake_update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, rows, momentum, count):
     return None
+
+
+def _fake_bn_scale_shift(gamma, beta, mean, var, eps, dtype):
+    return tuple(mean.new_empty((mean.shape[0],), dtype=dtype) for _ in range(3))
+
+
+def _fake_into(*args):   # the ops writing into caller-given tensors return nothing
+    return None
+
+
+def _fake_batch_norm_relu_backward_into(x, grad_y, gamma, beta, mean, var, eps, batch_stats, grad_x, accumulate,
+                                        grad_coef=None):
+    return gamma.new_empty(gamma.shape), beta.new_empty(beta.shape)
+
+
+def _fake_bn_relu_linear_backward(x, grad_z, weight, gamma, beta, mean, var, eps, batch_stats, grad_x, accumulate,
+                                  grad_coef=None):
+    return torch.empty_like(weight), gamma.new_empty(gamma.shape), beta.new_empty(beta.shape)
+
+
+def _fake_bottleneck_backward(x, z, grad_a, weight, gamma1, beta1, mean1, var1, eps1, batch_stats1, gamma2, beta2,
+                              mean2, var2, eps2, batch_stats2, grad_x, grad_coef=None):
+    return (torch.empty_like(weight), gamma1.new_empty(gamma1.shape), beta1.new_empty(beta1.shape),
+            gamma2.new_empty(gamma2.shape), beta2.new_empty(beta2.shape))
+
+
+def _fake_transition_forward(x, gamma, beta, running_mean, running_var, eps, weight):
+    n, c, h, w = x.shape
+    y = _empty_fmt((n, weight.shape[0], h // 2, w // 2), x, fmt=x)
+    stats = 0 if running_mean is not None else c
+    return y, _vec(x, stats), _vec(x, stats)
+
+
+def _fake_transition_backward(grad_y, x, gamma, beta, mean, var, eps, batch_stats, weight):
+    return _empty_fmt(x.shape, x), gamma.new_empty(gamma.shape), beta.new_empty(beta.shape), torch.empty_like(weight)
 
 
 def _block_dims(w1, w2):
@@ -156,10 +196,16 @@ def _setup_block(ctx, inputs, output):
                     for v in (*lists[6:], eps1, eps2, drop_rate)]
     feat, mean, var, mean2, var2, mask = output
     ctx.mark_non_differentiable(mean, var, mean2, var2, mask)
+    ctx.set_materialize_grads(False)   # no zero gradients for the statistics outputs (they are not used)
     ctx.save_for_backward(feat, mean, var, mean2, var2, mask, *[t for v in lists for t in v])
 
 
 def _backward_block(ctx, grad_feat, *unused):
+    if torch.is_grad_enabled():   # the C++ backward is not differentiable: refuse rather than compute it wrong
+        raise RuntimeError(f"the {NAME!r} dense-block backend does not support double backward "
+                           "(create_graph=True); use backend='naive' for higher-order gradients")
+    if grad_feat is None:
+        return (None, *[[None] * n for n in ctx.lengths[:6]], *ctx.no_grads)
     feat, mean, var, mean2, var2, mask, *flat = ctx.saved_tensors
     lists, pos = [], 0
     for n in ctx.lengths:
@@ -170,6 +216,27 @@ def _backward_block(ctx, grad_feat, *unused):
     return (gx, *grads, *ctx.no_grads)
 
 
+def _setup_transition(ctx, inputs, output):
+    x, gamma, beta, running_mean, running_var, eps, weight = inputs
+    _, mean, var = output
+    ctx.mark_non_differentiable(mean, var)
+    ctx.set_materialize_grads(False)
+    ctx.eps, ctx.batch = eps, running_mean is None
+    ctx.save_for_backward(x, gamma, beta, *((mean, var) if ctx.batch else (running_mean, running_var)), weight)
+
+
+def _backward_transition(ctx, grad_y, *unused):
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"the {NAME!r} transition does not support double backward (create_graph=True); use "
+                           "backend='naive' for higher-order gradients")
+    if grad_y is None:
+        return (None,) * 7
+    x, gamma, beta, mean, var, weight = ctx.saved_tensors
+    gx, dgamma, dbeta, dw = torch.ops.effdense.transition_backward(grad_y, x, gamma, beta, mean, var, ctx.eps,
+                                                                   ctx.batch, weight)
+    return gx, dgamma, dbeta, None, None, None, dw
+
+
 def _register() -> None:
     lib = "effdense::"
     for op, fake in (("channel_stats", _fake_channel_stats), ("bn_relu", _fake_bn_relu),
@@ -177,12 +244,21 @@ def _register() -> None:
                      ("bn_relu_backward_into", _fake_bn_relu_backward_into),
                      ("bn_relu_conv1x1", _fake_bn_relu_conv1x1),
                      ("update_running_stats", _fake_update_running_stats),
+                     ("bn_scale_shift", _fake_bn_scale_shift), ("batch_norm_relu_into", _fake_into),
+                     ("bn_relu_linear_into", _fake_into),
+                     ("batch_norm_relu_backward_into", _fake_batch_norm_relu_backward_into),
+                     ("bn_relu_linear_backward", _fake_bn_relu_linear_backward),
+                     ("bottleneck_backward", _fake_bottleneck_backward),
+                     ("store_channels", _fake_into), ("gather_grad", _fake_into),
+                     ("transition_forward", _fake_transition_forward),
+                     ("transition_backward", _fake_transition_backward),
                      ("dense_block_forward", _fake_block_forward), ("dense_block_backward", _fake_block_backward)):
         torch.library.register_fake(lib + op, fake)
     for op, backward, setup in (("bn_relu", _backward_bn_relu, _setup_bn_relu),
                                 ("channel_stats", _backward_channel_stats, _setup_channel_stats),
                                 ("bn_relu_conv1x1", _backward_conv1x1, _setup_conv1x1),
-                                ("dense_block_forward", _backward_block, _setup_block)):
+                                ("dense_block_forward", _backward_block, _setup_block),
+                                ("transition_forward", _backward_transition, _setup_transition)):
         torch.library.register_autograd(lib + op, backward, setup_context=setup)
 
 
@@ -216,6 +292,22 @@ def _update_running(norms: Sequence[nn.BatchNorm2d], mean: Tensor, var: Tensor, 
         mean, var, idx, [-1.0 if m.momentum is None else float(m.momentum) for m in sel], count)
 
 
+def _conv_weight(w: Tensor, cdt: torch.dtype) -> Tensor:
+    return w.to(cdt) if w.shape[-1] == 1 else w.to(dtype=cdt, memory_format=torch.channels_last)
+
+
+def workspace_bytes() -> int:
+    """Bytes of CPU scratch memory the block driver holds for reuse across layers and steps (0 without the
+    extension)."""
+    return int(_ext.C.workspace_bytes()) if _ext.available() else 0
+
+
+def release_workspace() -> None:
+    """Free the block driver's CPU scratch memory; the next block call allocates it again."""
+    if _ext.available():
+        _ext.C.release_workspace()
+
+
 def block_forward(x: Tensor, layers: Sequence[nn.Module]) -> Tensor:
     """Run a dense block (``layers`` with ``norm1``/``conv1``[/``norm2``/``conv2``]) on ``x`` from C++."""
     if any(uses_batch_stats(layer.norm1) for layer in layers):
@@ -227,8 +319,10 @@ def block_forward(x: Tensor, layers: Sequence[nn.Module]) -> Tensor:
         norm2 = [layer.norm2 for layer in layers] if bottleneck else []
         g1, b1, rm1, rv1, eps1 = _norm_args(norm1, x)
         g2, b2, rm2, rv2, eps2 = _norm_args(norm2, x)
-        w1 = [layer.conv1.weight.to(cdt) for layer in layers]
-        w2 = [layer.conv2.weight.to(cdt) for layer in layers] if bottleneck else []
+        # the 3x3 weights channels-last (once per step, none for a channels-last model), as the block's internal
+        # activations are: oneDNN would otherwise reorder them in every convolution and its backward
+        w1 = [_conv_weight(layer.conv1.weight, cdt) for layer in layers]
+        w2 = [_conv_weight(layer.conv2.weight, cdt) for layer in layers] if bottleneck else []
         drop = [float(layer.drop_rate) if layer.drop_rate > 0 and layer.training else 0.0 for layer in layers]
         feat, mean, var, mean2, var2, _ = torch.ops.effdense.dense_block_forward(
             x.to(cdt), w1, w2, g1, b1, g2, b2, rm1, rv1, rm2, rv2, eps1, eps2, drop)
@@ -237,6 +331,35 @@ def block_forward(x: Tensor, layers: Sequence[nn.Module]) -> Tensor:
         if bottleneck:
             _update_running(norm2, mean2, var2, count)
     return feat
+
+
+def _plain_conv1x1(conv: nn.Conv2d) -> bool:
+    return (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding in ((0, 0), "valid")
+            and conv.dilation == (1, 1) and conv.groups == 1)
+
+
+def transition_forward(x: Tensor, norm: nn.BatchNorm2d, conv: nn.Conv2d) -> Tensor:
+    """The DenseNet transition ``conv1x1(avgpool2x2(relu(norm(x))))`` (``effdense.models.Transition``, pooling
+    first) in two ops, ``effdense::transition_forward``/``transition_backward``: with ``norm``'s batch statistics
+    (its running ones updated once) in training mode, its running statistics in eval mode; nothing of ``x``'s size
+    is kept for backward beyond ``x``. Cases the ops do not cover (an empty batch, H or W below 2, a conv other than
+    a plain 1x1, a norm other than a plain ``nn.BatchNorm2d``, cross-process statistics) run in PyTorch."""
+    if (x.numel() == 0 or x.shape[2] < 2 or x.shape[3] < 2 or not _plain_conv1x1(conv)
+            or type(norm) is not nn.BatchNorm2d or sync_stats_enabled()):
+        return conv(nn.functional.avg_pool2d(nn.functional.relu(norm(x)), 2))
+    batch = uses_batch_stats(norm)
+    if batch:
+        check_batch_size(x.shape)
+    cdt = compute_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        gamma, beta, rm, rv, eps = _norm_args([norm], x)
+        y, mean, var = torch.ops.effdense.transition_forward(x.to(cdt), gamma[0], beta[0], rm[0], rv[0], eps[0],
+                                                             conv.weight.to(cdt))
+        if batch:
+            _update_running([norm], mean, var, x.shape[0] * x.shape[2] * x.shape[3])
+    if conv.bias is not None:
+        y = y + conv.bias.to(y.dtype).view(1, -1, 1, 1)
+    return y
 
 
 def unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -249,6 +372,8 @@ def unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
         if not _ext.has_cuda_kernels():
             return ("effdense._C was built without its CUDA kernels (PyTorch without CUDA, or no nvcc, at "
                     "build time)")
+        if not torch.cuda.is_available():
+            return "CUDA is not available (torch.cuda.is_available() is False: no GPU or no driver)"
         return None
     if device.type != "cpu":
         return f"effdense._C has CPU and CUDA kernels only, not {device.type}"
@@ -256,4 +381,5 @@ def unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
 
 
 BACKEND = Backend(NAME, "shared feature buffer, shared statistics, recomputation; whole block in C++ "
-                  "(effdense._C: CPU/CUDA BN kernels, ATen convolutions)", True, block_forward, unavailable)
+                  "(effdense._C: tiled BN-ReLU-GEMM CPU kernels, CUDA BN kernels, ATen 3x3 convolutions)", True,
+                  block_forward, unavailable, transition=transition_forward)

@@ -1,0 +1,291 @@
+// CUDA implementations of the cpp block driver's ops (schemas in ops.cpp, CPU kernels in block_cpu.cpp).
+// Compiled only when the extension is built with CUDA.
+//
+// Two small kernels of their own (cuda/block_kernels.cu): a BN's scale/shift from (gamma, beta, mean, var, eps),
+// and the running-statistics update of all layers of a block, which reads num_batches_tracked on the device (no
+// host synchronization). The rest composes the per-channel CUDA ops (cuda_ops.cpp: channel statistics, BN-ReLU
+// forward and backward) with cuBLAS GEMMs (at::mm_out on the [P, c] channels-last views) and ATen elementwise
+// ops: the same math as the CPU kernels, without their tile fusion (each step is a launch of its own). The
+// deferred BN correction of the CPU kernels (grad_coef) is not used here: the correction is applied at once and
+// grad_coef stays untouched (zero), which gather_grad then adds as nothing.
+#ifdef WITH_CUDA
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "common.h"
+#include "cuda/block_kernels.h"
+
+namespace effdense {
+namespace {
+
+namespace ec = effdense::cuda;
+
+ec::VType vtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return ec::VType::F32;
+    case at::kDouble: return ec::VType::F64;
+    case at::kHalf: return ec::VType::F16;
+    case at::kBFloat16: return ec::VType::BF16;
+    default: TORCH_CHECK(false, "effdense: no CUDA kernels for dtype ", t);
+  }
+  return ec::VType::F32;
+}
+
+ec::Vec vec(const at::Tensor& t) { return ec::Vec{t.data_ptr(), vtype(t.scalar_type()), t.stride(0)}; }
+
+void check_cuda(cudaError_t e, const char* op) {
+  TORCH_CHECK(e == cudaSuccess, "effdense::", op, ": CUDA kernel launch failed: ", cudaGetErrorName(e), ": ",
+              cudaGetErrorString(e));
+}
+
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_scale_shift_cuda(const at::Tensor& gamma, const at::Tensor& beta,
+                                                                   const at::Tensor& mean, const at::Tensor& var,
+                                                                   double eps, at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "effdense::bn_scale_shift: expected dtype float32 or "
+              "float64, got ", dtype);
+  for (const at::Tensor* t : {&gamma, &beta, &var})
+    TORCH_CHECK(t->dim() == 1 && t->numel() == mean.numel() && t->device() == mean.device() &&
+                    is_float_type(t->scalar_type()),
+                "effdense::bn_scale_shift: expected gamma, beta and var of shape [", mean.numel(), "] (that of mean) "
+                "with a floating dtype on ", mean.device(), ", got shape ", shape_str(*t), " with dtype ",
+                t->scalar_type(), " on ", t->device());
+  const c10::cuda::CUDAGuard guard(mean.device());
+  const auto opts = mean.options().dtype(dtype);
+  at::Tensor scale = at::empty({mean.numel()}, opts), shift = at::empty_like(scale), inv = at::empty_like(scale);
+  check_cuda(ec::bn_scale_shift(vec(gamma), vec(beta), vec(mean), vec(var), eps, mean.numel(), vtype(dtype),
+                                scale.data_ptr(), shift.data_ptr(), inv.data_ptr(), stream()),
+             "bn_scale_shift");
+  return {scale, shift, inv};
+}
+
+struct Affine {
+  at::Tensor scale, shift, invstd;
+};
+
+Affine affine(const at::Tensor& x, const at::Tensor& g, const at::Tensor& b, const at::Tensor& m, const at::Tensor& v,
+              double eps) {
+  auto [s, t, i] = bn_scale_shift_cuda(g, b, m, v, eps, acc_type(x.scalar_type()));
+  return {s, t, i};
+}
+
+at::Tensor cl_empty(const at::Tensor& like, int64_t c, at::ScalarType dt) {
+  return at::empty({like.size(0), c, like.size(2), like.size(3)}, like.options().dtype(dt),
+                   at::MemoryFormat::ChannelsLast);
+}
+
+// The [P, c] matrix of a dense channels-last [N, c, H, W] tensor (a view).
+at::Tensor rows(const at::Tensor& t) { return t.permute({0, 2, 3, 1}).reshape({-1, t.size(1)}); }
+
+bool dense_cl(const at::Tensor& t) { return t.is_contiguous(at::MemoryFormat::ChannelsLast); }
+
+void batch_norm_relu_into_cuda(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
+                               const at::Tensor& mean, const at::Tensor& var, double eps, const at::Tensor& out) {
+  const char* op = "batch_norm_relu_into";
+  check_feature(x, op);
+  check_bn_params(x, gamma, beta, mean, var, op);
+  check_out(out, x.sizes(), x, true, op, "out");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Affine p = affine(x, gamma, beta, mean, var, eps);
+  call_bn_relu_into(x, p.scale, p.shift, out);
+}
+
+void copy_stats(const at::Tensor& t, const OptTensor& out_mean, const OptTensor& out_var) {
+  if (!out_mean) return;
+  auto [m, v] = call_channel_stats(t);
+  const_cast<at::Tensor&>(*out_mean).copy_(m);
+  const_cast<at::Tensor&>(*out_var).copy_(v);
+}
+
+void bn_relu_linear_into_cuda(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
+                              const at::Tensor& mean, const at::Tensor& var, double eps, const at::Tensor& w,
+                              const at::Tensor& out, const OptTensor& out_mean, const OptTensor& out_var) {
+  const char* op = "bn_relu_linear_into";
+  check_feature(x, op);
+  check_bn_params(x, gamma, beta, mean, var, op);
+  check_linear_weight(x, w, op);
+  check_out(out, {x.size(0), w.size(0), x.size(2), x.size(3)}, x, false, op, "out");
+  check_stats_out(out_mean, out_var, w.size(0), x, op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Affine p = affine(x, gamma, beta, mean, var, eps);
+  at::Tensor u = cl_empty(x, x.size(1), x.scalar_type());
+  call_bn_relu_into(x, p.scale, p.shift, u);
+  const at::Tensor w2 = w.reshape({w.size(0), w.size(1)});
+  if (dense_cl(out)) {
+    at::Tensor z = rows(out);
+    at::mm_out(z, rows(u), w2.t());
+  } else {
+    const_cast<at::Tensor&>(out).copy_(at::mm(rows(u), w2.t()).view({x.size(0), x.size(2), x.size(3), -1})
+                                           .permute({0, 3, 1, 2}));
+  }
+  copy_stats(out, out_mean, out_var);
+}
+
+// The BN-ReLU backward of (x, gy) into gx (through a temporary when gx is gy itself); dgamma/dbeta in the
+// parameters' dtypes.
+std::tuple<at::Tensor, at::Tensor> bn_backward(const at::Tensor& x, const at::Tensor& gy, const at::Tensor& gamma,
+                                               const at::Tensor& beta, const at::Tensor& mean, const Affine& p,
+                                               bool batch_stats, const at::Tensor& gx, bool accumulate) {
+  const bool alias = gx.data_ptr() == gy.data_ptr();
+  at::Tensor dst = alias ? at::empty(gx.sizes(), gx.options(), out_format(gx)) : gx;
+  auto [dg, db] = call_bn_relu_backward_into(x, gy, p.scale, p.shift, mean.to(p.scale.scalar_type()), p.invstd,
+                                             batch_stats, dst, accumulate);
+  if (alias) const_cast<at::Tensor&>(gx).copy_(dst);
+  return {dg.to(gamma.scalar_type()), db.to(beta.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_relu_backward_into_cuda(
+    const at::Tensor& x, const at::Tensor& gy, const at::Tensor& gamma, const at::Tensor& beta,
+    const at::Tensor& mean, const at::Tensor& var, double eps, bool batch_stats, const at::Tensor& gx,
+    bool accumulate, const OptTensor& coef) {
+  const char* op = "batch_norm_relu_backward_into";
+  check_feature(x, op);
+  check_bn_params(x, gamma, beta, mean, var, op);
+  check_out(gy, x.sizes(), x, false, op, "grad_y");
+  check_out(gx, x.sizes(), x, true, op, "grad_x");
+  (void)coef;  // the correction is applied at once (see the file comment)
+  const c10::cuda::CUDAGuard guard(x.device());
+  return bn_backward(x, gy, gamma, beta, mean, affine(x, gamma, beta, mean, var, eps), batch_stats, gx, accumulate);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_linear_backward_cuda(
+    const at::Tensor& x, const at::Tensor& gz_, const at::Tensor& w, const at::Tensor& gamma, const at::Tensor& beta,
+    const at::Tensor& mean, const at::Tensor& var, double eps, bool batch_stats, const at::Tensor& gx,
+    bool accumulate, const OptTensor& coef) {
+  const char* op = "bn_relu_linear_backward";
+  check_feature(x, op);
+  check_bn_params(x, gamma, beta, mean, var, op);
+  check_linear_weight(x, w, op);
+  check_out(gz_, {x.size(0), w.size(0), x.size(2), x.size(3)}, x, false, op, "grad_z");
+  check_out(gx, x.sizes(), x, true, op, "grad_x");
+  (void)coef;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Affine p = affine(x, gamma, beta, mean, var, eps);
+  const at::Tensor gz = dense_cl(gz_) ? gz_ : gz_.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor u = cl_empty(x, x.size(1), x.scalar_type());
+  call_bn_relu_into(x, p.scale, p.shift, u);
+  at::Tensor dw = at::empty_like(w);
+  at::Tensor dw2 = dw.view({w.size(0), w.size(1)});  // [B, c] with strides (c, 1) for a dense 1x1 weight
+  at::mm_out(dw2, rows(gz).t(), rows(u));
+  at::Tensor gu = cl_empty(x, x.size(1), x.scalar_type());
+  at::Tensor gu2 = rows(gu);
+  at::mm_out(gu2, rows(gz), w.reshape({w.size(0), w.size(1)}));
+  auto [dg, db] = bn_backward(x, gu, gamma, beta, mean, p, batch_stats, gx, accumulate);
+  return {dw, dg, db};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bottleneck_backward_cuda(
+    const at::Tensor& x, const at::Tensor& z, const at::Tensor& ga, const at::Tensor& w, const at::Tensor& gamma1,
+    const at::Tensor& beta1, const at::Tensor& mean1, const at::Tensor& var1, double eps1, bool batch_stats1,
+    const at::Tensor& gamma2, const at::Tensor& beta2, const at::Tensor& mean2, const at::Tensor& var2, double eps2,
+    bool batch_stats2, const at::Tensor& gx, const OptTensor& coef) {
+  const char* op = "bottleneck_backward";
+  check_feature(x, op);
+  check_out(z, {x.size(0), w.size(0), x.size(2), x.size(3)}, x, false, op, "z");
+  check_out(ga, z.sizes(), x, false, op, "grad_a");
+  check_bn_params(z, gamma2, beta2, mean2, var2, op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor gz = at::empty(z.sizes(), z.options(), at::MemoryFormat::ChannelsLast);
+  auto [dg2, db2] = bn_backward(z, ga, gamma2, beta2, mean2, affine(z, gamma2, beta2, mean2, var2, eps2),
+                                batch_stats2, gz, false);
+  auto [dw, dg1, db1] = bn_relu_linear_backward_cuda(x, gz, w, gamma1, beta1, mean1, var1, eps1, batch_stats1, gx,
+                                                     true, coef);
+  return {dw, dg1, db1, dg2, db2};
+}
+
+void store_channels_cuda(const at::Tensor& y, const OptTensor& noise, double p, const at::Tensor& out,
+                         const OptTensor& mask, const OptTensor& out_mean, const OptTensor& out_var) {
+  const char* op = "store_channels";
+  check_feature(y, op, "y");
+  check_out(out, y.sizes(), y, false, op, "out");
+  if (noise) check_out(*noise, y.sizes(), y, false, op, "noise");
+  TORCH_CHECK(!mask || (noise && mask->sizes() == y.sizes() && mask->scalar_type() == at::kBool &&
+                        mask->device() == y.device()),
+              "effdense::store_channels: expected mask (given only with noise) of shape ", shape_str(y),
+              " with dtype bool on ", y.device());
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "effdense::store_channels: expected p in [0, 1), got ", p);
+  check_stats_out(out_mean, out_var, y.size(1), y, op);
+  const c10::cuda::CUDAGuard guard(y.device());
+  if (noise) {
+    const_cast<at::Tensor&>(out).copy_(y * noise->div(1.0 - p));  // F.dropout's arithmetic
+    if (mask) const_cast<at::Tensor&>(*mask).copy_(noise->ne(0));
+  } else {
+    const_cast<at::Tensor&>(out).copy_(y);
+  }
+  copy_stats(out, out_mean, out_var);
+}
+
+void gather_grad_cuda(const at::Tensor& g, const OptTensor& mask, double p, const at::Tensor& out,
+                      const OptTensor& x, const OptTensor& coef, const OptTensor& mean) {
+  const char* op = "gather_grad";
+  check_feature(out, op, "out");
+  TORCH_CHECK(g.defined() && g.sizes() == out.sizes() && g.device() == out.device() &&
+                  (g.scalar_type() == out.scalar_type() || g.scalar_type() == acc_type(out.scalar_type())),
+              "effdense::gather_grad: expected grad of shape ", shape_str(out), " with dtype ", out.scalar_type(),
+              " or ", acc_type(out.scalar_type()), " (that of out or its accumulation dtype) on ", out.device());
+  TORCH_CHECK(!mask || (mask->sizes() == out.sizes() && mask->scalar_type() == at::kBool &&
+                        mask->device() == out.device()),
+              "effdense::gather_grad: expected mask of shape ", shape_str(out), " with dtype bool on ", out.device());
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "effdense::gather_grad: expected p in [0, 1), got ", p);
+  check_gather_coef(out, x, coef, mean);
+  const c10::cuda::CUDAGuard guard(out.device());
+  at::Tensor v = g;
+  if (x) {
+    const auto a = coef->scalar_type();
+    v = v.to(a) + coef->select(0, 0).view({1, -1, 1, 1}) +
+        coef->select(0, 1).view({1, -1, 1, 1}) * (x->to(a) - mean->to(a).view({1, -1, 1, 1}));
+  }
+  if (mask) v = v * mask->to(out.scalar_type()).div(1.0 - p);
+  const_cast<at::Tensor&>(out).copy_(v);
+}
+
+// The CUDA running-statistics update: one kernel per call (update_running_stats of ops.cpp, same checks).
+void update_running_stats_cuda(at::TensorList running_mean, at::TensorList running_var, at::TensorList nbt,
+                               const at::Tensor& mean, const at::Tensor& var, at::IntArrayRef rows_,
+                               at::ArrayRef<double> momentum, int64_t count) {
+  check_running_stats_args(running_mean, running_var, nbt, mean, var, rows_, momentum);
+  if (running_mean.empty()) return;
+  const c10::cuda::CUDAGuard guard(mean.device());
+  const auto rt = running_mean[0].scalar_type();
+  std::vector<ec::RunningLayer> layers;
+  for (size_t i = 0; i < running_mean.size(); ++i) {
+    TORCH_CHECK(running_mean[i].scalar_type() == rt, "effdense::update_running_stats: expected every running "
+                "statistic with dtype ", rt, " (that of running_mean[0]), got ", running_mean[i].scalar_type());
+    const int64_t off = mean.dim() == 1 ? 0 : rows_[i] * mean.stride(0);
+    const int64_t sm = mean.stride(mean.dim() - 1);
+    TORCH_CHECK(var.strides() == mean.strides(), "effdense::update_running_stats: expected var with the strides "
+                "of mean");
+    const size_t es = c10::elementSize(mean.scalar_type());
+    layers.push_back(ec::RunningLayer{running_mean[i].data_ptr(), running_var[i].data_ptr(),
+                                      nbt[i].data_ptr<int64_t>(),
+                                      static_cast<const char*>(mean.data_ptr()) + off * es,
+                                      static_cast<const char*>(var.data_ptr()) + off * es, running_mean[i].numel(),
+                                      running_mean[i].stride(0), running_var[i].stride(0), sm, momentum[i]});
+  }
+  check_cuda(ec::update_running_stats(layers.data(), static_cast<int>(layers.size()), vtype(rt),
+                                      vtype(mean.scalar_type()), count, stream()),
+             "update_running_stats");
+}
+
+}  // namespace
+}  // namespace effdense
+
+TORCH_LIBRARY_IMPL(effdense, CUDA, m) {
+  m.impl("bn_scale_shift", &effdense::bn_scale_shift_cuda);
+  m.impl("batch_norm_relu_into", &effdense::batch_norm_relu_into_cuda);
+  m.impl("bn_relu_linear_into", &effdense::bn_relu_linear_into_cuda);
+  m.impl("batch_norm_relu_backward_into", &effdense::batch_norm_relu_backward_into_cuda);
+  m.impl("bn_relu_linear_backward", &effdense::bn_relu_linear_backward_cuda);
+  m.impl("bottleneck_backward", &effdense::bottleneck_backward_cuda);
+  m.impl("store_channels", &effdense::store_channels_cuda);
+  m.impl("gather_grad", &effdense::gather_grad_cuda);
+  m.impl("update_running_stats", &effdense::update_running_stats_cuda);
+}
+
+#endif  // WITH_CUDA
