@@ -31,7 +31,8 @@ COLUMNS = {
                ("backend", "backend", "{}"), ("batch", "batch", "{}"), ("peak MiB", "peak_bytes", "mib"),
                ("floor MiB", "floor_bytes", "mib"), ("status", "status", "{}")],
     "speed": [("model", "model", "{}"), ("depth", "depth", "{}"), ("batch", "batch", "{}"), ("dtype", "dtype", "{}"),
-              ("backend", "backend", "{}"), ("variant", "variant", "{}"), ("fwd ms", "forward_ms", "{:.2f}"),
+              ("layout", "layout", "{}"), ("backend", "backend", "{}"), ("variant", "variant", "{}"),
+              ("fwd ms", "forward_ms", "{:.2f}"),
               ("bwd ms", "backward_ms", "{:.2f}"), ("step ms", "step_ms", "{:.2f}"),
               ("step min-max", "step_ms", "spread"), ("rounds", "step_ms_rounds", "len"),
               ("img/s", "images_per_s", "{:.1f}"), ("peak MiB", "peak_bytes", "mib"),
@@ -96,23 +97,40 @@ def provenance(data: dict) -> str:
     return text
 
 
+def _cpu_targets(label: str, sel: dict) -> list[dict]:
+    """Issue 15's targets for the ``cpp`` backend on a CPU: step time <= 0.6x naive and below torch.compile of
+    naive, peak memory <= 0.16x naive."""
+    cpp, naive = sel["cpp"], sel["naive"]
+    out = [dict(target=f"{label}: cpp step time <= 0.6x naive", backend="cpp",
+                value=cpp["step_ms"] / naive["step_ms"], limit=0.6),
+           dict(target=f"{label}: cpp peak memory <= 0.16x naive", backend="cpp",
+                value=cpp["peak_bytes"] / naive["peak_bytes"], limit=0.16)]
+    if "compile" in sel:
+        out.append(dict(target=f"{label}: cpp time below torch.compile of naive (ratio < 1)", backend="cpp",
+                        value=cpp["step_ms"] / sel["compile"]["step_ms"], limit=1.0))
+    return out
+
+
 def targets(data: dict) -> list[dict]:
     """The issue's targets that this result can judge, each with the measured value and the gap."""
     out = []
     rows = [r for r in data["rows"] if r.get("status") == "ok"]
     if data["suite"] == "speed":
-        for batch in sorted({r["batch"] for r in rows}):
-            for dtype in sorted({r["dtype"] for r in rows}):
+        keys = sorted({(r["batch"], r["dtype"], r.get("layout", "nchw")) for r in rows})
+        for batch, dtype, layout in keys:
                 sel = {r["backend"]: r for r in rows if r["model"] == "bc" and r["depth"] == 100
                        and r.get("growth_rate") == 12 and r["batch"] == batch and r["dtype"] == dtype
-                       and r.get("variant", "eager") in ("eager", "compile")}
+                       and r.get("layout", "nchw") == layout and r.get("variant", "eager") in ("eager", "compile")}
                 eff = [r for b, r in sel.items() if b in ("torch", "cpp", "triton")]
                 if "naive" not in sel or not eff:
                     continue
                 naive = sel["naive"]
                 best_mem = min(eff, key=lambda r: r["peak_bytes"])
                 best_time = min(eff, key=lambda r: r["step_ms"])
-                label = f"BC-100 k=12 batch {batch} {dtype}"
+                label = f"BC-100 k=12 batch {batch} {dtype}" + ("" if layout == "nchw" else f" {layout}")
+                if data["env"].get("device_type") == "cpu" and "cpp" in sel:
+                    out += _cpu_targets(label, sel)
+                    continue
                 out.append(dict(target=f"{label}: peak memory <= 0.2x naive", backend=best_mem["backend"],
                                 value=best_mem["peak_bytes"] / naive["peak_bytes"], limit=0.2))
                 out.append(dict(target=f"{label}: step time <= 0.9x naive", backend=best_time["backend"],

@@ -108,17 +108,22 @@ def speed(device: torch.device, quick: bool, backends: list[str], overrides: dic
         cfg = dict(models=[("bc", 100, 12), ("bc", 250, 24), ("densenet121", None, 32), ("densenet169", None, 32),
                            ("densenet201", None, 32), ("densenet264", None, 32)],
                    batches=[64, 256], dtypes=["fp32", "bf16"], warmup=3, rounds=7, reps=5)
+    cfg["layouts"] = ["nchw"]                    # input and model memory format: "nchw" and/or "channels_last"
     cfg["compile_backend"] = "inductor"           # the ``compile`` rows' torch.compile backend
     overrides = dict(overrides or {})
     if "depths" in overrides:                  # DenseNet-BC models of these depths instead of the default list
         cfg["models"] = [("bc", d, k) for k in overrides.pop("growth_rates", [12]) for d in overrides.pop("depths")]
     cfg = _override(cfg, overrides)
+    unknown = sorted(set(cfg["layouts"]) - set(LAYOUTS))
+    if unknown:
+        raise ValueError(f"speed: unknown layouts {unknown}; expected some of {sorted(LAYOUTS)}")
     cfg["graphs"] = device.type == "cuda"
     rows = _begin(rows, dict(cfg, models=[list(m) for m in cfg["models"]]))
     for name, depth, k in cfg["models"]:
         for batch in cfg["batches"]:
             for dtype in cfg["dtypes"]:
-                rows += _speed_config(name, depth, k, batch, dtype, device, backends, cfg)
+                for layout in cfg["layouts"]:
+                    rows += _speed_config(name, depth, k, batch, dtype, layout, device, backends, cfg)
     cfg["models"] = [list(m) for m in cfg["models"]]
     return cfg, rows
 
@@ -134,19 +139,25 @@ def _variants(backends: list[str], device: torch.device, dtype: str) -> list[tup
     return out
 
 
+#: the speed suite's ``layouts``: the memory format of the input batch and of the model's parameters
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
 class _Timed:
     """One variant of one configuration, built and warmed up: ``step()``, and for eager variants ``forward()``
     and ``backward(loss)`` too."""
 
     def __init__(self, name: str, depth: int | None, k: int, backend: str, variant: str, batch: int, dtype: str,
-                 device: torch.device, warmup: int, compile_backend: str = "inductor"):
+                 device: torch.device, warmup: int, compile_backend: str = "inductor", layout: str = "nchw"):
         from effdense.cuda_graphs import GraphedStep, compiled_step, make_capturable
         size = input_size(name)
         torch.manual_seed(0)
         model = build_model(name, depth, k, "naive" if variant.startswith("compile") else backend, device)
+        model = model.to(memory_format=LAYOUTS[layout])
         if variant == "compile":
             model = torch.compile(model, backend=compile_backend)
         self.plain = Step(model, batch, size, dtype, device)
+        self.plain.x = self.plain.x.contiguous(memory_format=LAYOUTS[layout])
         self.forward = self.backward = None
         amp = DTYPES[dtype] if dtype != "fp32" else None
         t0 = time.perf_counter()
@@ -179,18 +190,19 @@ def _spread(values: list[float], prefix: str) -> dict:
             f"{prefix}_ms_rounds": values}
 
 
-def _speed_config(name: str, depth: int | None, k: int, batch: int, dtype: str, device: torch.device,
+def _speed_config(name: str, depth: int | None, k: int, batch: int, dtype: str, layout: str, device: torch.device,
                   backends: list[str], cfg: dict) -> list[dict]:
     rows, timed = [], []
     for backend, variant in _variants(backends, device, dtype):
         row = dict(model=name, depth=depth, growth_rate=k, backend=backend, variant=variant, batch=batch,
-                   dtype=dtype)
+                   dtype=dtype, layout=layout)
         why = backend_unavailable(backend, device, DTYPES[dtype])
         if why is not None:
             rows.append(dict(row, status=f"unavailable: {why}"))
             continue
         try:
-            t = _Timed(name, depth, k, backend, variant, batch, dtype, device, cfg["warmup"], cfg["compile_backend"])
+            t = _Timed(name, depth, k, backend, variant, batch, dtype, device, cfg["warmup"], cfg["compile_backend"],
+                       layout)
         except (torch.OutOfMemoryError, RuntimeError, ValueError) as err:
             if is_oom(err):
                 rows.append(dict(row, status="oom"))

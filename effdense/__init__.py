@@ -11,8 +11,16 @@ from .models import (MODELS, EfficientDenseNet, Transition, cifar_block_config, 
 
 __version__ = "0.1.0"
 
+
+def release_workspace() -> None:
+    """Free the scratch memory the ``cpp`` backend keeps across layers, blocks and steps (one CPU workspace, see
+    :mod:`effdense.backends.cpp_backend`); the next step allocates it again. Nothing to do without the extension."""
+    from .backends import cpp_backend
+    cpp_backend.release_workspace()
+
+
 __all__ = [
     "AUTO_ORDER", "BACKENDS", "DenseLayer", "EfficientDenseBlock", "EfficientDenseNet", "MODELS", "Transition",
     "cifar_block_config", "densenet121", "densenet161", "densenet169", "densenet201", "densenet264",
-    "densenet_cifar", "load_weights", "__version__",
+    "densenet_cifar", "load_weights", "release_workspace", "__version__",
 ]
