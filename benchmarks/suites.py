@@ -18,7 +18,8 @@ from effdense.launches import Launches, count_launches, label_blocks
 from effdense.memory import measure_step
 
 from . import floors
-from .common import DTYPES, Step, backend_unavailable, build_model, input_size, is_oom, median_ms, sync
+from .common import (DTYPES, Step, backend_unavailable, build_model, input_size, is_oom, median_ms,
+                     rss_step_bytes, sync)
 
 GiB = 2 ** 30
 
@@ -178,6 +179,7 @@ class _Timed:
         for _ in range(warmup - 1):
             self.step()
         self.peak = measure_step(self.step, device).peak_bytes if variant in ("eager", "compile") else None
+        self.rss = rss_step_bytes(self.step) if device.type == "cpu" else None
         base = model._orig_mod if hasattr(model, "_orig_mod") else model
         self.floor = floors.memory_floor_bytes(base, batch, size, DTYPES[dtype])
 
@@ -219,7 +221,7 @@ def _speed_config(name: str, depth: int | None, k: int, batch: int, dtype: str, 
                 times["backward"].append(median_ms(t.backward, device, 0, 1, setup=t.forward))
     for row, t, times in timed:
         out = dict(row, status="ok", images=batch, first_step_s=t.first_step_s, peak_bytes=t.peak,
-                   floor_bytes=t.floor, **_spread(times["step"], "step"))
+                   rss_step_bytes=t.rss, floor_bytes=t.floor, **_spread(times["step"], "step"))
         if times["forward"]:
             out.update(forward_ms=statistics.median(times["forward"]),
                        backward_ms=statistics.median(times["backward"]))

@@ -101,6 +101,22 @@ def test_speed_rounds_are_interleaved_with_their_spread(quick_results):
     assert "step min-max" in table and "first step s" in table
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc/self/clear_refs")
+def test_rss_rise_counts_the_pages_a_step_touches_and_not_the_ones_it_left(quick_results):
+    """rss_step_bytes sees 64 MiB that a step writes, and not 64 MiB an earlier step allocated and freed; the speed
+    suite records it on CPU."""
+    from benchmarks.common import rss_step_bytes
+    mib = 2 ** 20
+
+    def touch():
+        buf = torch.ones(64 * mib // 4)
+        del buf
+
+    assert rss_step_bytes(touch) >= 60 * mib
+    assert rss_step_bytes(lambda: None) < 8 * mib
+    assert all(r["rss_step_bytes"] is not None and r["rss_step_bytes"] >= 0 for r in quick_results["speed"]["rows"])
+
+
 def test_launches_suite_counts_every_backend_triton_in_a_dry_run(tmp_path):
     from effdense import backends
     interpreter = backends.unavailable_reason("triton", torch.device("cpu"), torch.float32) is None
