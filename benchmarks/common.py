@@ -138,37 +138,5 @@ def median_ms(fn: Callable, device: torch.device, warmup: int, reps: int,
     return statistics.median(call() for _ in range(reps))
 
 
-def _proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def rss_step_bytes(step: Callable[[], object]) -> int | None:
-    """How much the process's resident memory rises during ``step()`` at its high point (Linux: VmHWM after the
-    step, its high-water mark reset first through ``/proc/self/clear_refs``, minus VmRSS before), with freed heap
-    memory handed back to the system first (glibc's ``malloc_trim``) and the backends' workspaces released
-    (as :func:`effdense.memory.measure_step` does), so it compares with the allocator's peak. None elsewhere."""
-    from effdense.memory import release_workspaces
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return None
-    release_workspaces()
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _proc_status_kib("VmRSS")
-    step()
-    return (_proc_status_kib("VmHWM") - before) * 1024
-
-
 def is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()

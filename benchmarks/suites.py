@@ -18,8 +18,8 @@ from effdense.launches import Launches, count_launches, label_blocks
 from effdense.memory import measure_step
 
 from . import floors
-from .common import (DTYPES, Step, backend_unavailable, build_model, input_size, is_oom, median_ms,
-                     rss_step_bytes, sync)
+from .common import DTYPES, Step, backend_unavailable, build_model, input_size, is_oom, median_ms, sync
+from .rss import rss_fields
 
 GiB = 2 ** 30
 
@@ -111,6 +111,7 @@ def speed(device: torch.device, quick: bool, backends: list[str], overrides: dic
                    batches=[64, 256], dtypes=["fp32", "bf16"], warmup=3, rounds=7, reps=5)
     cfg["layouts"] = ["nchw"]                    # input and model memory format: "nchw" and/or "channels_last"
     cfg["compile_backend"] = "inductor"           # the ``compile`` rows' torch.compile backend
+    cfg["rss"] = True                             # CPU: resident-memory rise of eager rows (benchmarks.rss)
     overrides = dict(overrides or {})
     if "depths" in overrides:                  # DenseNet-BC models of these depths instead of the default list
         cfg["models"] = [("bc", d, k) for k in overrides.pop("growth_rates", [12]) for d in overrides.pop("depths")]
@@ -179,7 +180,6 @@ class _Timed:
         for _ in range(warmup - 1):
             self.step()
         self.peak = measure_step(self.step, device).peak_bytes if variant in ("eager", "compile") else None
-        self.rss = rss_step_bytes(self.step) if device.type == "cpu" else None
         base = model._orig_mod if hasattr(model, "_orig_mod") else model
         self.floor = floors.memory_floor_bytes(base, batch, size, DTYPES[dtype])
 
@@ -221,7 +221,9 @@ def _speed_config(name: str, depth: int | None, k: int, batch: int, dtype: str, 
                 times["backward"].append(median_ms(t.backward, device, 0, 1, setup=t.forward))
     for row, t, times in timed:
         out = dict(row, status="ok", images=batch, first_step_s=t.first_step_s, peak_bytes=t.peak,
-                   rss_step_bytes=t.rss, floor_bytes=t.floor, **_spread(times["step"], "step"))
+                   floor_bytes=t.floor, **_spread(times["step"], "step"))
+        if device.type == "cpu" and row["variant"] == "eager" and cfg["rss"]:
+            out.update(rss_fields(name, depth, k, row["backend"], batch, dtype, layout))
         if times["forward"]:
             out.update(forward_ms=statistics.median(times["forward"]),
                        backward_ms=statistics.median(times["backward"]))
