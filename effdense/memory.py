@@ -162,27 +162,34 @@ def predicted_activation_bytes(model: torch.nn.Module, batch: int, size: int, dt
                                kind: str) -> int:
     """Dense-block activation memory of one training step, predicted from the model's layout.
 
-    ``kind`` is ``"naive"``, ``"checkpoint"`` or ``"efficient"``. With ``P`` pixels, ``c_l = C0 + l*k``,
+    ``kind`` is ``"naive"``, ``"checkpoint"``, ``"efficient"`` or ``"fused"``. With ``P`` pixels, ``c_l = C0 + l*k``,
     ``C = C0 + L*k``, ``e`` bytes per stored element and ``g`` per gradient element (fp32 for fp16/bf16):
     what is kept for backward, summed over blocks, plus the worst block's backward transients.
 
     * kept, naive: each layer's concatenation and BN-ReLU output (``2 c_l``), its bottleneck and that
       bottleneck's BN-ReLU output (``2B``) and its ``k`` new channels, plus the block's concatenated output;
       checkpoint: per layer only ``2B`` (what norm2/conv2 keep), plus the feature maps and the output (``2C``);
-      efficient: the feature buffer ``C``.
+      efficient and fused: the feature buffer ``C``.
     * transients, every kind: the gradients of the block's features and of one layer's input and bottleneck,
       ``3C*g + 2B*g``; checkpoint adds the recomputed concatenation and BN-ReLU output (``2C*e``), efficient the
-      recomputed BN-ReLU input and bottleneck (``C*e + 2B*e``).
+      recomputed BN-ReLU input and bottleneck (``C*e + 2B*e``); fused (the ``cpp`` driver, whose BN-ReLU-conv1x1
+      tiles stay in cache and add their input gradients into the gradient buffer) only the gradient buffer, the
+      new channels' gradient, the recomputed bottleneck with its BN-ReLU output and the bottleneck's gradient,
+      ``C*g + k*e + 2B*e + B*g``.
 
     Stem, transitions and classifier are the same for every backend and left out.
     """
-    if kind not in ("naive", "checkpoint", "efficient"):
-        raise ValueError(f"kind must be 'naive', 'checkpoint' or 'efficient', got {kind!r}")
+    if kind not in ("naive", "checkpoint", "efficient", "fused"):
+        raise ValueError(f"kind must be 'naive', 'checkpoint', 'efficient' or 'fused', got {kind!r}")
     e = torch.finfo(dtype).bits // 8
     g = max(e, 4)
     kept, worst = 0, 0
     for s in block_shapes(model, size):
         p = batch * s.pixels
+        if kind == "fused":
+            kept += p * s.c * e
+            worst = max(worst, p * (s.c * g + s.k * e + 2 * s.b * e + s.b * g))
+            continue
         if kind == "efficient":
             kept += p * s.c * e
             extra = s.c * e + 2 * s.b * e

@@ -277,7 +277,7 @@ def summarize(model: nn.Module, in_channels: int, device: torch.device, batch: i
             model.set_backend(model_backend)
     lines = [f"parameters: {params:,}", f"FLOPs per image (forward, 32x32): {counter.get_total_flops() / 1e6:.1f} M"]
     if backend is not None:
-        kind = "efficient" if backend.memory_efficient else backend.name
+        kind = "fused" if backend.name == "cpp" else "efficient" if backend.memory_efficient else backend.name
         naive = predicted_activation_bytes(model, batch, 32, dtype, "naive")
         mine = predicted_activation_bytes(model, batch, 32, dtype, kind)
         lines.append(f"dense-block activation memory at batch {batch} (predicted): {mine / 2**20:.1f} MiB with "
