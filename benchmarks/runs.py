@@ -73,19 +73,21 @@ def markdown(results: str = RESULTS, link_from: str | None = None) -> str:
     runs = recorded(results)
     if not runs:
         return ""
-    lines = ["| dataset | model | backend | epochs | test acc | img/s (last epoch) | device | commit | curves |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| dataset | model | backend | epochs | test acc | img/s (last epoch) | training min | threads | device "
+             "| commit | curves |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     commands = []
     for i, (folder, res, log) in enumerate(runs, 1):
         env, config = res["environment"], log.get("config", {})
         epochs = log.get("epochs", [])
         speed = f"{epochs[-1]['images_per_s']:.0f}" if epochs else ""
+        minutes = f"{sum(e['seconds'] for e in epochs) / 60:.1f}" if epochs else ""   # the epochs, not the test
         png = os.path.join(folder, "curves.png")
         curves = (f"[png]({os.path.relpath(png, link_from)})" if link_from is not None and os.path.isfile(png)
                   else "")
         commit = (env.get("commit") or "unknown")[:10] + (" (dirty)" if env.get("dirty") else "")
         lines.append(f"| {res['dataset']} | {res['model']} | {config.get('backend_resolved', '')} | "
-                     f"{res['epochs_done']} | {res['test_acc']:.2%} | {speed} | {env['device']} "
+                     f"{res['epochs_done']} | {res['test_acc']:.2%} | {speed} | {minutes} | {env.get('threads', '')} | "
+                     f"{env['device']} "
                      f"({env['device_type']}, torch {env['torch']}) | {commit} | {curves} |")
         commands.append(f"{i}. `{env['command']}` ({env['timestamp']})")
     return "\n".join(["#### training runs", "", *lines, "", "Commands:", "", *commands])

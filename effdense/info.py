@@ -74,6 +74,8 @@ def environment(device: torch.device, command: Sequence[str] | None = None) -> d
         "timestamp": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
         "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+        "threads": torch.get_num_threads(),           # what CPU timings depend on, with the machine's load
+        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

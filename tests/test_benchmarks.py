@@ -263,7 +263,9 @@ def test_training_run_is_recorded_and_listed(tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[:5] == ["synthetic", "densenet_bc_10_k4", "torch", "1", f"{stored['test_acc']:.2%}"]
     env = stored["environment"]
-    assert env["command"] in text and (env["commit"] or "unknown")[:10] in cells[7]
+    assert env["command"] in text and (env["commit"] or "unknown")[:10] in cells[9]
+    minutes = sum(e["seconds"] for e in json.loads((folder / "log.json").read_text())["epochs"]) / 60
+    assert cells[6] == f"{minutes:.1f}" and cells[7] == str(env["threads"]) == str(torch.get_num_threads())
 
 
 def test_environment_record_names_the_commit(monkeypatch):
