@@ -23,23 +23,15 @@ if not torch.cuda.is_available():
 from . import report  # noqa: E402
 from .common import ALL_BACKENDS, RESULTS, SCHEMA, device_slug, environment  # noqa: E402
 from .suites import SUITES  # noqa: E402
+from effdense.checkpoint_io import atomic_write_text  # noqa: E402
 
 #: where ``--quick`` results go unless ``--out`` is given
 QUICK_RESULTS = os.path.join(tempfile.gettempdir(), "effdense-benchmarks-quick")
 
 
 def write_json_atomic(path: str, data: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """``path`` holds the old JSON or the new, never half of one; created with the umask's permissions."""
+    atomic_write_text(path, json.dumps(data, indent=1))
 
 
 class Results(list):

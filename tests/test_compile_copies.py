@@ -40,13 +40,15 @@ def _compiled_graphs(monkeypatch, layers, c0, k, bn_size, n, hw) -> list[torch.f
         return out
 
     monkeypatch.setattr(post_grad, "decompose_auto_functionalized", capture)
-    monkeypatch.setattr(config, "fx_graph_cache", False)      # compile, do not load a cached graph
     torch._dynamo.reset()
     torch.manual_seed(0)
     block = effdense.EfficientDenseBlock(layers, c0, bn_size=bn_size, growth_rate=k, backend="triton")
     compiled = torch.compile(block, backend="inductor", fullgraph=True)
     x = torch.randn(n, c0, hw, hw, requires_grad=True)
-    count_launches(lambda: compiled(x).sum().backward(), dry_run=True)
+    # compile, do not load a cached graph. config.patch, not monkeypatch: pytest >= 9.2 undoes a monkeypatched
+    # attribute that lives in a ConfigModule's table (not its __dict__) by deleting it, for every later test
+    with config.patch(fx_graph_cache=False):
+        count_launches(lambda: compiled(x).sum().backward(), dry_run=True)
     torch._dynamo.reset()
     assert len(graphs) == 2, f"expected a forward and a backward graph, inductor compiled {len(graphs)}"
     return graphs
