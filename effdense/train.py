@@ -1095,6 +1095,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     try:
         train(args, ["effdense-train", *(sys.argv[1:] if argv is None else argv)])
+        if dist.is_initialized():   # every rank's last collectives done before any tears the group down (a
+            dist.barrier()          # gloo worker left holding one has aborted a rank at exit, after a good run)
     except (DataError, NotImplementedError, NonFiniteError) as err:
         raise SystemExit(f"effdense-train: {err}") from None
     except torch.OutOfMemoryError:
