@@ -462,16 +462,7 @@ void store_channels_impl(const at::Tensor& y, const OptTensor& noise, double p, 
 
 void store_channels_cpu(const at::Tensor& y, const OptTensor& noise, double p, const at::Tensor& out,
                         const OptTensor& mask, const OptTensor& out_mean, const OptTensor& out_var) {
-  const char* op = "store_channels";
-  check_feature(y, op, "y");
-  check_out(out, y.sizes(), y, false, op, "out");
-  if (noise) check_out(*noise, y.sizes(), y, false, op, "noise");
-  TORCH_CHECK(!mask || (noise && mask->sizes() == y.sizes() && mask->scalar_type() == at::kBool &&
-                        mask->device() == y.device()),
-              "effdense::store_channels: expected mask (given only with noise) of shape ", shape_str(y),
-              " with dtype bool on ", y.device());
-  TORCH_CHECK(p >= 0.0 && p < 1.0, "effdense::store_channels: expected p in [0, 1), got ", p);
-  check_stats_out(out_mean, out_var, y.size(1), y, op);
+  check_store_channels_args(y, noise, p, out, mask, out_mean, out_var);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "effdense_store_channels", [&] {
     store_channels_impl<scalar_t>(y, noise, p, out, mask, out_mean, out_var);
   });
@@ -516,17 +507,7 @@ void gather_grad_impl(const at::Tensor& g, const OptTensor& mask, double p, cons
 
 void gather_grad_cpu(const at::Tensor& g, const OptTensor& mask, double p, const at::Tensor& out,
                      const OptTensor& x, const OptTensor& coef, const OptTensor& mean) {
-  const char* op = "gather_grad";
-  check_feature(out, op, "out");
-  TORCH_CHECK(g.defined() && g.sizes() == out.sizes() && g.device() == out.device() &&
-                  (g.scalar_type() == out.scalar_type() || g.scalar_type() == acc_type(out.scalar_type())),
-              "effdense::gather_grad: expected grad of shape ", shape_str(out), " with dtype ", out.scalar_type(),
-              " or ", acc_type(out.scalar_type()), " (that of out or its accumulation dtype) on ", out.device());
-  TORCH_CHECK(!mask || (mask->sizes() == out.sizes() && mask->scalar_type() == at::kBool &&
-                        mask->device() == out.device()),
-              "effdense::gather_grad: expected mask of shape ", shape_str(out), " with dtype bool on ", out.device());
-  TORCH_CHECK(p >= 0.0 && p < 1.0, "effdense::gather_grad: expected p in [0, 1), got ", p);
-  check_gather_coef(out, x, coef, mean);
+  check_gather_grad_args(g, mask, p, out, x, coef, mean);
   const bool same = g.scalar_type() == out.scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "effdense_gather_grad", [&] {
     if (same) gather_grad_impl<scalar_t, scalar_t>(g, mask, p, out, x, coef, mean);
@@ -539,14 +520,7 @@ void gather_grad_cpu(const at::Tensor& g, const OptTensor& mask, double p, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_scale_shift_cpu(const at::Tensor& gamma, const at::Tensor& beta,
                                                                   const at::Tensor& mean, const at::Tensor& var,
                                                                   double eps, at::ScalarType dtype) {
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "effdense::bn_scale_shift: expected dtype float32 or "
-              "float64, got ", dtype);
-  for (const at::Tensor* t : {&gamma, &beta, &var})
-    TORCH_CHECK(t->dim() == 1 && t->numel() == mean.numel() && t->device() == mean.device() &&
-                    is_float_type(t->scalar_type()),
-                "effdense::bn_scale_shift: expected gamma, beta and var of shape [", mean.numel(), "] (that of mean) "
-                "with a floating dtype on ", mean.device(), ", got shape ", shape_str(*t), " with dtype ",
-                t->scalar_type(), " on ", t->device());
+  check_scale_shift_args(gamma, beta, mean, var, dtype);
   const auto opts = mean.options().dtype(dtype);
   at::Tensor scale = at::empty({mean.numel()}, opts), shift = at::empty_like(scale), inv = at::empty_like(scale);
   AT_DISPATCH_FLOATING_TYPES(dtype, "effdense_bn_scale_shift", [&] {

@@ -102,7 +102,13 @@ void call_store_channels(const at::Tensor& y, const OptTensor& noise, double p, 
                          const OptTensor& mask, const OptTensor& out_mean, const OptTensor& out_var);
 void call_gather_grad(const at::Tensor& g, const OptTensor& mask, double p, const at::Tensor& out,
                       const OptTensor& x, const OptTensor& coef, const OptTensor& mean);
-void check_gather_coef(const at::Tensor& out, const OptTensor& x, const OptTensor& coef, const OptTensor& mean);
+// argument checks of the ops with a CPU and a CUDA kernel (ops.cpp), one line of error each
+void check_gather_grad_args(const at::Tensor& g, const OptTensor& mask, double p, const at::Tensor& out,
+                            const OptTensor& x, const OptTensor& coef, const OptTensor& mean);
+void check_store_channels_args(const at::Tensor& y, const OptTensor& noise, double p, const at::Tensor& out,
+                               const OptTensor& mask, const OptTensor& out_mean, const OptTensor& out_var);
+void check_scale_shift_args(const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean,
+                            const at::Tensor& var, at::ScalarType dtype);
 
 // The process-wide scratch memory of the CPU block driver (block.cpp): grown to the largest request and kept
 // across calls and steps (see block.cpp), released by effdense._C.release_workspace().

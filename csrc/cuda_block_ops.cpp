@@ -48,14 +48,7 @@ cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_scale_shift_cuda(const at::Tensor& gamma, const at::Tensor& beta,
                                                                    const at::Tensor& mean, const at::Tensor& var,
                                                                    double eps, at::ScalarType dtype) {
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "effdense::bn_scale_shift: expected dtype float32 or "
-              "float64, got ", dtype);
-  for (const at::Tensor* t : {&gamma, &beta, &var})
-    TORCH_CHECK(t->dim() == 1 && t->numel() == mean.numel() && t->device() == mean.device() &&
-                    is_float_type(t->scalar_type()),
-                "effdense::bn_scale_shift: expected gamma, beta and var of shape [", mean.numel(), "] (that of mean) "
-                "with a floating dtype on ", mean.device(), ", got shape ", shape_str(*t), " with dtype ",
-                t->scalar_type(), " on ", t->device());
+  check_scale_shift_args(gamma, beta, mean, var, dtype);
   const c10::cuda::CUDAGuard guard(mean.device());
   const auto opts = mean.options().dtype(dtype);
   at::Tensor scale = at::empty({mean.numel()}, opts), shift = at::empty_like(scale), inv = at::empty_like(scale);
@@ -201,16 +194,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bottlenec
 
 void store_channels_cuda(const at::Tensor& y, const OptTensor& noise, double p, const at::Tensor& out,
                          const OptTensor& mask, const OptTensor& out_mean, const OptTensor& out_var) {
-  const char* op = "store_channels";
-  check_feature(y, op, "y");
-  check_out(out, y.sizes(), y, false, op, "out");
-  if (noise) check_out(*noise, y.sizes(), y, false, op, "noise");
-  TORCH_CHECK(!mask || (noise && mask->sizes() == y.sizes() && mask->scalar_type() == at::kBool &&
-                        mask->device() == y.device()),
-              "effdense::store_channels: expected mask (given only with noise) of shape ", shape_str(y),
-              " with dtype bool on ", y.device());
-  TORCH_CHECK(p >= 0.0 && p < 1.0, "effdense::store_channels: expected p in [0, 1), got ", p);
-  check_stats_out(out_mean, out_var, y.size(1), y, op);
+  check_store_channels_args(y, noise, p, out, mask, out_mean, out_var);
   const c10::cuda::CUDAGuard guard(y.device());
   if (noise) {
     const_cast<at::Tensor&>(out).copy_(y * noise->div(1.0 - p));  // F.dropout's arithmetic
@@ -223,17 +207,7 @@ void store_channels_cuda(const at::Tensor& y, const OptTensor& noise, double p, 
 
 void gather_grad_cuda(const at::Tensor& g, const OptTensor& mask, double p, const at::Tensor& out,
                       const OptTensor& x, const OptTensor& coef, const OptTensor& mean) {
-  const char* op = "gather_grad";
-  check_feature(out, op, "out");
-  TORCH_CHECK(g.defined() && g.sizes() == out.sizes() && g.device() == out.device() &&
-                  (g.scalar_type() == out.scalar_type() || g.scalar_type() == acc_type(out.scalar_type())),
-              "effdense::gather_grad: expected grad of shape ", shape_str(out), " with dtype ", out.scalar_type(),
-              " or ", acc_type(out.scalar_type()), " (that of out or its accumulation dtype) on ", out.device());
-  TORCH_CHECK(!mask || (mask->sizes() == out.sizes() && mask->scalar_type() == at::kBool &&
-                        mask->device() == out.device()),
-              "effdense::gather_grad: expected mask of shape ", shape_str(out), " with dtype bool on ", out.device());
-  TORCH_CHECK(p >= 0.0 && p < 1.0, "effdense::gather_grad: expected p in [0, 1), got ", p);
-  check_gather_coef(out, x, coef, mean);
+  check_gather_grad_args(g, mask, p, out, x, coef, mean);
   const c10::cuda::CUDAGuard guard(out.device());
   at::Tensor v = g;
   if (x) {

@@ -95,7 +95,8 @@ void check_out(const at::Tensor& out, at::IntArrayRef shape, const at::Tensor& x
                             : std::string("an undefined tensor"));
 }
 
-void check_gather_coef(const at::Tensor& out, const OptTensor& x, const OptTensor& coef, const OptTensor& mean) {
+static void check_gather_coef(const at::Tensor& out, const OptTensor& x, const OptTensor& coef,
+                              const OptTensor& mean) {
   TORCH_CHECK(x.has_value() == coef.has_value() && x.has_value() == mean.has_value(), "effdense::gather_grad: "
               "expected x, coef and mean all given (deferred BN corrections) or all None");
   if (!x) return;
@@ -111,6 +112,48 @@ void check_gather_coef(const at::Tensor& out, const OptTensor& x, const OptTenso
                   mean->device() == out.device(),
               "effdense::gather_grad: expected mean of shape [", out.size(1), "] with a floating dtype on ",
               out.device(), ", got ", shape_str(*mean));
+}
+
+// The argument checks of the ops with a CPU and a CUDA kernel (block_cpu.cpp, cuda_block_ops.cpp), shared.
+void check_gather_grad_args(const at::Tensor& g, const OptTensor& mask, double p, const at::Tensor& out,
+                            const OptTensor& x, const OptTensor& coef, const OptTensor& mean) {
+  const char* op = "gather_grad";
+  check_feature(out, op, "out");
+  TORCH_CHECK(g.defined() && g.sizes() == out.sizes() && g.device() == out.device() &&
+                  (g.scalar_type() == out.scalar_type() || g.scalar_type() == acc_type(out.scalar_type())),
+              "effdense::gather_grad: expected grad of shape ", shape_str(out), " with dtype ", out.scalar_type(),
+              " or ", acc_type(out.scalar_type()), " (that of out or its accumulation dtype) on ", out.device());
+  TORCH_CHECK(!mask || (mask->sizes() == out.sizes() && mask->scalar_type() == at::kBool &&
+                        mask->device() == out.device()),
+              "effdense::gather_grad: expected mask of shape ", shape_str(out), " with dtype bool on ", out.device());
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "effdense::gather_grad: expected p in [0, 1), got ", p);
+  check_gather_coef(out, x, coef, mean);
+}
+
+void check_store_channels_args(const at::Tensor& y, const OptTensor& noise, double p, const at::Tensor& out,
+                               const OptTensor& mask, const OptTensor& out_mean, const OptTensor& out_var) {
+  const char* op = "store_channels";
+  check_feature(y, op, "y");
+  check_out(out, y.sizes(), y, false, op, "out");
+  if (noise) check_out(*noise, y.sizes(), y, false, op, "noise");
+  TORCH_CHECK(!mask || (noise && mask->sizes() == y.sizes() && mask->scalar_type() == at::kBool &&
+                        mask->device() == y.device()),
+              "effdense::store_channels: expected mask (given only with noise) of shape ", shape_str(y),
+              " with dtype bool on ", y.device());
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "effdense::store_channels: expected p in [0, 1), got ", p);
+  check_stats_out(out_mean, out_var, y.size(1), y, op);
+}
+
+void check_scale_shift_args(const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean,
+                            const at::Tensor& var, at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "effdense::bn_scale_shift: expected dtype float32 or "
+              "float64, got ", dtype);
+  for (const at::Tensor* t : {&gamma, &beta, &var})
+    TORCH_CHECK(t->dim() == 1 && t->numel() == mean.numel() && t->device() == mean.device() &&
+                    is_float_type(t->scalar_type()),
+                "effdense::bn_scale_shift: expected gamma, beta and var of shape [", mean.numel(), "] (that of mean) "
+                "with a floating dtype on ", mean.device(), ", got shape ", shape_str(*t), " with dtype ",
+                t->scalar_type(), " on ", t->device());
 }
 
 void check_linear_weight(const at::Tensor& x, const at::Tensor& w, const char* op) {

@@ -293,6 +293,24 @@ def bn_relu_tile(x, scale, shift, mask):
 
 
 @triton.jit
+def grad_rows_times_weight(g_row, p_mask, w_ptr, swo, swi, offs_n, n_mask, Cout, cdt: tl.constexpr,
+                           PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
+    """The dgrad GEMM of a 1x1 convolution, ``gy[rows, :Cout] @ W[:Cout, offs_n]``, as a ``[BLOCK_P, BLOCK_N]``
+    fp32 tile: ``g_row`` points at each row of gy (masked by ``p_mask``), W is read in its own ``[Cout, Cin]``
+    layout (strides ``swo``, ``swi``), both in the compute dtype ``cdt`` on the dot."""
+    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, Cout, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < Cout
+        gy = tl.load(g_row[:, None] + offs_k[None, :], mask=p_mask[:, None] & k_mask[None, :], other=0.0)
+        wt = tl.load(w_ptr + offs_k[:, None] * swo + offs_n[None, :] * swi, mask=k_mask[:, None] & n_mask[None, :],
+                     other=0.0)
+        acc = tl.dot(gy.to(cdt), wt.to(cdt), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def dropout_scale(seed, offs_p, offs_c, C, drop_p, drop_scale):
     """The dropout factor (0 or ``1/(1-p)``) of elements ``[offs_p, offs_c]`` of a ``[P, C]`` map.
 

@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (BN, bn_vectors, check_pixels, configs, dot_precision, dropout_scale, halo_slots, halo_tile,
-                     halo_center, halo_tiles, jit, launch, ld16, pick, pow2, tap)
+from .common import (BN, bn_vectors, check_pixels, configs, dot_precision, dropout_scale, grad_rows_times_weight,
+                     halo_slots, halo_tile, halo_center, halo_tiles, jit, launch, ld16, pick, pow2, tap)
 
 CONFIGS_1X1 = configs(("BLOCK_P", "BLOCK_N", "BLOCK_K"),
                       [(64, n, k, 4, 2) for n in (16, 32, 64) for k in (16, 32)] + [(64, 128, 32, 8, 2)])
@@ -72,14 +72,8 @@ def conv1x1_dgrad_kernel(
     n_mask = offs_n < Cin
     gy_ld = gy_ld16 * 16
     g_row = gy_ptr + offs_p.to(tl.int64) * gy_ld
-    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, Cout, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < Cout
-        gy = tl.load(g_row[:, None] + offs_k[None, :], mask=p_mask[:, None] & k_mask[None, :], other=0.0)
-        wt = tl.load(w_ptr + offs_k[:, None] * swo + offs_n[None, :] * swi, mask=k_mask[:, None] & n_mask[None, :],
-                     other=0.0)
-        acc = tl.dot(gy.to(cdt), wt.to(cdt), acc, input_precision=PRECISION)
+    acc = grad_rows_times_weight(g_row, p_mask, w_ptr, swo, swi, offs_n, n_mask, Cout, cdt, PRECISION, BLOCK_P,
+                                 BLOCK_N, BLOCK_K)
     _epilogue(acc, x_ptr, x_ld16, mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps, g_ptr, g_ld16, sums_ptr, plane, ldp,
               offs_p, p_mask, offs_n, n_mask, pid_p, AFFINE)
 

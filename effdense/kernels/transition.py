@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (BN, bn_relu_tile, bn_vectors, check_pixels, configs, dot_precision, jit, launch, ld16, pick,
-                     pow2)
+from .common import (BN, bn_relu_tile, bn_vectors, check_pixels, configs, dot_precision, grad_rows_times_weight, jit,
+                     launch, ld16, pick, pow2)
 from .wgrad import split
 
 FWD_CONFIGS = configs(("BLOCK_P", "BLOCK_N", "BLOCK_K"), [(64, n, k, 4, 2) for n in (16, 32, 64) for k in (16, 32)])
@@ -107,15 +107,9 @@ def transition_dgrad_kernel(
     corner = _windows(offs_p, Ho, Wo, H, W)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)     # input channels ci
     n_mask = offs_n < Cin
-    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     g_row = gy_ptr + offs_p.to(tl.int64) * (gy_ld16 * 16)
-    for k0 in range(0, Cout, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < Cout
-        gy = tl.load(g_row[:, None] + offs_k[None, :], mask=p_mask[:, None] & k_mask[None, :], other=0.0)
-        wt = tl.load(w_ptr + offs_k[:, None] * swo + offs_n[None, :] * swi, mask=k_mask[:, None] & n_mask[None, :],
-                     other=0.0)
-        acc = tl.dot(gy.to(cdt), wt.to(cdt), acc, input_precision=PRECISION)
+    acc = grad_rows_times_weight(g_row, p_mask, w_ptr, swo, swi, offs_n, n_mask, Cout, cdt, PRECISION, BLOCK_P,
+                                 BLOCK_N, BLOCK_K)
     # epilogue: the pool's backward (gP / 4 to each pixel of the window), ReLU backward, BN backward's sums
     gq = acc * 0.25
     out_mask = p_mask[:, None] & n_mask[None, :]
