@@ -7,7 +7,7 @@
 //   forward   bn_relu_linear_into (BN1-ReLU-conv1x1, with the statistics of z) | batch_norm_relu_into (plain)
 //             -> batch_norm_relu_into (BN2-ReLU, in place) -> conv3x3 -> [bernoulli_] -> store_channels
 //             (dropout, the store into F, the new channels' statistics)
-//   backward  gather_grad -> bn_relu_linear_into (recompute z) -> batch_norm_relu_into (a) -> conv3x3 backward
+//   backward  gather_grad -> [bn_relu_linear_into (recompute z)] -> batch_norm_relu_into (a) -> conv3x3 backward
 //             -> bottleneck_backward (BN2-ReLU backward, then conv1's wgrad and dgrad and the BN1-ReLU backward
 //             added into G)
 //
@@ -22,6 +22,10 @@
 //    gradient buffer G (accumulation dtype, in F's layout, so the BN1 backward reads F and updates G in the same
 //    tiles) that each layer, last to first, adds its input gradient into (G[:, :c_l] += ...). They are carved
 //    from one workspace (Scratch below).
+//  * with keep_bottleneck, each layer's bottleneck z kept from forward to backward ([L, N, H, W, B]: layer i's
+//    a channels-last [N, B, H, W] view), so backward reads it instead of recomputing it: B*P per layer more
+//    memory (still linear in depth), one BN-ReLU-GEMM per layer less. effdense.memory.bottleneck_plan chooses
+//    the blocks where keeping it does not raise a training step's peak.
 //  * dropout masks kept as bits (bool) of the k new channels per layer, linear in depth; the Bernoulli draw
 //    is the one F.dropout makes (same generator, shape and layout), so masks agree with naive's.
 // Running statistics are not touched here (the op is functional): effdense::update_running_stats does that
@@ -253,10 +257,16 @@ void linear_forward(const at::Tensor& x, const at::Tensor& g, const at::Tensor& 
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_block_forward(
+// Layer i's bottleneck in the kept [L, N, H, W, B] buffer: a channels-last [N, B, H, W] view.
+at::Tensor kept_bottleneck(const at::Tensor& kept, int64_t i) { return kept.select(0, i).permute({0, 3, 1, 2}); }
+
+using Tensors7 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Tensors7 dense_block_forward(
     const at::Tensor& x, at::TensorList w1, at::TensorList w2, at::TensorList g1, at::TensorList b1,
     at::TensorList g2, at::TensorList b2, const OptList& rm1, const OptList& rv1, const OptList& rm2,
-    const OptList& rv2, at::ArrayRef<double> eps1, at::ArrayRef<double> eps2, at::ArrayRef<double> drop) {
+    const OptList& rv2, at::ArrayRef<double> eps1, at::ArrayRef<double> eps2, at::ArrayRef<double> drop,
+    bool keep_bottleneck) {
   const Block b = parse(x, -1, w1, w2, g1, b1, g2, b2, rm1, rv1, rm2, rv2, eps1, eps2, drop, "dense_block_forward");
   const c10::DeviceGuard guard(x.device());
   at::NoGradGuard no_grad;
@@ -282,8 +292,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     auto [m, v] = stats_of(0, b.C0);
     call_store_channels(x, std::nullopt, 0.0, feat.narrow(1, 0, b.C0), std::nullopt, m, v);
   }
+  const bool keep = keep_bottleneck && b.bottleneck;
+  at::Tensor kept = at::empty({keep ? b.L : 0, b.N, b.H, b.W, b.B}, opts);
   Scratch ws(x, b.bottleneck ? cl_bytes(b.N, b.B, b.H, b.W, b.cdt) : cl_bytes(b.N, b.C - b.k, b.H, b.W, b.cdt));
-  at::Tensor z = b.bottleneck ? ws.take(b.N, b.B, b.H, b.W, b.cdt) : at::Tensor();
+  // a = relu(bn2(z)): in place over z, or beside the kept z
+  at::Tensor a = b.bottleneck ? ws.take(b.N, b.B, b.H, b.W, b.cdt) : at::Tensor();
   at::Tensor u_all = b.bottleneck ? at::Tensor() : ws.take_flat(b.N, b.C - b.k, b.H, b.W, b.cdt);
   for (int64_t i = 0; i < b.L; ++i) {
     const size_t li = static_cast<size_t>(i);
@@ -293,11 +306,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     at::Tensor y;
     if (b.bottleneck) {
       const bool bs2 = b.bs2[li];
+      const at::Tensor z = keep ? kept_bottleneck(kept, i) : a;
       linear_forward(xin, g1[li], b1[li], st1, eps1[li], w1[li], z, bs2 ? OptTensor(mean2.select(0, i)) : OptTensor(),
                      bs2 ? OptTensor(var2.select(0, i)) : OptTensor());
       const auto st2 = bn_stats(bs2, mean2, var2, i, b.B, rm2.get(li), rv2.get(li));
-      call_batch_norm_relu_into(z, g2[li], b2[li], st2.first, st2.second, eps2[li], z);  // in place
-      y = conv(z, w2[li]);
+      call_batch_norm_relu_into(z, g2[li], b2[li], st2.first, st2.second, eps2[li], a);
+      y = conv(a, w2[li]);
     } else {
       const at::Tensor u = Scratch::cl_view(u_all, b.N, c, b.H, b.W);
       call_batch_norm_relu_into(xin, g1[li], b1[li], st1.first, st1.second, eps1[li], u);
@@ -311,13 +325,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     call_store_channels(y, noise, p, feat.narrow(1, c, b.k), p > 0 ? OptTensor(mask.narrow(1, i * b.k, b.k))
                                                                    : OptTensor(), m, v);
   }
-  return {feat, mean, var, mean2, var2, mask};
+  return {feat, mean, var, mean2, var2, mask, kept};
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
            std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
 dense_block_backward(const at::Tensor& grad_out, const at::Tensor& feat, const at::Tensor& mean, const at::Tensor& var,
-                     const at::Tensor& mean2, const at::Tensor& var2, const at::Tensor& mask, at::TensorList w1,
+                     const at::Tensor& mean2, const at::Tensor& var2, const at::Tensor& mask,
+                     const at::Tensor& kept, at::TensorList w1,
                      at::TensorList w2, at::TensorList g1, at::TensorList b1, at::TensorList g2, at::TensorList b2,
                      const OptList& rm1, const OptList& rv1, const OptList& rm2, const OptList& rv2,
                      at::ArrayRef<double> eps1, at::ArrayRef<double> eps2, at::ArrayRef<double> drop) {
@@ -338,15 +353,23 @@ dense_block_backward(const at::Tensor& grad_out, const at::Tensor& feat, const a
   TORCH_CHECK(!any_drop || (mask.dim() == 4 && mask.size(1) == b.L * b.k && mask.scalar_type() == at::kBool),
               "effdense::", op, ": expected drop_mask of shape [", b.N, ", ", b.L * b.k, ", ", b.H, ", ", b.W,
               "] with dtype bool, got ", shape_str(mask), " with dtype ", mask.scalar_type());
+  const bool keep = kept.numel() > 0;
+  TORCH_CHECK(kept.numel() == 0 || (b.bottleneck && kept.dim() == 5 && kept.size(0) == b.L && kept.size(1) == b.N &&
+                                    kept.size(2) == b.H && kept.size(3) == b.W && kept.size(4) == b.B &&
+                                    kept.is_contiguous() && kept.scalar_type() == b.cdt),
+              "effdense::", op, ": expected bottleneck empty or the forward's kept bottlenecks, contiguous [", b.L,
+              ", ", b.N, ", ", b.H, ", ", b.W, ", ", b.B, "] with dtype ", b.cdt, ", got shape ", shape_str(kept),
+              " with dtype ", kept.scalar_type());
   const c10::DeviceGuard guard(feat.device());
   at::NoGradGuard no_grad;
   const int64_t N = b.N, H = b.H, W = b.W;
   const int64_t bytes = cl_bytes(N, b.C, H, W, b.acc) + cl_bytes(N, b.k, H, W, b.cdt) +
-                        (b.bottleneck ? 2 * cl_bytes(N, b.B, H, W, b.cdt) : cl_bytes(N, b.C - b.k, H, W, b.cdt));
+                        (b.bottleneck ? (keep ? 1 : 2) * cl_bytes(N, b.B, H, W, b.cdt)
+                                      : cl_bytes(N, b.C - b.k, H, W, b.cdt));
   Scratch ws(feat, bytes);
   // G in F's layout: the BN1 backward then reads F and updates G with the same (plane or row) tiles
   at::Tensor G = ws.take(N, b.C, H, W, b.acc, b.mf), gy = ws.take(N, b.k, H, W, b.cdt);
-  at::Tensor z = b.bottleneck ? ws.take(N, b.B, H, W, b.cdt) : at::Tensor();
+  at::Tensor z = b.bottleneck && !keep ? ws.take(N, b.B, H, W, b.cdt) : at::Tensor();
   at::Tensor a = b.bottleneck ? ws.take(N, b.B, H, W, b.cdt) : at::Tensor();
   at::Tensor u_all = b.bottleneck ? at::Tensor() : ws.take_flat(N, b.C - b.k, H, W, b.cdt);
   G.copy_(grad_out);
@@ -376,7 +399,8 @@ dense_block_backward(const at::Tensor& grad_out, const at::Tensor& feat, const a
     const OptTensor cf = coef ? OptTensor(coef->narrow(1, 0, c)) : OptTensor();
     if (b.bottleneck) {
       const bool bs2 = b.bs2[li];
-      linear_forward(x, g1[li], b1[li], st1, eps1[li], w1[li], z, std::nullopt, std::nullopt);  // recompute z
+      if (keep) z = kept_bottleneck(kept, i);
+      else linear_forward(x, g1[li], b1[li], st1, eps1[li], w1[li], z, std::nullopt, std::nullopt);  // recompute
       const auto st2 = bn_stats(bs2, mean2, var2, i, b.B, rm2.get(li), rv2.get(li));
       call_batch_norm_relu_into(z, g2[li], b2[li], st2.first, st2.second, eps2[li], a);
       auto [ga, gw2] = conv_backward(gy, a, w2[li]);

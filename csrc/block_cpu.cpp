@@ -345,7 +345,34 @@ inline void bn2_grad_row(A* __restrict__ zr, const A* __restrict__ gr, int64_t n
   }
 }
 
-// The sums of the BN-ReLU backward of (z, ga) over all pixels, (dgamma, dbeta) (a sweep without output).
+// The same from separate rows into out (z and ga read where they are).
+template <typename T, typename A>
+inline void bn2_grad_row_to(const A* __restrict__ zr, const A* __restrict__ gr, A* __restrict__ out, int64_t n,
+                            const A* __restrict__ s, const A* __restrict__ t, const A* __restrict__ mu,
+                            const A* __restrict__ al, const A* __restrict__ be) {
+  for (int64_t ch = 0; ch < n; ++ch) {
+    const A za = zr[ch], ga = gr[ch];
+    const A g = za * s[ch] + t[ch] <= A(0) ? A(0) : ga;
+    out[ch] = round_to<T>(s[ch] * g + al[ch] + be[ch] * (za - mu[ch]));
+  }
+}
+
+// One row's share of relu_grad_sums: sg += g, sgx += g * (z - mean), g = ga where relu's input is positive.
+template <typename A>
+inline void relu_grad_sum_row(const A* __restrict__ zr, const A* __restrict__ gr, int64_t c, const A* __restrict__ s,
+                              const A* __restrict__ t, const A* __restrict__ mu, A* __restrict__ sg,
+                              A* __restrict__ sgx) {
+  for (int64_t ch = 0; ch < c; ++ch) {
+    const A za = zr[ch], ga = gr[ch];
+    const A gv = za * s[ch] + t[ch] <= A(0) ? A(0) : ga;
+    sg[ch] += gv;
+    sgx[ch] += gv * (za - mu[ch]);
+  }
+}
+
+// The sums of the BN-ReLU backward of (z, ga) over all pixels, (dgamma, dbeta) (a sweep without output). Rows of
+// z and ga in the accumulation type at a constant stride (the block driver's channels-last transients) are read
+// in place; anything else is gathered into tiles first.
 template <typename T>
 std::pair<std::vector<double>, std::vector<double>> relu_grad_sums(const at::Tensor& z, const at::Tensor& ga,
                                                                    const BN<acc_t<T>>& bn) {
@@ -354,18 +381,28 @@ std::pair<std::vector<double>, std::vector<double>> relu_grad_sums(const at::Ten
   const int64_t P = vz.pixels(), c = vz.C, rows = tile_rows(3 * c, P);
   const T* pz = z.const_data_ptr<T>();
   const T* pg = ga.const_data_ptr<T>();
+  int64_t lz = 0, lg = 0;
+  const bool direct = std::is_same_v<T, A> && pixel_rows(vz, lz) && pixel_rows(vg, lg);
   Sums sums(num_groups(P, rows), c);
   parallel_tiles(P, rows, [&](int64_t grp, int64_t t0, int64_t t1) {
-    A* zt = scratch<A>(3 * rows * c + 2 * c);
+    A* zt = scratch<A>(2 * rows * c + 2 * c);
     A* gt = zt + rows * c;
-    A* ot = gt + rows * c;
-    A* sg = ot + rows * c;
+    A* sg = gt + rows * c;
     A* sgx = sg + c;
     for (int64_t ti = t0; ti < t1; ++ti) {
       const int64_t p0 = ti * rows, p1 = std::min(P, p0 + rows);
-      gather(vz, pz, p0, p1, zt, c);
-      gather(vg, pg, p0, p1, gt, c);
-      relu_grad_tile(zt, gt, ot, p1 - p0, c, bn, sg, sgx);
+      const A *zs = zt, *gs = gt;
+      int64_t ldz = c, ldg = c;
+      if (direct) {
+        zs = reinterpret_cast<const A*>(pz) + p0 * lz, gs = reinterpret_cast<const A*>(pg) + p0 * lg;
+        ldz = lz, ldg = lg;
+      } else {
+        gather(vz, pz, p0, p1, zt, c);
+        gather(vg, pg, p0, p1, gt, c);
+      }
+      std::fill(sg, sg + 2 * c, A(0));
+      for (int64_t r = 0; r < p1 - p0; ++r)
+        relu_grad_sum_row(zs + r * ldz, gs + r * ldg, c, bn.scale.data(), bn.shift.data(), bn.mean.data(), sg, sgx);
       sums.add(grp, sg, sgx);
     }
   });
@@ -405,14 +442,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bottlenec
     const T* pz = z.const_data_ptr<T>();
     const T* pg = ga.const_data_ptr<T>();
     const int64_t B = w.size(0);
+    int64_t lz = 0, lg = 0;
+    const bool direct = std::is_same_v<T, A> && pixel_rows(vz, lz) && pixel_rows(vg, lg);  // rows read in place
     auto gz_of = [&](int64_t p0, int64_t p1, A* buf) -> std::pair<const A*, int64_t> {
+      // gz = scale * g + alpha + beta * (z - mean), rounded as gz.to(T)
+      const A *s2 = bn2.scale.data(), *t2 = bn2.shift.data(), *m2 = bn2.mean.data();
+      if (direct) {
+        const A* zs = reinterpret_cast<const A*>(pz) + p0 * lz;
+        const A* gs = reinterpret_cast<const A*>(pg) + p0 * lg;
+        for (int64_t r = 0; r < p1 - p0; ++r)
+          bn2_grad_row_to<T>(zs + r * lz, gs + r * lg, buf + r * B, B, s2, t2, m2, al.data(), be.data());
+        return {buf, B};
+      }
       A* zt = buf;
       A* gt = buf + (p1 - p0) * B;
       gather(vz, pz, p0, p1, zt, B);
       gather(vg, pg, p0, p1, gt, B);
-      for (int64_t r = 0; r < p1 - p0; ++r)  // gz = scale * g + alpha + beta * (z - mean), rounded as gz.to(T)
-        bn2_grad_row<T>(zt + r * B, gt + r * B, B, bn2.scale.data(), bn2.shift.data(), bn2.mean.data(), al.data(),
-                        be.data());
+      for (int64_t r = 0; r < p1 - p0; ++r)
+        bn2_grad_row<T>(zt + r * B, gt + r * B, B, s2, t2, m2, al.data(), be.data());
       return {zt, B};
     };
     auto r = same ? linear_backward_tiles<T, T>(x, w, bn1, batch_stats1, gx, true, coef, gz_of)

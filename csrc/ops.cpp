@@ -849,11 +849,12 @@ TORCH_LIBRARY(effdense, m) {
         "Tensor(c!)[] num_batches_tracked, Tensor mean, Tensor var, int[] rows, float[] momentum, int count) -> ()");
   m.def("dense_block_forward(Tensor x, Tensor[] w1, Tensor[] w2, Tensor[] gamma1, Tensor[] beta1, "
         "Tensor[] gamma2, Tensor[] beta2, Tensor?[] running_mean1, Tensor?[] running_var1, "
-        "Tensor?[] running_mean2, Tensor?[] running_var2, float[] eps1, float[] eps2, float[] drop_rate) "
-        "-> (Tensor feat, Tensor mean, Tensor var, Tensor mean2, Tensor var2, Tensor drop_mask)");
+        "Tensor?[] running_mean2, Tensor?[] running_var2, float[] eps1, float[] eps2, float[] drop_rate, "
+        "bool keep_bottleneck) -> (Tensor feat, Tensor mean, Tensor var, Tensor mean2, Tensor var2, "
+        "Tensor drop_mask, Tensor bottleneck)");
   m.def("dense_block_backward(Tensor grad_out, Tensor feat, Tensor mean, Tensor var, Tensor mean2, "
-        "Tensor var2, Tensor drop_mask, Tensor[] w1, Tensor[] w2, Tensor[] gamma1, Tensor[] beta1, "
-        "Tensor[] gamma2, Tensor[] beta2, Tensor?[] running_mean1, Tensor?[] running_var1, "
+        "Tensor var2, Tensor drop_mask, Tensor bottleneck, Tensor[] w1, Tensor[] w2, Tensor[] gamma1, "
+        "Tensor[] beta1, Tensor[] gamma2, Tensor[] beta2, Tensor?[] running_mean1, Tensor?[] running_var1, "
         "Tensor?[] running_mean2, Tensor?[] running_var2, float[] eps1, float[] eps2, float[] drop_rate) "
         "-> (Tensor grad_x, Tensor[] grad_w1, Tensor[] grad_w2, Tensor[] grad_gamma1, Tensor[] grad_beta1, "
         "Tensor[] grad_gamma2, Tensor[] grad_beta2)");

@@ -143,9 +143,45 @@ def max_jobs(with_cuda: bool) -> str:
     return str(jobs)
 
 
-def compile_args(with_cuda: bool, archs: list[str]) -> dict:
+#: ``EFFDENSE_CPU_ISA`` values: the x86-64 instruction-set extensions the C++ code may use, the compiler flags
+#: that allow them and the /proc/cpuinfo flags a CPU needs to run the library. The library is built on the machine
+#: that runs it (pip builds from source), so ``auto`` takes what the building CPU has, like DeepSpeed's op builder
+#: (its CPU ops use the building machine's SIMD width); the manifest records the choice and a CPU without it gets
+#: a clear refusal instead of an illegal instruction. ``-ffp-contract=fast`` lets a*b+c become one FMA (ISO C++
+#: modes turn that off): the tiled BN-ReLU and statistics loops are mostly that.
+CPU_ISAS = {"baseline": ([], ()),
+            "avx2": (["-mavx2", "-mfma", "-mf16c", "-ffp-contract=fast"], ("avx2", "fma", "f16c"))}
+
+
+def cpu_flags() -> set[str]:
+    """The running CPU's feature flags (/proc/cpuinfo; empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_isa(spec: str | None = None) -> str:
+    """The ``CPU_ISAS`` entry to build for: ``EFFDENSE_CPU_ISA`` (``auto``, ``avx2`` or ``baseline``), by default
+    ``auto``: ``avx2`` on an x86-64 CPU that has all its flags, else ``baseline``."""
+    spec = (spec if spec is not None else os.environ.get("EFFDENSE_CPU_ISA", "auto")).strip().lower()
+    if spec == "auto":
+        import platform
+        if platform.machine().lower() in ("x86_64", "amd64") and set(CPU_ISAS["avx2"][1]) <= cpu_flags():
+            return "avx2"
+        return "baseline"
+    if spec not in CPU_ISAS:
+        raise ValueError(f"EFFDENSE_CPU_ISA: expected auto, {', '.join(CPU_ISAS)}, got {spec!r}")
+    return spec
+
+
+def compile_args(with_cuda: bool, archs: list[str], isa: str | None = None) -> dict:
     """``extra_compile_args``/``extra_link_args``/``define_macros`` of the extension."""
-    cxx = ["-O3", "-Wall", "-Wno-unused-function"]
+    cxx = ["-O3", "-Wall", "-Wno-unused-function", *CPU_ISAS[isa or cpu_isa()][0]]
     link = []
     if sys.platform.startswith("linux"):
         cxx.append("-fopenmp")  # at::parallel_for is OpenMP-backed in PyTorch's Linux wheels; ops.cpp: omp simd
@@ -218,7 +254,7 @@ def make_manifest(so_path: str, csrc: str, with_cuda: bool, archs: list[str], bu
         except (OSError, subprocess.SubprocessError):
             pass
     return {"file": os.path.basename(so_path), **torch_abi(), "with_cuda": with_cuda,
-            "cuda_archs": archs if with_cuda else [], "nvcc": nvcc,
+            "cuda_archs": archs if with_cuda else [], "nvcc": nvcc, "cpu_isa": cpu_isa(),
             "commit": git_commit(os.path.dirname(csrc)), "sources": sources_digest(csrc), "builder": builder,
             "built": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
@@ -249,7 +285,7 @@ def describe(m: dict) -> str:
     """``torch 2.11.0+cu130 (git 70d99e998b) for cp312, CUDA 13.0 sm_90, sources 1a2b.., commit 33e5c6b``."""
     cuda = f"CUDA {m.get('cuda')}" + (" sm_" + ",".join(m["cuda_archs"]) if m.get("with_cuda") else " (CPU part only)")
     return (f"torch {m.get('torch')} (git {str(m.get('torch_git'))[:10]}) for {m.get('python')}, {cuda}, "
-            f"sources {m.get('sources')}, commit {m.get('commit') or '?'}")
+            f"CPU {m.get('cpu_isa', 'baseline')}, sources {m.get('sources')}, commit {m.get('commit') or '?'}")
 
 
 def compare(manifest: dict, abi: dict | None = None, csrc: str | None = None,
@@ -262,6 +298,11 @@ def compare(manifest: dict, abi: dict | None = None, csrc: str | None = None,
         return [f"its manifest is unreadable ({manifest['unreadable']})"], []
     abi = abi or torch_abi()
     diff = [f"{k} {manifest.get(k)!s} (built) vs {abi[k]!s} (here)" for k in ABI_KEYS if manifest.get(k) != abi[k]]
+    isa = manifest.get("cpu_isa", "baseline")
+    missing = sorted(set(CPU_ISAS[isa][1]) - cpu_flags()) if isa in CPU_ISAS else [f"unknown ISA {isa!r}"]
+    if missing:
+        diff.append(f"cpu_isa {isa} (built) needs CPU flags {', '.join(missing)} that this CPU lacks "
+                    "(rebuild here, or with EFFDENSE_CPU_ISA=baseline)")
     stale = []
     if csrc is not None and manifest.get("sources") != sources_digest(csrc):
         stale.append(f"built from other sources ({manifest.get('sources')}, commit {manifest.get('commit') or '?'}) "

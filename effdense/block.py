@@ -49,14 +49,18 @@ class EfficientDenseBlock(nn.ModuleDict):
 
     Same constructor arguments as torchvision's ``_DenseBlock`` (``memory_efficient=True`` selects the
     ``"checkpoint"`` backend, as it does there), plus ``bottleneck`` and ``backend``: ``"naive"``,
-    ``"checkpoint"``, ``"torch"``, ``"cpp"``, ``"triton"`` or ``"auto"`` (see :mod:`effdense.backends`).
+    ``"checkpoint"``, ``"torch"``, ``"cpp"``, ``"triton"`` or ``"auto"`` (see :mod:`effdense.backends`), and
+    ``keep_bottleneck``: the ``"cpp"`` backend keeps each layer's bottleneck (``bn_size * growth_rate`` channels)
+    from forward to backward instead of recomputing it there (faster, ``bn_size * growth_rate`` channels of
+    memory per layer more: still linear in depth). :class:`~effdense.EfficientDenseNet` sets it per block
+    (:func:`effdense.memory.bottleneck_plan`).
     """
 
     _version = 2
 
     def __init__(self, num_layers: int, num_input_features: int, bn_size: int = 4, growth_rate: int = 32,
                  drop_rate: float = 0.0, memory_efficient: bool = False, bottleneck: bool = True,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", keep_bottleneck: bool = False) -> None:
         super().__init__()
         for name, value in (("num_layers", num_layers), ("num_input_features", num_input_features),
                             ("growth_rate", growth_rate), ("bn_size", bn_size)):
@@ -71,6 +75,7 @@ class EfficientDenseBlock(nn.ModuleDict):
         self.num_input_features = num_input_features
         self.growth_rate = growth_rate
         self.bottleneck = bottleneck
+        self.keep_bottleneck = bool(keep_bottleneck)
         self.backend = "checkpoint" if memory_efficient and backend == "auto" else backends.check_name(backend)
 
     @property
@@ -78,7 +83,7 @@ class EfficientDenseBlock(nn.ModuleDict):
         return self.num_input_features + len(self) * self.growth_rate
 
     def extra_repr(self) -> str:
-        return f"backend={self.backend!r}"
+        return f"backend={self.backend!r}" + (", keep_bottleneck=True" if self.keep_bottleneck else "")
 
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):
@@ -110,4 +115,4 @@ class EfficientDenseBlock(nn.ModuleDict):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         backend = backends.resolve(self.backend, x.device, x.dtype)
-        return backend.forward(x, list(self.values()))
+        return backend.forward(x, list(self.values()), **{k: getattr(self, k) for k in backend.options})

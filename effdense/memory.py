@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -136,6 +136,7 @@ class BlockShape:
     layers: int
     k: int           # growth rate
     b: int           # bottleneck width (0 for plain layers)
+    keep: bool = False   # bottlenecks kept for backward (EfficientDenseBlock.keep_bottleneck, the cpp backend)
 
     @property
     def c(self) -> int:
@@ -152,7 +153,8 @@ def block_shapes(model: torch.nn.Module, size: int) -> list[BlockShape]:
     for name, m in model.features.named_children():
         if isinstance(m, EfficientDenseBlock):
             b = m.denselayer1.conv1.out_channels if m.bottleneck else 0
-            out.append(BlockShape(hw * hw, m.num_input_features, len(m), m.growth_rate, b))
+            out.append(BlockShape(hw * hw, m.num_input_features, len(m), m.growth_rate, b,
+                                  bool(b and m.keep_bottleneck)))
         elif name.startswith("transition"):
             hw //= 2
     return out
@@ -175,7 +177,8 @@ def predicted_activation_bytes(model: torch.nn.Module, batch: int, size: int, dt
       recomputed BN-ReLU input and bottleneck (``C*e + 2B*e``); fused (the ``cpp`` driver, whose BN-ReLU-conv1x1
       tiles stay in cache and add their input gradients into the gradient buffer) only the gradient buffer, the
       new channels' gradient, the recomputed bottleneck with its BN-ReLU output and the bottleneck's gradient,
-      ``C*g + k*e + 2B*e + B*g``.
+      ``C*g + k*e + 2B*e + B*g``; a fused block that keeps its bottlenecks keeps ``L*B`` more, alive until its
+      own backward: during block ``j``'s backward those of blocks ``1..j``.
 
     Stem, transitions and classifier are the same for every backend and left out.
     """
@@ -183,13 +186,12 @@ def predicted_activation_bytes(model: torch.nn.Module, batch: int, size: int, dt
         raise ValueError(f"kind must be 'naive', 'checkpoint', 'efficient' or 'fused', got {kind!r}")
     e = torch.finfo(dtype).bits // 8
     g = max(e, 4)
+    shapes = block_shapes(model, size)
+    if kind == "fused":
+        return _fused_peak(shapes, batch, e, g, [s.keep for s in shapes])
     kept, worst = 0, 0
-    for s in block_shapes(model, size):
+    for s in shapes:
         p = batch * s.pixels
-        if kind == "fused":
-            kept += p * s.c * e
-            worst = max(worst, p * (s.c * g + s.k * e + 2 * s.b * e + s.b * g))
-            continue
         if kind == "efficient":
             kept += p * s.c * e
             extra = s.c * e + 2 * s.b * e
@@ -201,3 +203,30 @@ def predicted_activation_bytes(model: torch.nn.Module, batch: int, size: int, dt
             extra = 0
         worst = max(worst, p * (3 * s.c * g + 2 * s.b * g + extra))
     return kept + worst
+
+
+def _fused_peak(shapes: list[BlockShape], batch: int, e: int, g: int, keep: list[bool]) -> int:
+    """The ``"fused"`` prediction of :func:`predicted_activation_bytes`, blocks keeping bottlenecks per ``keep``."""
+    kept, worst = sum(batch * s.pixels * s.c * e for s in shapes), 0
+    for s, kp in zip(shapes, keep):
+        p = batch * s.pixels
+        kept_z = p * s.layers * s.b * e if kp else 0
+        kept += kept_z
+        worst = max(worst, kept + p * (s.c * g + s.k * e + (s.b * e if kp else 2 * s.b * e) + s.b * g))
+    return worst
+
+
+def bottleneck_plan(model: torch.nn.Module) -> list[bool]:
+    """Per dense block of ``model``, whether its ``cpp`` backward should read kept bottlenecks instead of recomputing
+    them (``EfficientDenseBlock.keep_bottleneck``): yes where keeping them does not raise the predicted fp32 peak
+    of a training step above that of recomputing everywhere. Chosen greedily from the last block (fewest pixels, so
+    the cheapest to keep) to the first; the answer does not depend on batch or image size (every term scales with
+    the pixels, in fixed ratios between blocks), so it is taken at a size that halves exactly."""
+    shapes = [replace(s, keep=False) for s in block_shapes(model, 2 ** (len(block_shapes(model, 1)) + 6))]
+    keep = [False] * len(shapes)
+    base = _fused_peak(shapes, 1, 4, 4, keep)
+    for j in reversed(range(len(shapes))):
+        trial = keep[:j] + [bool(shapes[j].b)] + keep[j + 1:]
+        if _fused_peak(shapes, 1, 4, 4, trial) <= base:
+            keep = trial
+    return keep

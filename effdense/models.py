@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from . import backends
 from .block import EfficientDenseBlock
+from .memory import bottleneck_plan
 
 
 class Transition(nn.Sequential):
@@ -92,13 +93,17 @@ class EfficientDenseNet(nn.Module):
         global_pool: ``"avg"``, ``"max"`` or ``None`` (with ``include_top=False``: return the feature map).
         in_channels: input image channels.
         memory_efficient: torchvision's flag; ``True`` selects the ``"checkpoint"`` backend.
+        keep_bottleneck: ``"auto"``: the ``"cpp"`` backend keeps the bottlenecks of the blocks where that does not
+            raise a training step's peak memory (:func:`effdense.memory.bottleneck_plan`: the later, smaller
+            blocks) and recomputes the others in backward; ``True``/``False``: in every block / in none.
     """
 
     def __init__(self, growth_rate: int = 32, block_config: Sequence[int] = (6, 12, 24, 16),
                  num_init_features: int = 64, bn_size: int = 4, compression: float = 0.5,
                  drop_rate: float = 0.0, num_classes: int = 1000, stem: str = "imagenet",
                  backend: str = "auto", bottleneck: bool = True, include_top: bool = True,
-                 global_pool: str | None = "avg", in_channels: int = 3, memory_efficient: bool = False) -> None:
+                 global_pool: str | None = "avg", in_channels: int = 3, memory_efficient: bool = False,
+                 keep_bottleneck: bool | str = "auto") -> None:
         super().__init__()
         if stem not in ("imagenet", "cifar"):
             raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
@@ -110,6 +115,8 @@ class EfficientDenseNet(nn.Module):
             raise ValueError(f"compression must be in (0, 1], got {compression!r}")
         if not block_config or any(not isinstance(n, int) or n < 1 for n in block_config):
             raise ValueError(f"block_config must be a non-empty sequence of positive ints, got {block_config!r}")
+        if keep_bottleneck not in (True, False, "auto"):
+            raise ValueError(f"keep_bottleneck must be True, False or 'auto', got {keep_bottleneck!r}")
         if memory_efficient and backend == "auto":
             backend = "checkpoint"
         backends.check_name(backend)
@@ -135,6 +142,9 @@ class EfficientDenseNet(nn.Module):
                 self.features.add_module(f"transition{i + 1}", Transition(num_features, out, backend))
                 num_features = out
         self.features.add_module("norm5", nn.BatchNorm2d(num_features))
+        plan = bottleneck_plan(self) if keep_bottleneck == "auto" else [keep_bottleneck] * len(block_config)
+        for block, keep in zip(self.blocks(), plan):
+            block.keep_bottleneck = bool(keep and bottleneck)
         self.num_features = num_features
         if include_top:
             self.classifier = nn.Linear(num_features, num_classes)

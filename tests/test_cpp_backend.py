@@ -65,10 +65,12 @@ class _KeepModes(torch.nn.Module):
         return self.block(x)
 
 
+@pytest.mark.parametrize("keep", [False, True], ids=["recompute", "keep_bottleneck"])
 @pytest.mark.parametrize("label", list(CONFIGS))
-def test_cpp_block_matches_naive_and_torch_float64(label):
+def test_cpp_block_matches_naive_and_torch_float64(label, keep):
     kwargs, shape, options = CONFIGS[label]
     block, x = make_block(kwargs, options), make_input(shape, options)
+    block.keep_bottleneck = keep
     module = _KeepModes(block) if options.get("eval_layer") else block
     train, input_grad = options.get("train", True), options.get("input_grad", True)
     got = run_steps(module, "cpp", x, train=train, input_grad=input_grad)
@@ -339,6 +341,7 @@ def test_cuda_cpp_block_matches_torch(label, dtype, tol, fused, monkeypatch):
         monkeypatch.setenv("EFFDENSE_FUSED_CONV1X1", "1")
     kwargs, shape, options = CONFIGS[label]
     block = make_block(kwargs, options, dtype=dtype, device="cuda")
+    block.keep_bottleneck = not fused   # both backward paths: kept and recomputed bottlenecks
     x = make_input(shape, options, dtype=dtype, device="cuda")
     module = _KeepModes(block) if options.get("eval_layer") else block
     got, ref = run_steps(module, "cpp", x, steps=2), run_steps(module, "torch", x, steps=2)
@@ -349,3 +352,49 @@ def test_cuda_cpp_block_matches_torch(label, dtype, tol, fused, monkeypatch):
     assert rel_err(got.input_grads[0], ref.input_grads[0]) < tol * 5
     for name, g in ref.param_grads[0].items():
         assert rel_err(got.param_grads[0][name], g) < tol * 10, name
+
+
+# ---------------------------------------------------------------------------------------- kept bottlenecks
+
+def _one_step_ops(block, x):
+    from effdense.launches import count_launches
+    return count_launches(lambda: block(x).square().sum().backward()).ops
+
+
+def test_cpp_kept_bottlenecks_replace_the_backward_recompute_and_only_with_a_backward():
+    """keep_bottleneck: each layer's BN-ReLU-GEMM runs once per step (forward) instead of twice, and under no_grad
+    nothing is kept (the forward's peak is the recomputing one's)."""
+    from effdense.memory import CPUAllocatorBytes
+    kwargs, shape, options = CONFIGS["bc-7x7"]
+    x = make_input(shape, options)
+    counts, peaks = {}, {}
+    for keep in (False, True):
+        block = make_block(kwargs, options, dtype=torch.float32).train()
+        block.backend, block.keep_bottleneck = "cpp", keep
+        counts[keep] = _one_step_ops(block, x.float()).get("effdense::bn_relu_linear_into", 0)
+        with torch.no_grad(), CPUAllocatorBytes() as mem:
+            block(x.float())
+        peaks[keep] = mem.peak
+    L = kwargs["num_layers"]
+    assert counts == {False: 2 * L, True: L}, counts
+    assert peaks[True] == peaks[False], peaks
+
+
+def test_bottleneck_plan_keeps_where_the_peak_does_not_rise():
+    """BC-100: blocks 2 and 3 keep theirs and the predicted peak stays that of recomputing everywhere; keeping
+    block 1's too would raise it. An explicit True/False applies to every block."""
+    from effdense.memory import bottleneck_plan, predicted_activation_bytes
+
+    def fused(model):
+        return predicted_activation_bytes(model, 32, 32, torch.float32, "fused")
+
+    auto = effdense.densenet_cifar(depth=100, growth_rate=12)
+    none, every = (effdense.densenet_cifar(depth=100, growth_rate=12, keep_bottleneck=v) for v in (False, True))
+    assert [b.keep_bottleneck for b in auto.blocks()] == bottleneck_plan(auto) == [False, True, True]
+    assert [b.keep_bottleneck for b in none.blocks()] == [False] * 3
+    assert [b.keep_bottleneck for b in every.blocks()] == [True] * 3
+    assert fused(auto) == fused(none) < fused(every)
+    plain = effdense.densenet_cifar(depth=40, growth_rate=12, bottleneck=False)
+    assert [b.keep_bottleneck for b in plain.blocks()] == [False] * 3, "no bottleneck, nothing to keep"
+    with pytest.raises(ValueError, match="keep_bottleneck must be True, False or 'auto'"):
+        effdense.densenet_cifar(depth=40, growth_rate=12, keep_bottleneck="yes")

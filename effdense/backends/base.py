@@ -26,6 +26,8 @@ class Backend:
     sync_stats: bool = False
     #: ``transition(x, norm, conv) -> Tensor``: its BN-ReLU-AvgPool-Conv1x1 transition, or None for PyTorch's
     transition: Callable[[Tensor, nn.BatchNorm2d, nn.Conv2d], Tensor] | None = None
+    #: the block attributes ``forward`` also takes, as keywords (``keep_bottleneck``); other backends ignore them
+    options: tuple[str, ...] = ()
 
 
 def float_only(device: torch.device, dtype: torch.dtype) -> str | None:

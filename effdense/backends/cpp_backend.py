@@ -112,7 +112,7 @@ def _block_dims(w1, w2):
 
 
 def _fake_block_forward(x, w1, w2, gamma1, beta1, gamma2, beta2, running_mean1, running_var1, running_mean2,
-                        running_var2, eps1, eps2, drop_rate):
+                        running_var2, eps1, eps2, drop_rate, keep_bottleneck):
     L, bottleneck, k, B = _block_dims(w1, w2)
     n, c0, h, w = x.shape
     c = c0 + L * k
@@ -124,10 +124,12 @@ def _fake_block_forward(x, w1, w2, gamma1, beta1, gamma2, beta2, running_mean1, 
         mask = _empty_fmt((n, L * k, h, w), x, dtype=torch.bool, fmt=x)
     else:
         mask = x.new_empty((0,), dtype=torch.bool)
-    return (feat, _vec(x, c if stats1 else 0), _vec(x, c if stats1 else 0), mean2, torch.empty_like(mean2), mask)
+    kept = x.new_empty((L if keep_bottleneck and bottleneck else 0, n, h, w, B))
+    return (feat, _vec(x, c if stats1 else 0), _vec(x, c if stats1 else 0), mean2, torch.empty_like(mean2), mask,
+            kept)
 
 
-def _fake_block_backward(grad_out, feat, mean, var, mean2, var2, drop_mask, w1, w2, gamma1, beta1, gamma2, beta2,
+def _fake_block_backward(grad_out, feat, mean, var, mean2, var2, drop_mask, bottleneck, w1, w2, gamma1, beta1, gamma2, beta2,
                          running_mean1, running_var1, running_mean2, running_var2, eps1, eps2, drop_rate):
     L, _, k, _ = _block_dims(w1, w2)
     n, c, h, w = feat.shape
@@ -187,17 +189,17 @@ _BLOCK_LISTS = ("w1", "w2", "gamma1", "beta1", "gamma2", "beta2", "running_mean1
 
 
 def _setup_block(ctx, inputs, output):
-    x, *lists, eps1, eps2, drop_rate = inputs
+    x, *lists, eps1, eps2, drop_rate, keep_bottleneck = inputs
     ctx.lengths = [len(v) for v in lists]
     ctx.floats = (eps1, eps2, drop_rate)
     # register_autograd wants the gradients in the inputs' structure: a list per list of tensors (also
     # empty), one leaf per other argument (torch._library.autograd.not_list_of_tensor)
-    ctx.no_grads = [[None] * len(v) if all(isinstance(t, Tensor) for t in v) else None
-                    for v in (*lists[6:], eps1, eps2, drop_rate)]
-    feat, mean, var, mean2, var2, mask = output
-    ctx.mark_non_differentiable(mean, var, mean2, var2, mask)
+    ctx.no_grads = [[None] * len(v) if isinstance(v, list) and all(isinstance(t, Tensor) for t in v) else None
+                    for v in (*lists[6:], eps1, eps2, drop_rate, keep_bottleneck)]
+    feat, mean, var, mean2, var2, mask, kept = output
+    ctx.mark_non_differentiable(mean, var, mean2, var2, mask, kept)
     ctx.set_materialize_grads(False)   # no zero gradients for the statistics outputs (they are not used)
-    ctx.save_for_backward(feat, mean, var, mean2, var2, mask, *[t for v in lists for t in v])
+    ctx.save_for_backward(feat, mean, var, mean2, var2, mask, kept, *[t for v in lists for t in v])
 
 
 def _backward_block(ctx, grad_feat, *unused):
@@ -206,13 +208,13 @@ def _backward_block(ctx, grad_feat, *unused):
                            "(create_graph=True); use backend='naive' for higher-order gradients")
     if grad_feat is None:
         return (None, *[[None] * n for n in ctx.lengths[:6]], *ctx.no_grads)
-    feat, mean, var, mean2, var2, mask, *flat = ctx.saved_tensors
+    feat, mean, var, mean2, var2, mask, kept, *flat = ctx.saved_tensors
     lists, pos = [], 0
     for n in ctx.lengths:
         lists.append(flat[pos:pos + n])
         pos += n
-    gx, *grads = torch.ops.effdense.dense_block_backward(grad_feat, feat, mean, var, mean2, var2, mask, *lists,
-                                                         *ctx.floats)
+    gx, *grads = torch.ops.effdense.dense_block_backward(grad_feat, feat, mean, var, mean2, var2, mask, kept,
+                                                         *lists, *ctx.floats)
     return (gx, *grads, *ctx.no_grads)
 
 
@@ -308,8 +310,10 @@ def release_workspace() -> None:
         _ext.C.release_workspace()
 
 
-def block_forward(x: Tensor, layers: Sequence[nn.Module]) -> Tensor:
-    """Run a dense block (``layers`` with ``norm1``/``conv1``[/``norm2``/``conv2``]) on ``x`` from C++."""
+def block_forward(x: Tensor, layers: Sequence[nn.Module], keep_bottleneck: bool = False) -> Tensor:
+    """Run a dense block (``layers`` with ``norm1``/``conv1``[/``norm2``/``conv2``]) on ``x`` from C++; with
+    ``keep_bottleneck`` (and a backward to come) each layer's bottleneck is kept for backward instead of
+    recomputed there (:func:`effdense.memory.bottleneck_plan`)."""
     if any(uses_batch_stats(layer.norm1) for layer in layers):
         check_batch_size(x.shape)
     bottleneck = getattr(layers[0], "norm2", None) is not None
@@ -324,8 +328,10 @@ def block_forward(x: Tensor, layers: Sequence[nn.Module]) -> Tensor:
         w1 = [_conv_weight(layer.conv1.weight, cdt) for layer in layers]
         w2 = [_conv_weight(layer.conv2.weight, cdt) for layer in layers] if bottleneck else []
         drop = [float(layer.drop_rate) if layer.drop_rate > 0 and layer.training else 0.0 for layer in layers]
-        feat, mean, var, mean2, var2, _ = torch.ops.effdense.dense_block_forward(
-            x.to(cdt), w1, w2, g1, b1, g2, b2, rm1, rv1, rm2, rv2, eps1, eps2, drop)
+        keep = bool(keep_bottleneck) and bottleneck and torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for layer in layers for p in layer.parameters()))
+        feat, mean, var, mean2, var2, *_ = torch.ops.effdense.dense_block_forward(
+            x.to(cdt), w1, w2, g1, b1, g2, b2, rm1, rv1, rm2, rv2, eps1, eps2, drop, keep)
         count = x.shape[0] * x.shape[2] * x.shape[3]
         _update_running(norm1, mean, var, count)
         if bottleneck:
@@ -382,4 +388,4 @@ def unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
 
 BACKEND = Backend(NAME, "shared feature buffer, shared statistics, recomputation; whole block in C++ "
                   "(effdense._C: tiled BN-ReLU-GEMM CPU kernels, CUDA BN kernels, ATen 3x3 convolutions)", True,
-                  block_forward, unavailable, transition=transition_forward)
+                  block_forward, unavailable, transition=transition_forward, options=("keep_bottleneck",))
