@@ -580,8 +580,8 @@ def test_bad_inputs_name_the_expectation():
         ops.dense_block_forward(*args)
     args = _block_args()
     feat, mean, var, mean2, var2, mask, kept = ops.dense_block_forward(*args[:-1], True)
-    with pytest.raises(RuntimeError, match=r"expected bottleneck empty or the forward's kept bottlenecks, "
-                                           r"contiguous \[2, 2, 3, 3, 4\] with dtype Double, got shape \[1, 2, 3, 3, 4\]"):
+    with pytest.raises(RuntimeError, match=r"expected bottleneck empty or the forward's kept bottlenecks, contiguous "
+                                           r"\[2, 2, 3, 3, 4\] with dtype Double, got shape \[1, 2, 3, 3, 4\]"):
         ops.dense_block_backward(feat, feat, mean, var, mean2, var2, mask, kept[:1], *args[1:-1])
     if torch.cuda.is_available():
         with pytest.raises(RuntimeError, match=r"on cpu"):

@@ -129,8 +129,9 @@ def _fake_block_forward(x, w1, w2, gamma1, beta1, gamma2, beta2, running_mean1, 
             kept)
 
 
-def _fake_block_backward(grad_out, feat, mean, var, mean2, var2, drop_mask, bottleneck, w1, w2, gamma1, beta1, gamma2, beta2,
-                         running_mean1, running_var1, running_mean2, running_var2, eps1, eps2, drop_rate):
+def _fake_block_backward(grad_out, feat, mean, var, mean2, var2, drop_mask, bottleneck, w1, w2, gamma1, beta1,
+                         gamma2, beta2, running_mean1, running_var1, running_mean2, running_var2, eps1, eps2,
+                         drop_rate):
     L, _, k, _ = _block_dims(w1, w2)
     n, c, h, w = feat.shape
     gx = _empty_fmt((n, c - L * k, h, w), feat, fmt=feat)
