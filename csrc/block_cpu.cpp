@@ -215,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_relu_backward_into_cpu(
 
 // With u = relu(bn(x)) and z = u @ W^T: dW = gz^T @ u, gu = gz @ W, then the BN-ReLU backward of gu into gx.
 // Per tile: u and gu are recomputed / computed in cache; dW accumulates per thread (beta = 1 GEMMs). gz_of(p0,
-// p1, buf) gives the tile's gz rows (pointer, leading dimension): read in place, or formed in buf (2 * rows * B
+// p1, buf) gives the tile's gz rows (pointer, leading dimension): read in place, or formed in buf (3 * rows * B
 // elements of thread scratch), e.g. by the BN2 backward of the bottleneck op.
 template <typename T, typename O, typename GZ>
 std::tuple<std::vector<acc_t<T>>, std::vector<double>, std::vector<double>> linear_backward_tiles(
@@ -235,11 +235,11 @@ std::tuple<std::vector<acc_t<T>>, std::vector<double>, std::vector<double>> line
   const bool cm = channel_major(vx) && channel_major(vo);
   const std::vector<A> wtt = cm ? transposed(wt, B, c) : std::vector<A>();
   parallel_tiles(P, rows, [&](int64_t grp, int64_t t0, int64_t t1) {
-    A* xt = scratch<A>(rows * (3 * c + 2 * B) + 2 * c);
+    A* xt = scratch<A>(rows * (3 * c + 3 * B) + 2 * c);
     A* ut = xt + rows * c;
     A* gut = ut + rows * c;
     A* gzbuf = gut + rows * c;
-    A* sg = gzbuf + 2 * rows * B;
+    A* sg = gzbuf + 3 * rows * B;
     A* sgx = sg + c;
     A* dw = dwp.data() + grp * B * c;
     for (int64_t ti = t0; ti < t1; ++ti) {
@@ -332,41 +332,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_linear_backward_cpu(
 
 // ---------------------------------------------------------------------------------- bottleneck backward
 
-// One row of the BN2-ReLU backward, in place over z's row: scale * g + alpha + beta * (z - mean) (restrict-
-// qualified arguments: the loop vectorizes).
+// One row of the BN2-ReLU backward into out: scale * g + alpha + beta * (z - mean), g = ga where relu's input is
+// positive (restrict-qualified arguments: the loop vectorizes).
 template <typename T, typename A>
-inline void bn2_grad_row(A* __restrict__ zr, const A* __restrict__ gr, int64_t n, const A* __restrict__ s,
-                         const A* __restrict__ t, const A* __restrict__ mu, const A* __restrict__ al,
-                         const A* __restrict__ be) {
-  for (int64_t ch = 0; ch < n; ++ch) {
-    const A za = zr[ch], ga = gr[ch];
-    const A g = za * s[ch] + t[ch] <= A(0) ? A(0) : ga;
-    zr[ch] = round_to<T>(s[ch] * g + al[ch] + be[ch] * (za - mu[ch]));
-  }
-}
-
-// The same from separate rows into out (z and ga read where they are).
-template <typename T, typename A>
-inline void bn2_grad_row_to(const A* __restrict__ zr, const A* __restrict__ gr, A* __restrict__ out, int64_t n,
-                            const A* __restrict__ s, const A* __restrict__ t, const A* __restrict__ mu,
-                            const A* __restrict__ al, const A* __restrict__ be) {
+inline void bn2_grad_row(const A* __restrict__ zr, const A* __restrict__ gr, A* __restrict__ out, int64_t n,
+                         const A* __restrict__ s, const A* __restrict__ t, const A* __restrict__ mu,
+                         const A* __restrict__ al, const A* __restrict__ be) {
   for (int64_t ch = 0; ch < n; ++ch) {
     const A za = zr[ch], ga = gr[ch];
     const A g = za * s[ch] + t[ch] <= A(0) ? A(0) : ga;
     out[ch] = round_to<T>(s[ch] * g + al[ch] + be[ch] * (za - mu[ch]));
-  }
-}
-
-// One row's share of relu_grad_sums: sg += g, sgx += g * (z - mean), g = ga where relu's input is positive.
-template <typename A>
-inline void relu_grad_sum_row(const A* __restrict__ zr, const A* __restrict__ gr, int64_t c, const A* __restrict__ s,
-                              const A* __restrict__ t, const A* __restrict__ mu, A* __restrict__ sg,
-                              A* __restrict__ sgx) {
-  for (int64_t ch = 0; ch < c; ++ch) {
-    const A za = zr[ch], ga = gr[ch];
-    const A gv = za * s[ch] + t[ch] <= A(0) ? A(0) : ga;
-    sg[ch] += gv;
-    sgx[ch] += gv * (za - mu[ch]);
   }
 }
 
@@ -402,7 +377,8 @@ std::pair<std::vector<double>, std::vector<double>> relu_grad_sums(const at::Ten
       }
       std::fill(sg, sg + 2 * c, A(0));
       for (int64_t r = 0; r < p1 - p0; ++r)
-        relu_grad_sum_row(zs + r * ldz, gs + r * ldg, c, bn.scale.data(), bn.shift.data(), bn.mean.data(), sg, sgx);
+        relu_grad_row<A, false>(zs + r * ldz, gs + r * ldg, nullptr, c, bn.scale.data(), bn.shift.data(),
+                                bn.mean.data(), sg, sgx);
       sums.add(grp, sg, sgx);
     }
   });
@@ -445,22 +421,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bottlenec
     int64_t lz = 0, lg = 0;
     const bool direct = std::is_same_v<T, A> && pixel_rows(vz, lz) && pixel_rows(vg, lg);  // rows read in place
     auto gz_of = [&](int64_t p0, int64_t p1, A* buf) -> std::pair<const A*, int64_t> {
-      // gz = scale * g + alpha + beta * (z - mean), rounded as gz.to(T)
-      const A *s2 = bn2.scale.data(), *t2 = bn2.shift.data(), *m2 = bn2.mean.data();
+      // gz = scale * g + alpha + beta * (z - mean) into buf, rounded as gz.to(T); z and ga read in place, or
+      // gathered beside it first
+      const int64_t n = p1 - p0;
+      const A *zs = buf + n * B, *gs = buf + 2 * n * B;
+      int64_t ldz = B, ldg = B;
       if (direct) {
-        const A* zs = reinterpret_cast<const A*>(pz) + p0 * lz;
-        const A* gs = reinterpret_cast<const A*>(pg) + p0 * lg;
-        for (int64_t r = 0; r < p1 - p0; ++r)
-          bn2_grad_row_to<T>(zs + r * lz, gs + r * lg, buf + r * B, B, s2, t2, m2, al.data(), be.data());
-        return {buf, B};
+        zs = reinterpret_cast<const A*>(pz) + p0 * lz, gs = reinterpret_cast<const A*>(pg) + p0 * lg;
+        ldz = lz, ldg = lg;
+      } else {
+        gather(vz, pz, p0, p1, buf + n * B, B);
+        gather(vg, pg, p0, p1, buf + 2 * n * B, B);
       }
-      A* zt = buf;
-      A* gt = buf + (p1 - p0) * B;
-      gather(vz, pz, p0, p1, zt, B);
-      gather(vg, pg, p0, p1, gt, B);
-      for (int64_t r = 0; r < p1 - p0; ++r)
-        bn2_grad_row<T>(zt + r * B, gt + r * B, B, s2, t2, m2, al.data(), be.data());
-      return {zt, B};
+      for (int64_t r = 0; r < n; ++r)
+        bn2_grad_row<T>(zs + r * ldz, gs + r * ldg, buf + r * B, B, bn2.scale.data(), bn2.shift.data(),
+                        bn2.mean.data(), al.data(), be.data());
+      return {buf, B};
     };
     auto r = same ? linear_backward_tiles<T, T>(x, w, bn1, batch_stats1, gx, true, coef, gz_of)
                   : linear_backward_tiles<T, A>(x, w, bn1, batch_stats1, gx, true, coef, gz_of);

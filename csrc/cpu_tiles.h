@@ -439,9 +439,10 @@ struct Sums {
 
 // g = grad where relu's input is positive (or NaN), out = scale * g (out may not alias gt); the tile's sums of g
 // and g * (x - mean) into sg/sgx. xt holds x.
-// One pixel row of relu_grad_tile: gv = grad where relu's input is positive (or NaN), out = scale * gv, sums.
-// A function of its own with restrict-qualified arguments: so the channel loop vectorizes, branch-free.
-template <typename A>
+// One pixel row of relu_grad_tile: gv = grad where relu's input is positive (or NaN), out = scale * gv (without
+// OUT only the sums; out unused). A function of its own with restrict-qualified arguments: so the channel loop
+// vectorizes, branch-free.
+template <typename A, bool OUT = true>
 inline void relu_grad_row(const A* __restrict__ xr, const A* __restrict__ gr, A* __restrict__ out, int64_t c,
                           const A* __restrict__ s, const A* __restrict__ t, const A* __restrict__ mu,
                           A* __restrict__ sg, A* __restrict__ sgx) {
@@ -450,7 +451,7 @@ inline void relu_grad_row(const A* __restrict__ xr, const A* __restrict__ gr, A*
     const A gv = xa * s[ch] + t[ch] <= A(0) ? A(0) : ga;
     sg[ch] += gv;
     sgx[ch] += gv * (xa - mu[ch]);
-    out[ch] = s[ch] * gv;
+    if constexpr (OUT) out[ch] = s[ch] * gv;
   }
 }
 

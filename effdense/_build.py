@@ -12,6 +12,7 @@ import hashlib
 import importlib.machinery
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -170,7 +171,6 @@ def cpu_isa(spec: str | None = None) -> str:
     ``auto``: ``avx2`` on an x86-64 CPU that has all its flags, else ``baseline``."""
     spec = (spec if spec is not None else os.environ.get("EFFDENSE_CPU_ISA", "auto")).strip().lower()
     if spec == "auto":
-        import platform
         if platform.machine().lower() in ("x86_64", "amd64") and set(CPU_ISAS["avx2"][1]) <= cpu_flags():
             return "avx2"
         return "baseline"
