@@ -8,7 +8,7 @@
 // channels contiguous) and anything else, channel-major [C, rows] for NCHW views (each channel's pixels a
 // contiguous run of its plane: no transposition; the GEMMs take such tiles transposed). That is what makes the
 // bottleneck 1x1 convolution cheap: a tile of relu(bn(x)) is a few hundred KiB, so it is multiplied with the
-// weight (one GEMM per tile, a sequential MKL call per thread: near the core's peak) while it is in the
+// weight (one GEMM per tile, sequential per thread: cpu_gemm.h's kernel or the BLAS) while it is in the
 // core's L2 cache, and neither relu(bn(x)) nor, in backward, the dgrad gz @ W ([P, c] each, the two largest
 // transients of a layer) is ever written to memory: the backward consumes each dgrad tile in the BN-ReLU
 // backward at once, adding scale * g into the gradient buffer. The batch-statistics part of that backward,
@@ -75,8 +75,8 @@ void batch_norm_relu_into_cpu(const at::Tensor& x, const at::Tensor& gamma, cons
 
 // out[p, :] = relu(x[p, :] * scale + shift) @ W^T per pixel (the bottleneck 1x1 convolution), optionally with
 // the per-channel batch statistics of out (what norm2 normalizes with) from the same tiles. The GEMM takes
-// W^T [c, B] row-major (MKL's NN kernel is the faster one here) and writes straight into out where out's rows
-// are pixel rows of out's own dtype.
+// W^T [c, B] row-major (the untransposed B of cpu_gemm.h's kernel; MKL's faster NN case where the BLAS does
+// it) and writes straight into out where out's rows are pixel rows of out's own dtype.
 template <typename T>
 void bn_relu_linear_impl(const at::Tensor& x, const BN<acc_t<T>>& bn, const at::Tensor& w, const at::Tensor& out,
                          const OptTensor& out_mean, const OptTensor& out_var) {

@@ -13,10 +13,12 @@
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <string>
 #include <utility>
 #include <vector>
 
 #include "common.h"
+#include "cpu_gemm.h"
 
 extern "C" {
 // The BLAS GEMMs PyTorch's CPU library exports (MKL in the x86 wheels). Weak: a PyTorch without them falls back
@@ -33,12 +35,28 @@ namespace cpu {
 
 // ------------------------------------------------------------------------------------------------- GEMM
 
+// Whether EFFDENSE_CPU_GEMM=blas sends every tile GEMM to the BLAS (to compare, or to rule the kernel out).
+inline bool blas_only() {
+  static const bool v = [] {
+    const char* e = std::getenv("EFFDENSE_CPU_GEMM");
+    return e != nullptr && std::string(e) == "blas";
+  }();
+  return v;
+}
+
 // Row-major C[m, n] = op(A)[m, k] op(B)[k, n] + beta * C, op(A) = A stored [m, k] (ld lda) or, with ta, A^T
-// of A stored [k, m]. BLAS is column-major, where a row-major matrix is its transpose: C^T = op(B)^T op(A)^T.
+// of A stored [k, m]. Untransposed B with beta 0 or 1 (every tile product of the channels-last paths) goes to
+// cpu_gemm.h's kernel where the build has AVX2/FMA; the rest to the BLAS, which is column-major, where a
+// row-major matrix is its transpose: C^T = op(B)^T op(A)^T.
 template <typename A>
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const A* a, int64_t lda, const A* b, int64_t ldb,
           A beta, A* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
+#if EFFDENSE_AVX2_GEMM
+  if (!tb && (beta == A(0) || beta == A(1)) && !blas_only())
+    return ta ? gemm_avx2<A>(m, n, k, a, 1, lda, b, ldb, beta == A(1), c, ldc)
+              : gemm_avx2<A>(m, n, k, a, lda, 1, b, ldb, beta == A(1), c, ldc);
+#endif
   const char opa = ta ? 'T' : 'N', opb = tb ? 'T' : 'N';
   const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
   const int la = static_cast<int>(std::max<int64_t>(ldb, 1)), lb = static_cast<int>(std::max<int64_t>(lda, 1)),

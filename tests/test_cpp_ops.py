@@ -311,6 +311,56 @@ def test_bn_relu_linear_backward(batch_stats, shape, layout, device, dtype, tol)
         assert rel(_deferred(out, coef, x, mu), ref_dx) < loose
 
 
+# Tile GEMM shapes (csrc/cpu_gemm.h's register tiles: 6 rows by 16 floats / 8 doubles, masked column tails,
+# row tails of 1-5): (pixels, in channels c, out channels B). Pixels 13 over 2 threads make tiles of 7 and 6 rows;
+# the channel counts put each GEMM side below, at, between and past one and two vector widths of both dtypes.
+GEMM_SHAPES = {"one-row": (1, 1, 1), "row-tail": (13, 3, 5), "vec-f64": (7, 4, 8), "vec-f32": (11, 8, 16),
+               "mask-f64": (9, 9, 9), "mask-f32": (12, 15, 17), "two-panels": (13, 17, 33), "wide": (6, 33, 48)}
+
+
+def _gemm_case(shape, dtype):
+    p, c, b = GEMM_SHAPES[shape]
+    x = make_x("channels_last", shape=(1, c, 1, p), dtype=dtype)
+    gamma, beta, mean, var = bn_vecs(c, "cpu", dtype)
+    w = (torch.randn(b, c, 1, 1, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 0.3).to(dtype)
+    scale, shift, mu, invstd = ref_affine(gamma, beta, mean, var)
+    return x, w, (gamma, beta, mean, var), bn.bn_relu(x, scale, shift, dtype).double(), (scale, shift, mu, invstd)
+
+
+@pytest.mark.parametrize("shape", list(GEMM_SHAPES))
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-13), (torch.float32, 1e-6)], ids=["f64", "f32"])
+def test_tile_gemm_shapes(shape, dtype, tol):
+    """Every register-tile case of the CPU tile GEMMs through the ops that use them: the forward
+    (z = u W^T, rows x B over c) and, in channels-last backward, dW += gz^T u (B x c over rows) and
+    gu = gz W (rows x c over B), each against float64 torch."""
+    x, w, params, u, affine = _gemm_case(shape, dtype)
+    n, c, h, w_ = x.shape
+    b = w.shape[0]
+    z = cl_empty((n, b, h, w_), "cpu", dtype)
+    ops.bn_relu_linear_into(x, *params, 1e-5, w, z, None, None)
+    assert rel(z, torch.nn.functional.conv2d(u, w.double())) < tol
+    gz = cl_empty((n, b, h, w_), "cpu", dtype).copy_(make_x("channels_last", (n, b, h, w_), dtype=dtype, seed=4))
+    gx = torch.zeros_like(x).contiguous(memory_format=torch.channels_last)
+    dw, _, _ = ops.bn_relu_linear_backward(x, gz, w, *params, 1e-5, False, gx, True)
+    assert rel(dw, torch.einsum("nbhw,nchw->bc", gz.double(), u).view(b, c, 1, 1)) < tol
+    gu = torch.nn.functional.conv_transpose2d(gz.double(), w.double())
+    ref_dx, _, _ = bn.bn_relu_backward(x.double(), gu, *(t.double() for t in affine), False)
+    assert rel(gx, ref_dx) < tol
+
+
+@pytest.mark.skipif(os.environ.get("EFFDENSE_CPU_GEMM") == "blas", reason="the BLAS run itself")
+def test_tile_gemm_shapes_through_the_blas():
+    """The same table with EFFDENSE_CPU_GEMM=blas (read once per process: a subprocess), so the BLAS route
+    (all a build without AVX2 has) stays tested on machines that have it."""
+    import subprocess
+    import sys
+    env = dict(os.environ, EFFDENSE_CPU_GEMM="blas")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        f"{__file__}::test_tile_gemm_shapes"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and "skipped" not in r.stdout.splitlines()[-1], r.stdout[-500:]
+
+
 @pytest.mark.parametrize("bs1,bs2", [(True, True), (False, True), (True, False)],
                          ids=["batch", "running1", "running2"])
 @pytest.mark.parametrize("shape", list(OP_SHAPES))
