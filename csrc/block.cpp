@@ -10,6 +10,8 @@
 //   backward  gather_grad -> [bn_relu_linear_into (recompute z)] -> batch_norm_relu_into (a) -> conv3x3 backward
 //             -> bottleneck_backward (BN2-ReLU backward, then conv1's wgrad and dgrad and the BN1-ReLU backward
 //             added into G)
+// On CPU, BN2-ReLU and the 3x3 convolution (forward, and its backward) are one op each instead
+// (bn_relu_conv3x3_into, bn_relu_conv3x3_backward: conv3x3_cpu.cpp), unless EFFDENSE_CPU_CONV=onednn.
 //
 // Storage, as in effdense/backends/torch_backend.py (the executable specification):
 //  * one feature buffer F [N, C0 + L*k, H, W] in the input's memory format; layer l reads the prefix
@@ -58,6 +60,12 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(const at::Tensor& gy, const at:
                                                {1, 1}, false, {0, 0}, 1, {true, true, false});
   if (gw.strides() != w.strides()) gw = at::empty_like(w).copy_(gw);
   return {gx, gw};
+}
+
+// Whether a bottleneck's 3x3 convolution runs on the CPU kernels that take z and BN2 (conv3x3_cpu.cpp: BN2-ReLU
+// fused into the convolution's input, a never stored) rather than on batch_norm_relu_into + ATen's.
+bool own_conv3x3(const at::Tensor& z, const at::Tensor& w) {
+  return z.is_cpu() && w.size(2) == 3 && w.size(3) == 3 && cpu_conv3x3_enabled();
 }
 
 bool fused_conv1x1_enabled() {
@@ -310,8 +318,13 @@ Tensors7 dense_block_forward(
       linear_forward(xin, g1[li], b1[li], st1, eps1[li], w1[li], z, bs2 ? OptTensor(mean2.select(0, i)) : OptTensor(),
                      bs2 ? OptTensor(var2.select(0, i)) : OptTensor());
       const auto st2 = bn_stats(bs2, mean2, var2, i, b.B, rm2.get(li), rv2.get(li));
-      call_batch_norm_relu_into(z, g2[li], b2[li], st2.first, st2.second, eps2[li], a);
-      y = conv(a, w2[li]);
+      if (own_conv3x3(z, w2[li])) {
+        y = at::empty({b.N, b.k, b.H, b.W}, opts, at::MemoryFormat::ChannelsLast);
+        call_bn_relu_conv3x3_into(z, g2[li], b2[li], st2.first, st2.second, eps2[li], w2[li], y);
+      } else {
+        call_batch_norm_relu_into(z, g2[li], b2[li], st2.first, st2.second, eps2[li], a);
+        y = conv(a, w2[li]);
+      }
     } else {
       const at::Tensor u = Scratch::cl_view(u_all, b.N, c, b.H, b.W);
       call_batch_norm_relu_into(xin, g1[li], b1[li], st1.first, st1.second, eps1[li], u);
@@ -402,8 +415,13 @@ dense_block_backward(const at::Tensor& grad_out, const at::Tensor& feat, const a
       if (keep) z = kept_bottleneck(kept, i);
       else linear_forward(x, g1[li], b1[li], st1, eps1[li], w1[li], z, std::nullopt, std::nullopt);  // recompute
       const auto st2 = bn_stats(bs2, mean2, var2, i, b.B, rm2.get(li), rv2.get(li));
-      call_batch_norm_relu_into(z, g2[li], b2[li], st2.first, st2.second, eps2[li], a);
-      auto [ga, gw2] = conv_backward(gy, a, w2[li]);
+      at::Tensor ga = a, gw2;  // grad_a into a's buffer on CPU (a itself is recomputed inside the op)
+      if (own_conv3x3(z, w2[li])) {
+        gw2 = call_bn_relu_conv3x3_backward(z, gy, g2[li], b2[li], st2.first, st2.second, eps2[li], w2[li], a);
+      } else {
+        call_batch_norm_relu_into(z, g2[li], b2[li], st2.first, st2.second, eps2[li], a);
+        std::tie(ga, gw2) = conv_backward(gy, a, w2[li]);
+      }
       std::tie(dw1[li], dg1[li], db1[li], dg2[li], db2[li]) =
           call_bottleneck_backward(x, z, ga, w1[li], g1[li], b1[li], st1.first, st1.second, eps1[li], b.bs1[li],
                                    g2[li], b2[li], st2.first, st2.second, eps2[li], bs2, gx, cf);

@@ -73,6 +73,9 @@ void check_stats_out(const OptTensor& mean, const OptTensor& var, int64_t n, con
 void check_out(const at::Tensor& out, at::IntArrayRef shape, const at::Tensor& x, bool acc_ok, const char* op,
                const char* name);
 void check_linear_weight(const at::Tensor& x, const at::Tensor& w, const char* op);
+// x a feature tensor, (gamma, beta, mean, var) a BN over its channels, w [k, C, 3, 3] of its dtype and device
+void check_bn_conv3x3_args(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
+                           const at::Tensor& mean, const at::Tensor& var, const at::Tensor& w, const char* op);
 void check_running_stats_args(at::TensorList running_mean, at::TensorList running_var, at::TensorList nbt,
                               const at::Tensor& mean, const at::Tensor& var, at::IntArrayRef rows,
                               at::ArrayRef<double> momentum);
@@ -85,6 +88,15 @@ void call_batch_norm_relu_into(const at::Tensor& x, const at::Tensor& gamma, con
 void call_bn_relu_linear_into(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
                               const at::Tensor& mean, const at::Tensor& var, double eps, const at::Tensor& w,
                               const at::Tensor& out, const OptTensor& out_mean, const OptTensor& out_var);
+void call_bn_relu_conv3x3_into(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
+                               const at::Tensor& mean, const at::Tensor& var, double eps, const at::Tensor& w,
+                               const at::Tensor& out);
+at::Tensor call_bn_relu_conv3x3_backward(const at::Tensor& x, const at::Tensor& gy, const at::Tensor& gamma,
+                                         const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& var,
+                                         double eps, const at::Tensor& w, const at::Tensor& ga);
+// Whether the CPU block driver runs its bottleneck 3x3 convolutions on conv3x3_cpu.cpp's kernels (the default
+// where the build has AVX2/FMA) rather than on ATen's (oneDNN; EFFDENSE_CPU_CONV=onednn).
+bool cpu_conv3x3_enabled();
 std::tuple<at::Tensor, at::Tensor> call_batch_norm_relu_backward_into(
     const at::Tensor& x, const at::Tensor& gy, const at::Tensor& gamma, const at::Tensor& beta,
     const at::Tensor& mean, const at::Tensor& var, double eps, bool batch_stats, const at::Tensor& gx,

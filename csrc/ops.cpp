@@ -156,13 +156,26 @@ void check_scale_shift_args(const at::Tensor& gamma, const at::Tensor& beta, con
                 t->scalar_type(), " on ", t->device());
 }
 
-void check_linear_weight(const at::Tensor& x, const at::Tensor& w, const char* op) {
-  TORCH_CHECK(w.defined() && w.dim() == 4 && w.size(1) == x.size(1) && w.size(2) == 1 && w.size(3) == 1 &&
+// w [B, C, ks, ks] for x [N, C, H, W] ("B" names the output channels in the message: B for the 1x1, k for the 3x3)
+void check_kernel_weight(const at::Tensor& x, const at::Tensor& w, int64_t ks, const char* out, const char* op) {
+  TORCH_CHECK(w.defined() && w.dim() == 4 && w.size(1) == x.size(1) && w.size(2) == ks && w.size(3) == ks &&
                   w.scalar_type() == x.scalar_type() && w.device() == x.device(),
-              "effdense::", op, ": expected weight of shape [B, ", x.size(1), ", 1, 1] with dtype ", x.scalar_type(),
-              " (that of x) on ", x.device(), ", got ", w.defined() ? shape_str(w) : std::string("undefined"),
+              "effdense::", op, ": expected weight of shape [", out, ", ", x.size(1), ", ", ks, ", ", ks,
+              "] with dtype ", x.scalar_type(), " (that of x) on ", x.device(), ", got ",
+              w.defined() ? shape_str(w) : std::string("undefined"),
               w.defined() ? std::string(" with dtype ") + c10::toString(w.scalar_type()) + " on " + w.device().str()
                           : std::string());
+}
+
+void check_linear_weight(const at::Tensor& x, const at::Tensor& w, const char* op) {
+  check_kernel_weight(x, w, 1, "B", op);
+}
+
+void check_bn_conv3x3_args(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
+                           const at::Tensor& mean, const at::Tensor& var, const at::Tensor& w, const char* op) {
+  check_feature(x, op);
+  check_bn_params(x, gamma, beta, mean, var, op);
+  check_kernel_weight(x, w, 3, "k", op);
 }
 
 // ------------------------------------------------------------------------------------------------ geometry
@@ -768,6 +781,16 @@ void call_bn_relu_linear_into(T_ x, T_ gamma, T_ beta, T_ mean, T_ var, double e
   op.call(x, gamma, beta, mean, var, eps, w, out, out_mean, out_var);
 }
 
+void call_bn_relu_conv3x3_into(T_ x, T_ gamma, T_ beta, T_ mean, T_ var, double eps, T_ w, T_ out) {
+  static auto op = handle<void(T_, T_, T_, T_, T_, double, T_, T_)>("effdense::bn_relu_conv3x3_into");
+  op.call(x, gamma, beta, mean, var, eps, w, out);
+}
+
+at::Tensor call_bn_relu_conv3x3_backward(T_ x, T_ gy, T_ gamma, T_ beta, T_ mean, T_ var, double eps, T_ w, T_ ga) {
+  static auto op = handle<at::Tensor(T_, T_, T_, T_, T_, T_, double, T_, T_)>("effdense::bn_relu_conv3x3_backward");
+  return op.call(x, gy, gamma, beta, mean, var, eps, w, ga);
+}
+
 std::tuple<at::Tensor, at::Tensor> call_batch_norm_relu_backward_into(T_ x, T_ gy, T_ gamma, T_ beta, T_ mean,
                                                                       T_ var, double eps, bool batch_stats, T_ gx,
                                                                       bool accumulate, O_ coef) {
@@ -826,6 +849,10 @@ TORCH_LIBRARY(effdense, m) {
         "Tensor(a!) out) -> ()");
   m.def("bn_relu_linear_into(Tensor x, Tensor gamma, Tensor beta, Tensor mean, Tensor var, float eps, "
         "Tensor weight, Tensor(a!) out, Tensor(b!)? out_mean, Tensor(c!)? out_var) -> ()");
+  m.def("bn_relu_conv3x3_into(Tensor x, Tensor gamma, Tensor beta, Tensor mean, Tensor var, float eps, "
+        "Tensor weight, Tensor(a!) out) -> ()");
+  m.def("bn_relu_conv3x3_backward(Tensor x, Tensor grad_y, Tensor gamma, Tensor beta, Tensor mean, Tensor var, "
+        "float eps, Tensor weight, Tensor(a!) grad_a) -> Tensor grad_weight");
   m.def("batch_norm_relu_backward_into(Tensor x, Tensor grad_y, Tensor gamma, Tensor beta, Tensor mean, "
         "Tensor var, float eps, bool batch_stats, Tensor(a!) grad_x, bool accumulate, Tensor(b!)? grad_coef=None) "
         "-> (Tensor grad_gamma, Tensor grad_beta)");
@@ -878,18 +905,23 @@ TORCH_LIBRARY_IMPL(effdense, CUDA, m) {  // device generic; the CUDA kernels are
 #endif
 
 // `import effdense._C` loads this library, whose static initializers register the ops above. No pybind11:
-// a bare module keeps the build fast. Its two functions report and release the CPU block driver's workspace.
+// a bare module keeps the build fast. Its functions report and release the CPU block driver's workspace and say
+// which 3x3 convolutions it runs.
 namespace {
 PyObject* py_workspace_bytes(PyObject*, PyObject*) { return PyLong_FromLongLong(effdense::workspace_bytes()); }
 PyObject* py_release_workspace(PyObject*, PyObject*) {
   effdense::release_workspace();
   Py_RETURN_NONE;
 }
+PyObject* py_cpu_conv3x3(PyObject*, PyObject*) { return PyBool_FromLong(effdense::cpu_conv3x3_enabled()); }
 PyMethodDef methods[] = {
     {"workspace_bytes", py_workspace_bytes, METH_NOARGS,
      "Bytes of CPU scratch memory the cpp backend's block driver holds for reuse across layers and steps."},
     {"release_workspace", py_release_workspace, METH_NOARGS,
      "Free that scratch memory (the next block call allocates it again)."},
+    {"cpu_conv3x3", py_cpu_conv3x3, METH_NOARGS,
+     "Whether the CPU block driver runs bottleneck 3x3 convolutions on effdense's own kernels (AVX2 build, "
+     "EFFDENSE_CPU_CONV unset) rather than on ATen's."},
     {nullptr, nullptr, 0, nullptr}};
 }  // namespace
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import effdense
-from effdense import _ext
+from effdense import _build, _ext
 from effdense.backends import BACKENDS, unavailable_reason
 from test_equivalence import CONFIGS as EQUIV_CONFIGS
 from utils import make_block as _make_block
@@ -86,6 +88,20 @@ def test_cpp_block_fused_conv1x1_path(monkeypatch):
     ref = run_steps(block, "torch", x, steps=2)
     monkeypatch.setenv("EFFDENSE_FUSED_CONV1X1", "1")
     assert_runs_close(run_steps(block, "cpp", x, steps=2), ref, RTOL64)
+
+
+@pytest.mark.skipif(os.environ.get("EFFDENSE_CPU_CONV") == "onednn", reason="the oneDNN run itself")
+def test_cpp_block_onednn_conv3x3_path():
+    """EFFDENSE_CPU_CONV=onednn (read once per process: a subprocess) puts the CPU bottleneck 3x3 convolutions
+    back on batch_norm_relu_into + ATen's (the path CUDA takes): the float64 matrix and the tiled runs hold."""
+    env = dict(os.environ, EFFDENSE_CPU_CONV="onednn")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        f"{__file__}::test_cpp_block_matches_naive_and_torch_float64",
+                        f"{__file__}::test_cpp_block_many_tiles_two_threads_float64",
+                        f"{__file__}::test_cpp_block_conv3x3_ops_once_per_layer_and_direction"], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout, r.stdout[-500:]
 
 
 @pytest.mark.parametrize("bottleneck", [True, False], ids=["bc", "plain"])
@@ -359,6 +375,26 @@ def test_cuda_cpp_block_matches_torch(label, dtype, tol, fused, monkeypatch):
 def _one_step_ops(block, x):
     from effdense.launches import count_launches
     return count_launches(lambda: block(x).square().sum().backward()).ops
+
+
+def test_cpp_block_conv3x3_ops_once_per_layer_and_direction():
+    """On CPU (AVX2 build, EFFDENSE_CPU_CONV unset) a bottleneck layer's BN2-ReLU and 3x3 convolution are one
+    bn_relu_conv3x3_into a step and one bn_relu_conv3x3_backward (no batch_norm_relu_into, no ATen
+    convolution); otherwise batch_norm_relu_into and ATen's convolution (run again under onednn)."""
+    kwargs, shape, options = CONFIGS["bc-5x3-channels_last"]
+    block, x = make_block(kwargs, options, dtype=torch.float32), make_input(shape, options, dtype=torch.float32)
+    block.backend = "cpp"
+    ops = _one_step_ops(block, x)
+    L = kwargs["num_layers"]
+    own = _ext.C.cpu_conv3x3()
+    manifest = _build.read_manifest(_ext.C.__file__) or {}
+    if "cpu_isa" in manifest:  # an AVX2 build runs its own, unless told not to
+        assert own == (manifest["cpu_isa"] == "avx2" and os.environ.get("EFFDENSE_CPU_CONV") != "onednn")
+    fused = (ops.get("effdense::bn_relu_conv3x3_into", 0), ops.get("effdense::bn_relu_conv3x3_backward", 0))
+    assert fused == ((L, L) if own else (0, 0)), ops
+    assert ops.get("effdense::batch_norm_relu_into", 0) == (0 if own else 2 * L), ops
+    convs = sum(n for name, n in ops.items() if "convolution" in name)  # oneDNN's, under its ATen name
+    assert (convs == 0) if own else (convs >= L), ops
 
 
 def test_cpp_kept_bottlenecks_replace_the_backward_recompute_and_only_with_a_backward():

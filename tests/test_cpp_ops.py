@@ -350,15 +350,50 @@ def test_tile_gemm_shapes(shape, dtype, tol):
 
 @pytest.mark.skipif(os.environ.get("EFFDENSE_CPU_GEMM") == "blas", reason="the BLAS run itself")
 def test_tile_gemm_shapes_through_the_blas():
-    """The same table with EFFDENSE_CPU_GEMM=blas (read once per process: a subprocess), so the BLAS route
-    (all a build without AVX2 has) stays tested on machines that have it."""
+    """The same table, and the 3x3 convolution's, with EFFDENSE_CPU_GEMM=blas (read once per process: a
+    subprocess), so the BLAS route (all a build without AVX2 has) stays tested on machines that have it."""
     import subprocess
     import sys
     env = dict(os.environ, EFFDENSE_CPU_GEMM="blas")
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        f"{__file__}::test_tile_gemm_shapes"], env=env, capture_output=True, text=True, timeout=600)
+                        f"{__file__}::test_tile_gemm_shapes", f"{__file__}::test_bn_relu_conv3x3"], env=env,
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and "skipped" not in r.stdout.splitlines()[-1], r.stdout[-500:]
+
+
+# Bottleneck 3x3 convolution shapes (csrc/conv3x3_cpu.cpp): (N, C, H, W, k). A tile is 16384 // (W * 9k) image
+# rows, so "row-tiles" (4 rows) and "wide-k" (3 rows) end on a partial tile; "one-pixel" has no tap inside the
+# image but the centre; N = 3 splits 2 + 1 over two threads (grad_w's partial sums merged).
+CONV3X3_SHAPES = {"one-pixel": (2, 5, 1, 1, 3), "small": (3, 7, 5, 4, 5), "row-tiles": (2, 20, 11, 33, 12),
+                  "wide-k": (1, 9, 7, 16, 32), "bc-layer": (3, 48, 8, 8, 12)}
+CPU_CASES = [c for c in CASES if c.values[0] == "cpu"]
+
+
+@pytest.mark.parametrize("shape", list(CONV3X3_SHAPES))
+@pytest.mark.parametrize("layout", ["channels_last", "prefix_cl", "prefix_nchw", "permuted"])
+@pytest.mark.parametrize("device,dtype,tol", CPU_CASES)
+def test_bn_relu_conv3x3(shape, layout, device, dtype, tol):
+    """y = conv3x3(relu(bn(x))) and its backward (grad_a, grad_w), against float64 torch, for outputs and
+    weights of either layout."""
+    n, c, h, w_, k = CONV3X3_SHAPES[shape]
+    x = make_x(layout, shape=(n, c, h, w_), dtype=dtype)
+    params = bn_vecs(c, device, dtype)
+    scale, shift, _, _ = ref_affine(*params)
+    a = bn.bn_relu(x, scale, shift, dtype).double()
+    w = (torch.randn(k, c, 3, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 0.2).to(dtype)
+    gy = make_x("channels_last", shape=(n, k, h, w_), dtype=dtype, seed=4)
+    ref = torch.nn.functional.conv2d(a, w.double(), padding=1)
+    ref_ga, ref_gw, _ = torch.ops.aten.convolution_backward(gy.double(), a, w.double(), None, [1, 1], [1, 1],
+                                                            [1, 1], False, [0, 0], 1, [True, True, False])
+    for wt, y, ga in ((w, cl_empty(ref.shape, device, dtype), cl_empty(x.shape, device, dtype)),
+                      (w.contiguous(memory_format=torch.channels_last), torch.empty(ref.shape, dtype=dtype),
+                       torch.empty(x.shape, dtype=dtype))):
+        ops.bn_relu_conv3x3_into(x, *params, 1e-5, wt, y)
+        assert rel(y, ref) < tol
+        gw = ops.bn_relu_conv3x3_backward(x, gy.contiguous() if y.is_contiguous() else gy, *params, 1e-5, wt, ga)
+        assert gw.dtype == dtype and gw.stride() == wt.stride()
+        assert rel(ga, ref_ga) < tol and rel(gw, ref_gw) < tol
 
 
 @pytest.mark.parametrize("bs1,bs2", [(True, True), (False, True), (True, False)],
@@ -519,6 +554,7 @@ def _driver_op_samples():
     gamma, beta, mean, var = bn_vecs(4, "cpu", torch.float64)
     w = torch.randn(5, 4, 1, 1, dtype=torch.float64)
     z = cl_empty((2, 5, 3, 3), "cpu", torch.float64)
+    w3 = torch.randn(5, 4, 3, 3, dtype=torch.float64)
     gz = make_x("channels_last", shape=(2, 5, 3, 3), seed=4)
     gy = make_x("channels_last", shape=(2, 4, 3, 3), seed=4)
     vec = lambda n: torch.empty(n, dtype=torch.float64)  # noqa: E731
@@ -533,6 +569,9 @@ def _driver_op_samples():
         ("batch_norm_relu_into", (x_cl, gamma, beta, mean, var, 1e-5, cl_empty(x_cl.shape, "cpu", torch.float64))),
         ("bn_relu_linear_into", (x_cl, gamma, beta, mean, var, 1e-5, w, z, vec(5), vec(5))),
         ("bn_relu_linear_into", (x_nchw, gamma, beta, mean, var, 1e-5, w, z, None, None)),
+        ("bn_relu_conv3x3_into", (x_cl, gamma, beta, mean, var, 1e-5, w3, z.clone())),
+        ("bn_relu_conv3x3_backward", (x_nchw, gz, gamma, beta, mean, var, 1e-5, w3,
+                                      torch.empty(x_nchw.shape, dtype=torch.float64))),
         ("batch_norm_relu_backward_into", (x_cl, gy, gamma, beta, mean, var, 1e-5, True,
                                            torch.zeros(x_cl.shape, dtype=torch.float64), True, coef)),
         ("batch_norm_relu_backward_into", (x_nchw, gy, gamma, beta, mean, var, 1e-5, False,
@@ -616,6 +655,14 @@ def test_bad_inputs_name_the_expectation():
         ops.bn_relu_backward(x, x.float(), s, t, s, s, True)
     with pytest.raises(RuntimeError, match=r"expected weight of shape \[B, 8, 1, 1\]"):
         ops.bn_relu_conv1x1(x, s, t, torch.zeros(4, 8, 3, 3, dtype=torch.float64))
+    gamma, beta, mean, var = bn_vecs(8, "cpu", torch.float64)
+    with pytest.raises(RuntimeError, match=r"bn_relu_conv3x3_into: expected weight of shape \[k, 8, 3, 3\] with "
+                                           r"dtype Double \(that of x\) on cpu, got \[4, 8, 1, 1\]"):
+        ops.bn_relu_conv3x3_into(x, gamma, beta, mean, var, 1e-5, torch.zeros(4, 8, 1, 1, dtype=torch.float64),
+                                 torch.empty(3, 4, 5, 6, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"bn_relu_conv3x3_backward: expected grad_a of shape \[3, 8, 5, 6\]"):
+        ops.bn_relu_conv3x3_backward(x, torch.zeros(3, 4, 5, 6, dtype=torch.float64), gamma, beta, mean, var, 1e-5,
+                                     torch.zeros(4, 8, 3, 3, dtype=torch.float64), torch.empty(3, 8, 5, 5))
     args = _block_args()
     args[1] = [args[1][0], args[1][1][:, :1]]
     with pytest.raises(RuntimeError, match=r"expected w1\[1\] of shape \[4, 5, 1, 1\] with dtype Double"):

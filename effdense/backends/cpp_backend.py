@@ -2,8 +2,9 @@
 
 One operator call runs the whole block forward (``torch.ops.effdense.dense_block_forward``) and one the whole
 backward (``dense_block_backward``): per layer a fixed handful of effdense ops (BN-ReLU and the bottleneck
-1x1 convolution as tiled GEMMs on CPU, csrc/block_cpu.cpp; the CUDA kernels on GPU) and ATen's 3x3
-convolutions (oneDNN on CPU, cuDNN on GPU), no host synchronization. The algorithm and storage are those of
+1x1 convolution as tiled GEMMs on CPU, csrc/block_cpu.cpp; the CUDA kernels on GPU) and 3x3 convolutions
+(on CPU with AVX2 effdense's own with BN2-ReLU fused in, csrc/conv3x3_cpu.cpp; else ATen's: oneDNN, cuDNN),
+no host synchronization. The algorithm and storage are those of
 :mod:`effdense.backends.torch_backend`, its executable specification. Running statistics are updated once per
 forward by one ``effdense::update_running_stats`` call per BN kind.
 
@@ -64,6 +65,10 @@ def _fake_bn_relu_backward_into(x, grad_y, scale, shift, mean, invstd, batch_sta
 
 def _fake_bn_relu_conv1x1(x, scale, shift, weight):
     return _empty_fmt((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]), x, fmt=x)
+
+
+def _fake_bn_relu_conv3x3_backward(x, grad_y, gamma, beta, mean, var, eps, weight, grad_a):
+    return torch.empty_like(weight)
 
 
 def _fake_update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, rows, momentum, count):
@@ -248,7 +253,8 @@ def _register() -> None:
                      ("bn_relu_conv1x1", _fake_bn_relu_conv1x1),
                      ("update_running_stats", _fake_update_running_stats),
                      ("bn_scale_shift", _fake_bn_scale_shift), ("batch_norm_relu_into", _fake_into),
-                     ("bn_relu_linear_into", _fake_into),
+                     ("bn_relu_linear_into", _fake_into), ("bn_relu_conv3x3_into", _fake_into),
+                     ("bn_relu_conv3x3_backward", _fake_bn_relu_conv3x3_backward),
                      ("batch_norm_relu_backward_into", _fake_batch_norm_relu_backward_into),
                      ("bn_relu_linear_backward", _fake_bn_relu_linear_backward),
                      ("bottleneck_backward", _fake_bottleneck_backward),
@@ -388,5 +394,5 @@ def unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
 
 
 BACKEND = Backend(NAME, "shared feature buffer, shared statistics, recomputation; whole block in C++ "
-                  "(effdense._C: tiled BN-ReLU-GEMM CPU kernels, CUDA BN kernels, ATen 3x3 convolutions)", True,
+                  "(effdense._C: tiled BN-ReLU-GEMM and 3x3 CPU kernels, CUDA BN kernels, cuDNN 3x3 convolutions)", True,
                   block_forward, unavailable, transition=transition_forward, options=("keep_bottleneck",))
