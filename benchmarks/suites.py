@@ -386,6 +386,51 @@ def _conv1x1_rows(cfg: dict, device: torch.device) -> list[dict]:
     return rows
 
 
+def _conv3x3_impls(z, gamma, beta, mean, var, w, gy) -> dict[str, tuple[Callable, Callable]]:
+    """``impl -> (forward, backward)`` of a bottleneck's BN2-ReLU-Conv3x3 on z: PyTorch's (BN-ReLU, then ATen's
+    convolution and its backward, as the naive model and the cpp backend's fallback run them) and, on CPU, the
+    cpp backend's fused ops (csrc/conv3x3_cpu.cpp)."""
+    from effdense import backends as B
+    aten = torch.ops.aten
+    scale = gamma * torch.rsqrt(var + 1e-5)
+    shift = beta - mean * scale
+
+    def act():
+        return torch.relu(z * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
+
+    impls = {"unfused-torch": (lambda: torch.nn.functional.conv2d(act(), w, padding=1),
+                               lambda: aten.convolution_backward(gy, act(), w, None, [1, 1], [1, 1], [1, 1], False,
+                                                                 [0, 0], 1, [True, True, False]))}
+    why = B.unavailable_reason("cpp", z.device, z.dtype) or (None if z.device.type == "cpu" else "a CPU op")
+    if why is None:
+        ops, out, ga = torch.ops.effdense, torch.empty_like(gy), torch.empty_like(z)
+        impls["cpp-fused"] = (lambda: ops.bn_relu_conv3x3_into(z, gamma, beta, mean, var, 1e-5, w, out),
+                              lambda: ops.bn_relu_conv3x3_backward(z, gy, gamma, beta, mean, var, 1e-5, w, ga))
+    return impls
+
+
+def _conv3x3_rows(cfg: dict, device: torch.device) -> list[dict]:
+    """BN2-ReLU-Conv3x3 of a bottleneck (channels-last [batch, c_in, hw, hw] -> k channels), forward and
+    backward (grad input and grad weight), per implementation; TFLOP/s counts the convolution's FLOPs."""
+    rows = []
+    dt = DTYPES[cfg["dtype"]]
+    n = cfg["batch"]
+    for c, k, hw in cfg["conv3x3_shapes"]:
+        cl = torch.channels_last
+        z = torch.randn(n, c, hw, hw, device=device, dtype=dt).contiguous(memory_format=cl)
+        gy = torch.randn(n, k, hw, hw, device=device, dtype=dt).contiguous(memory_format=cl)
+        w = torch.randn(k, c, 3, 3, device=device, dtype=dt).contiguous(memory_format=cl)
+        gamma, beta, mean = (torch.randn(c, device=device) for _ in range(3))
+        var = torch.rand(c, device=device) + 0.5
+        flops = 2 * n * hw * hw * c * k * 9
+        for impl, fns in _conv3x3_impls(z, gamma, beta, mean, var, w, gy).items():
+            for name, fn, mult in (("forward", fns[0], 1), ("backward", fns[1], 2)):
+                row = dict(kind="conv3x3", name=name, impl=impl, c_in=c, c_out=k, batch=n, hw=hw, dtype=cfg["dtype"])
+                ms = median_ms(fn, device, 2, cfg["reps"])
+                rows.append(dict(row, ms=ms, tflops=mult * flops / ms / 1e9, status="ok"))
+    return rows
+
+
 def _roofline_rows(cfg: dict, device: torch.device, backends: list[str], mm: dict, copy: dict,
                    quick: bool) -> list[dict]:
     """Per model and backend: the measured step time over the floor of :mod:`benchmarks.floors` (FLOPs over
@@ -437,10 +482,12 @@ def _kernel_profile(cfg: dict, device: torch.device, backends: list[str]) -> lis
 def kernels(device: torch.device, quick: bool, backends: list[str], overrides: dict | None = None,
             rows: list | None = None) -> tuple[dict, list[dict]]:
     """Ceilings (copy bandwidth, matmul rate), BN-ReLU-Conv1x1 on a feature-buffer prefix (unfused PyTorch, the
-    conv alone, the fused kernels, each with its achieved bandwidth), per model the measured step time over the
+    conv alone, the fused kernels, each with its achieved bandwidth), BN2-ReLU-Conv3x3 forward and backward on a
+    bottleneck (PyTorch's and the cpp backend's CPU ops), per model the measured step time over the
     roofline floor, and on CUDA a per-kernel device-time profile of a BC-100 step."""
     cfg = dict(batch=2 if quick else 64, shapes=[[24 + 12 * l_, 48] for l_ in ((0, 15) if quick else
                                                                           (0, 15, 31, 47))], hw=32,
+               conv3x3_shapes=[[48, 12, 8]] if quick else [[48, 12, hw_] for hw_ in (32, 16, 8)],
                dtype="fp32" if quick or device.type != "cuda" else "bf16", reps=5 if quick else 50,
                models=[["bc", 16, 12]] if quick else [["bc", 100, 12], ["densenet121", None, 32]],
                profile=device.type == "cuda", profile_top=12, copy_elems=(1 << 22) if quick else (1 << 28),
@@ -451,6 +498,7 @@ def kernels(device: torch.device, quick: bool, backends: list[str], overrides: d
     copy = next(r for r in rows if r.get("name") == "copy")
     mm = next(r for r in rows if r.get("name") == "matmul-fp32")       # the roofline steps below run in fp32
     rows.extend(_conv1x1_rows(cfg, device))
+    rows.extend(_conv3x3_rows(cfg, device))
     rows.extend(_roofline_rows(cfg, device, backends, mm, copy, quick))
     if cfg["profile"] and device.type == "cuda":
         rows.extend(_kernel_profile(cfg, device, backends))

@@ -59,6 +59,11 @@ def test_kernels_suite_reports_ceilings_and_roofline(quick_results):
     roof = [r for r in rows if r["kind"] == "roofline"]
     assert {r["backend"] for r in roof} == set(BACKENDS)
     assert all(r["over_floor"] > 0 and r["step_flops"] > 0 for r in roof)
+    from effdense import _ext
+    conv = [r for r in rows if r["kind"] == "conv3x3"]
+    impls = {"unfused-torch", "cpp-fused"} if _ext.available() else {"unfused-torch"}
+    assert {(r["impl"], r["name"]) for r in conv} == {(i, d) for i in impls for d in ("forward", "backward")}
+    assert all(r["status"] == "ok" and r["ms"] > 0 and r["tflops"] > 0 for r in conv), conv
 
 
 def test_cuda_only_suites_say_why_on_cpu(quick_results):
