@@ -336,7 +336,13 @@ def _triton_conv1x1_factory(x, scale, shift, w):
 
 
 def _cpp_conv1x1_factory(x, scale, shift, w):
-    return lambda: torch.ops.effdense.bn_relu_conv1x1(x, scale, shift, w)
+    """The block driver's bottleneck op (csrc/block.cpp linear_forward): BN-ReLU-GEMM into a channels-last z with
+    z's statistics, BN given as (gamma ``scale``, beta ``shift``, mean 0, var 1, eps 0)."""
+    n, _, h, wd = x.shape
+    z = torch.empty(n, w.shape[0], h, wd, device=x.device, dtype=x.dtype).contiguous(memory_format=torch.channels_last)
+    zero, one = torch.zeros_like(scale), torch.ones_like(scale)
+    mean, var = (torch.empty(w.shape[0], device=x.device, dtype=scale.dtype) for _ in range(2))
+    return lambda: torch.ops.effdense.bn_relu_linear_into(x, scale, shift, zero, one, 0.0, w, z, mean, var)
 
 
 #: fused BN-ReLU-Conv1x1 implementations to compare against the unfused sequence: ``name -> (availability(device)
