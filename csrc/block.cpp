@@ -11,7 +11,8 @@
 //             -> bottleneck_backward (BN2-ReLU backward, then conv1's wgrad and dgrad and the BN1-ReLU backward
 //             added into G)
 // On CPU, BN2-ReLU and the 3x3 convolution (forward, and its backward) are one op each instead
-// (bn_relu_conv3x3_into, bn_relu_conv3x3_backward: conv3x3_cpu.cpp), unless EFFDENSE_CPU_CONV=onednn.
+// (bn_relu_conv3x3_into, bn_relu_conv3x3_backward: conv3x3_cpu.cpp), unless EFFDENSE_CPU_CONV=onednn; without
+// dropout the forward op also stores into F and takes the new channels' statistics (no store_channels).
 //
 // Storage, as in effdense/backends/torch_backend.py (the executable specification):
 //  * one feature buffer F [N, C0 + L*k, H, W] in the input's memory format; layer l reads the prefix
@@ -311,6 +312,9 @@ Tensors7 dense_block_forward(
     const int64_t c = b.width(i);
     const at::Tensor xin = feat.narrow(1, 0, c);
     const auto st1 = bn_stats(b.bs1[li], mean, var, -1, c, rm1.get(li), rv1.get(li));
+    const double p = drop[li];
+    const at::Tensor fresh = feat.narrow(1, c, b.k);
+    auto [m, v] = stats_of(c, b.k);
     at::Tensor y;
     if (b.bottleneck) {
       const bool bs2 = b.bs2[li];
@@ -318,9 +322,14 @@ Tensors7 dense_block_forward(
       linear_forward(xin, g1[li], b1[li], st1, eps1[li], w1[li], z, bs2 ? OptTensor(mean2.select(0, i)) : OptTensor(),
                      bs2 ? OptTensor(var2.select(0, i)) : OptTensor());
       const auto st2 = bn_stats(bs2, mean2, var2, i, b.B, rm2.get(li), rv2.get(li));
+      if (own_conv3x3(z, w2[li]) && p == 0) {  // no dropout: straight into F, with the new channels' statistics
+        call_bn_relu_conv3x3_into(z, g2[li], b2[li], st2.first, st2.second, eps2[li], w2[li], fresh, m, v);
+        continue;
+      }
       if (own_conv3x3(z, w2[li])) {
         y = at::empty({b.N, b.k, b.H, b.W}, opts, at::MemoryFormat::ChannelsLast);
-        call_bn_relu_conv3x3_into(z, g2[li], b2[li], st2.first, st2.second, eps2[li], w2[li], y);
+        call_bn_relu_conv3x3_into(z, g2[li], b2[li], st2.first, st2.second, eps2[li], w2[li], y, std::nullopt,
+                                  std::nullopt);
       } else {
         call_batch_norm_relu_into(z, g2[li], b2[li], st2.first, st2.second, eps2[li], a);
         y = conv(a, w2[li]);
@@ -330,13 +339,10 @@ Tensors7 dense_block_forward(
       call_batch_norm_relu_into(xin, g1[li], b1[li], st1.first, st1.second, eps1[li], u);
       y = conv(u, w1[li]);
     }
-    const double p = drop[li];
     // the draw F.dropout makes on a tensor shaped and laid out as naive's conv output (empty_like + bernoulli_)
     const OptTensor noise = p > 0 ? OptTensor(at::empty({b.N, b.k, b.H, b.W}, opts, b.mf).bernoulli_(1.0 - p))
                                   : OptTensor();
-    auto [m, v] = stats_of(c, b.k);
-    call_store_channels(y, noise, p, feat.narrow(1, c, b.k), p > 0 ? OptTensor(mask.narrow(1, i * b.k, b.k))
-                                                                   : OptTensor(), m, v);
+    call_store_channels(y, noise, p, fresh, p > 0 ? OptTensor(mask.narrow(1, i * b.k, b.k)) : OptTensor(), m, v);
   }
   return {feat, mean, var, mean2, var2, mask, kept};
 }

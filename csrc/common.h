@@ -90,7 +90,7 @@ void call_bn_relu_linear_into(const at::Tensor& x, const at::Tensor& gamma, cons
                               const at::Tensor& out, const OptTensor& out_mean, const OptTensor& out_var);
 void call_bn_relu_conv3x3_into(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
                                const at::Tensor& mean, const at::Tensor& var, double eps, const at::Tensor& w,
-                               const at::Tensor& out);
+                               const at::Tensor& out, const OptTensor& out_mean, const OptTensor& out_var);
 at::Tensor call_bn_relu_conv3x3_backward(const at::Tensor& x, const at::Tensor& gy, const at::Tensor& gamma,
                                          const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& var,
                                          double eps, const at::Tensor& w, const at::Tensor& ga);

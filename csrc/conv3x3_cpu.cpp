@@ -109,12 +109,15 @@ void im2col(const A* g, A* G, int64_t h0, int64_t r, int64_t H, int64_t W, int64
     }
 }
 
+// With out_mean/out_var, also the per-channel batch statistics of out (each image one TileMoments tile).
 template <typename T>
-void bn_relu_conv3x3_impl(const at::Tensor& x, const BN<acc_t<T>>& bn, const at::Tensor& w, const at::Tensor& out) {
+void bn_relu_conv3x3_impl(const at::Tensor& x, const BN<acc_t<T>>& bn, const at::Tensor& w, const at::Tensor& out,
+                          const OptTensor& out_mean, const OptTensor& out_var) {
   using A = acc_t<T>;
   const View vx(x), vo(out);
   const int64_t C = vx.C, H = vx.H, W = vx.W, HW = H * W, k = w.size(0), K9 = kTaps * k, R = conv_rows(H, W, k);
   const std::vector<A> wf = tap_weights<A>(w, false);
+  TileMoments mom(k, HW, vx.N * HW, out_mean.has_value());
   const T* px = x.const_data_ptr<T>();
   T* po = out.data_ptr<T>();
   const A *s = bn.scale.data(), *t = bn.shift.data();
@@ -131,9 +134,13 @@ void bn_relu_conv3x3_impl(const at::Tensor& x, const BN<acc_t<T>>& bn, const at:
         gemm<A>(false, false, r * W, K9, C, u, C, wf.data(), K9, A(0), tt, K9);
         add_taps(tt, y, h0, r, H, W, k);
       }
+      if constexpr (!std::is_same_v<T, A>)
+        for (int64_t i = 0; i < HW * k; ++i) y[i] = round_to<T>(y[i]);  // the statistics of the stored values
+      if (out_mean) mom.add(n, y, HW, k);
       scatter<false>(vo, po, n * HW, (n + 1) * HW, y, k);
     }
   });
+  if (out_mean) mom.finish<A>(*out_mean, *out_var);
 }
 
 template <typename T>
@@ -185,12 +192,14 @@ at::Tensor bn_relu_conv3x3_backward_impl(const at::Tensor& x, const at::Tensor& 
 
 void bn_relu_conv3x3_into_cpu(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
                               const at::Tensor& mean, const at::Tensor& var, double eps, const at::Tensor& w,
-                              const at::Tensor& out) {
+                              const at::Tensor& out, const OptTensor& out_mean, const OptTensor& out_var) {
   const char* op = "bn_relu_conv3x3_into";
   check_bn_conv3x3_args(x, gamma, beta, mean, var, w, op);
   check_out(out, {x.size(0), w.size(0), x.size(2), x.size(3)}, x, false, op, "out");
+  check_stats_out(out_mean, out_var, w.size(0), x, op);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "effdense_bn_relu_conv3x3", [&] {
-    bn_relu_conv3x3_impl<scalar_t>(x, bn_params<acc_t<scalar_t>>(gamma, beta, mean, var, eps), w, out);
+    bn_relu_conv3x3_impl<scalar_t>(x, bn_params<acc_t<scalar_t>>(gamma, beta, mean, var, eps), w, out, out_mean,
+                                   out_var);
   });
 }
 

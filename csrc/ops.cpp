@@ -781,9 +781,10 @@ void call_bn_relu_linear_into(T_ x, T_ gamma, T_ beta, T_ mean, T_ var, double e
   op.call(x, gamma, beta, mean, var, eps, w, out, out_mean, out_var);
 }
 
-void call_bn_relu_conv3x3_into(T_ x, T_ gamma, T_ beta, T_ mean, T_ var, double eps, T_ w, T_ out) {
-  static auto op = handle<void(T_, T_, T_, T_, T_, double, T_, T_)>("effdense::bn_relu_conv3x3_into");
-  op.call(x, gamma, beta, mean, var, eps, w, out);
+void call_bn_relu_conv3x3_into(T_ x, T_ gamma, T_ beta, T_ mean, T_ var, double eps, T_ w, T_ out, O_ out_mean,
+                               O_ out_var) {
+  static auto op = handle<void(T_, T_, T_, T_, T_, double, T_, T_, O_, O_)>("effdense::bn_relu_conv3x3_into");
+  op.call(x, gamma, beta, mean, var, eps, w, out, out_mean, out_var);
 }
 
 at::Tensor call_bn_relu_conv3x3_backward(T_ x, T_ gy, T_ gamma, T_ beta, T_ mean, T_ var, double eps, T_ w, T_ ga) {
@@ -850,7 +851,7 @@ TORCH_LIBRARY(effdense, m) {
   m.def("bn_relu_linear_into(Tensor x, Tensor gamma, Tensor beta, Tensor mean, Tensor var, float eps, "
         "Tensor weight, Tensor(a!) out, Tensor(b!)? out_mean, Tensor(c!)? out_var) -> ()");
   m.def("bn_relu_conv3x3_into(Tensor x, Tensor gamma, Tensor beta, Tensor mean, Tensor var, float eps, "
-        "Tensor weight, Tensor(a!) out) -> ()");
+        "Tensor weight, Tensor(a!) out, Tensor(b!)? out_mean=None, Tensor(c!)? out_var=None) -> ()");
   m.def("bn_relu_conv3x3_backward(Tensor x, Tensor grad_y, Tensor gamma, Tensor beta, Tensor mean, Tensor var, "
         "float eps, Tensor weight, Tensor(a!) grad_a) -> Tensor grad_weight");
   m.def("batch_norm_relu_backward_into(Tensor x, Tensor grad_y, Tensor gamma, Tensor beta, Tensor mean, "

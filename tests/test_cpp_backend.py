@@ -379,8 +379,8 @@ def _one_step_ops(block, x):
 
 def test_cpp_block_conv3x3_ops_once_per_layer_and_direction():
     """On CPU (AVX2 build, EFFDENSE_CPU_CONV unset) a bottleneck layer's BN2-ReLU and 3x3 convolution are one
-    bn_relu_conv3x3_into a step and one bn_relu_conv3x3_backward (no batch_norm_relu_into, no ATen
-    convolution); otherwise batch_norm_relu_into and ATen's convolution (run again under onednn)."""
+    bn_relu_conv3x3_into a step (storing into F) and one bn_relu_conv3x3_backward (no batch_norm_relu_into,
+    no ATen convolution, no store_channels); otherwise those (run again under onednn)."""
     kwargs, shape, options = CONFIGS["bc-5x3-channels_last"]
     block, x = make_block(kwargs, options, dtype=torch.float32), make_input(shape, options, dtype=torch.float32)
     block.backend = "cpp"
@@ -393,6 +393,8 @@ def test_cpp_block_conv3x3_ops_once_per_layer_and_direction():
     fused = (ops.get("effdense::bn_relu_conv3x3_into", 0), ops.get("effdense::bn_relu_conv3x3_backward", 0))
     assert fused == ((L, L) if own else (0, 0)), ops
     assert ops.get("effdense::batch_norm_relu_into", 0) == (0 if own else 2 * L), ops
+    # without dropout the forward op stores into F itself: store_channels only for the block input
+    assert ops.get("effdense::store_channels", 0) == (1 if own else 1 + L), ops
     convs = sum(n for name, n in ops.items() if "convolution" in name)  # oneDNN's, under its ATen name
     assert (convs == 0) if own else (convs >= L), ops
 

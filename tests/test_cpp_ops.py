@@ -391,6 +391,10 @@ def test_bn_relu_conv3x3(shape, layout, device, dtype, tol):
                        torch.empty(x.shape, dtype=dtype))):
         ops.bn_relu_conv3x3_into(x, *params, 1e-5, wt, y)
         assert rel(y, ref) < tol
+        m, v = torch.empty(k, dtype=bn.acc_dtype(dtype)), torch.empty(k, dtype=bn.acc_dtype(dtype))
+        ops.bn_relu_conv3x3_into(x, *params, 1e-5, wt, y, m, v)                # and y's statistics
+        ref_mean, ref_var = batch_stats_of(y)
+        assert rel(y, ref) < tol and rel(m, ref_mean) < tol and rel(v, ref_var) < tol
         gw = ops.bn_relu_conv3x3_backward(x, gy.contiguous() if y.is_contiguous() else gy, *params, 1e-5, wt, ga)
         assert gw.dtype == dtype and gw.stride() == wt.stride()
         assert rel(ga, ref_ga) < tol and rel(gw, ref_gw) < tol
@@ -570,6 +574,9 @@ def _driver_op_samples():
         ("bn_relu_linear_into", (x_cl, gamma, beta, mean, var, 1e-5, w, z, vec(5), vec(5))),
         ("bn_relu_linear_into", (x_nchw, gamma, beta, mean, var, 1e-5, w, z, None, None)),
         ("bn_relu_conv3x3_into", (x_cl, gamma, beta, mean, var, 1e-5, w3, z.clone())),
+        ("bn_relu_conv3x3_into", (x_nchw, gamma, beta, mean, var, 1e-5, w3, torch.empty(2, 5, 3, 3,
+                                                                                         dtype=torch.float64),
+                                  vec(5), vec(5))),
         ("bn_relu_conv3x3_backward", (x_nchw, gz, gamma, beta, mean, var, 1e-5, w3,
                                       torch.empty(x_nchw.shape, dtype=torch.float64))),
         ("batch_norm_relu_backward_into", (x_cl, gy, gamma, beta, mean, var, 1e-5, True,
