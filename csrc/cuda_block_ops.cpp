@@ -247,6 +247,43 @@ void update_running_stats_cuda(at::TensorList running_mean, at::TensorList runni
              "update_running_stats");
 }
 
+// The bottleneck 3x3 convolution ops (the CPU kernels are conv3x3_cpu.cpp) as BN2-ReLU into a channels-last a
+// and cuDNN, the path the block driver itself takes on CUDA: so the ops exist, and agree, on both devices.
+at::Tensor bn_relu_cl(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean,
+                      const at::Tensor& var, double eps) {
+  at::Tensor a = at::empty(x.sizes(), x.options(), at::MemoryFormat::ChannelsLast);
+  batch_norm_relu_into_cuda(x, gamma, beta, mean, var, eps, a);
+  return a;
+}
+
+void bn_relu_conv3x3_into_cuda(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
+                               const at::Tensor& mean, const at::Tensor& var, double eps, const at::Tensor& w,
+                               const at::Tensor& out, const OptTensor& out_mean, const OptTensor& out_var) {
+  const char* op = "bn_relu_conv3x3_into";
+  check_bn_conv3x3_args(x, gamma, beta, mean, var, w, op);
+  check_out(out, {x.size(0), w.size(0), x.size(2), x.size(3)}, x, false, op, "out");
+  check_stats_out(out_mean, out_var, w.size(0), x, op);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor a = bn_relu_cl(x, gamma, beta, mean, var, eps);
+  const_cast<at::Tensor&>(out).copy_(at::convolution(a, w, std::nullopt, {1, 1}, {1, 1}, {1, 1}, false, {0, 0}, 1));
+  copy_stats(out, out_mean, out_var);
+}
+
+at::Tensor bn_relu_conv3x3_backward_cuda(const at::Tensor& x, const at::Tensor& gy, const at::Tensor& gamma,
+                                         const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& var,
+                                         double eps, const at::Tensor& w, const at::Tensor& ga) {
+  const char* op = "bn_relu_conv3x3_backward";
+  check_bn_conv3x3_args(x, gamma, beta, mean, var, w, op);
+  check_out(gy, {x.size(0), w.size(0), x.size(2), x.size(3)}, x, false, op, "grad_y");
+  check_out(ga, x.sizes(), x, false, op, "grad_a");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor a = bn_relu_cl(x, gamma, beta, mean, var, eps);
+  auto [gi, gw, gb] = at::convolution_backward(gy, a, w, std::nullopt, {1, 1}, {1, 1}, {1, 1}, false, {0, 0}, 1,
+                                               {true, true, false});
+  const_cast<at::Tensor&>(ga).copy_(gi);
+  return gw.strides() == w.strides() ? gw : at::empty_like(w).copy_(gw);
+}
+
 }  // namespace
 }  // namespace effdense
 
@@ -254,6 +291,8 @@ TORCH_LIBRARY_IMPL(effdense, CUDA, m) {
   m.impl("bn_scale_shift", &effdense::bn_scale_shift_cuda);
   m.impl("batch_norm_relu_into", &effdense::batch_norm_relu_into_cuda);
   m.impl("bn_relu_linear_into", &effdense::bn_relu_linear_into_cuda);
+  m.impl("bn_relu_conv3x3_into", &effdense::bn_relu_conv3x3_into_cuda);
+  m.impl("bn_relu_conv3x3_backward", &effdense::bn_relu_conv3x3_backward_cuda);
   m.impl("batch_norm_relu_backward_into", &effdense::batch_norm_relu_backward_into_cuda);
   m.impl("bn_relu_linear_backward", &effdense::bn_relu_linear_backward_cuda);
   m.impl("bottleneck_backward", &effdense::bottleneck_backward_cuda);

@@ -367,37 +367,39 @@ def test_tile_gemm_shapes_through_the_blas():
 # image but the centre; N = 3 splits 2 + 1 over two threads (grad_w's partial sums merged).
 CONV3X3_SHAPES = {"one-pixel": (2, 5, 1, 1, 3), "small": (3, 7, 5, 4, 5), "row-tiles": (2, 20, 11, 33, 12),
                   "wide-k": (1, 9, 7, 16, 32), "bc-layer": (3, 48, 8, 8, 12)}
-CPU_CASES = [c for c in CASES if c.values[0] == "cpu"]
 
 
 @pytest.mark.parametrize("shape", list(CONV3X3_SHAPES))
 @pytest.mark.parametrize("layout", ["channels_last", "prefix_cl", "prefix_nchw", "permuted"])
-@pytest.mark.parametrize("device,dtype,tol", CPU_CASES)
+@pytest.mark.parametrize("device,dtype,tol", CASES)
 def test_bn_relu_conv3x3(shape, layout, device, dtype, tol):
-    """y = conv3x3(relu(bn(x))) and its backward (grad_a, grad_w), against float64 torch, for outputs and
-    weights of either layout."""
+    """y = conv3x3(relu(bn(x))) (with y's statistics) and its backward (grad_a, grad_w), against float64 torch,
+    for outputs and weights of either layout: the CPU kernels, and on CUDA the cuDNN composite (TF32 off)."""
     n, c, h, w_, k = CONV3X3_SHAPES[shape]
-    x = make_x(layout, shape=(n, c, h, w_), dtype=dtype)
+    x = make_x(layout, shape=(n, c, h, w_), device=device, dtype=dtype)
     params = bn_vecs(c, device, dtype)
     scale, shift, _, _ = ref_affine(*params)
-    a = bn.bn_relu(x, scale, shift, dtype).double()
+    a = bn.bn_relu(x, scale, shift, dtype).double().cpu()
     w = (torch.randn(k, c, 3, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 0.2).to(dtype)
     gy = make_x("channels_last", shape=(n, k, h, w_), dtype=dtype, seed=4)
     ref = torch.nn.functional.conv2d(a, w.double(), padding=1)
     ref_ga, ref_gw, _ = torch.ops.aten.convolution_backward(gy.double(), a, w.double(), None, [1, 1], [1, 1],
                                                             [1, 1], False, [0, 0], 1, [True, True, False])
-    for wt, y, ga in ((w, cl_empty(ref.shape, device, dtype), cl_empty(x.shape, device, dtype)),
-                      (w.contiguous(memory_format=torch.channels_last), torch.empty(ref.shape, dtype=dtype),
-                       torch.empty(x.shape, dtype=dtype))):
-        ops.bn_relu_conv3x3_into(x, *params, 1e-5, wt, y)
-        assert rel(y, ref) < tol
-        m, v = torch.empty(k, dtype=bn.acc_dtype(dtype)), torch.empty(k, dtype=bn.acc_dtype(dtype))
-        ops.bn_relu_conv3x3_into(x, *params, 1e-5, wt, y, m, v)                # and y's statistics
-        ref_mean, ref_var = batch_stats_of(y)
-        assert rel(y, ref) < tol and rel(m, ref_mean) < tol and rel(v, ref_var) < tol
-        gw = ops.bn_relu_conv3x3_backward(x, gy.contiguous() if y.is_contiguous() else gy, *params, 1e-5, wt, ga)
-        assert gw.dtype == dtype and gw.stride() == wt.stride()
-        assert rel(ga, ref_ga) < tol and rel(gw, ref_gw) < tol
+    w, gy, acc = w.to(device), gy.to(device), bn.acc_dtype(dtype)
+    with torch.backends.cudnn.flags(allow_tf32=False):
+        for wt, y, ga in ((w, cl_empty(ref.shape, device, dtype), cl_empty(x.shape, device, dtype)),
+                          (w.contiguous(memory_format=torch.channels_last),
+                           torch.empty(ref.shape, dtype=dtype, device=device),
+                           torch.empty(x.shape, dtype=dtype, device=device))):
+            ops.bn_relu_conv3x3_into(x, *params, 1e-5, wt, y)
+            assert rel(y, ref) < tol
+            m, v = torch.empty(k, dtype=acc, device=device), torch.empty(k, dtype=acc, device=device)
+            ops.bn_relu_conv3x3_into(x, *params, 1e-5, wt, y, m, v)                # and y's statistics
+            ref_mean, ref_var = batch_stats_of(y)
+            assert rel(y, ref) < tol and rel(m, ref_mean) < tol and rel(v, ref_var) < tol
+            gw = ops.bn_relu_conv3x3_backward(x, gy.contiguous() if y.is_contiguous() else gy, *params, 1e-5, wt, ga)
+            assert gw.dtype == dtype and gw.stride() == wt.stride()
+            assert rel(ga, ref_ga) < tol and rel(gw, ref_gw) < tol
 
 
 @pytest.mark.parametrize("bs1,bs2", [(True, True), (False, True), (True, False)],
