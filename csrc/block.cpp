@@ -322,11 +322,12 @@ Tensors7 dense_block_forward(
       linear_forward(xin, g1[li], b1[li], st1, eps1[li], w1[li], z, bs2 ? OptTensor(mean2.select(0, i)) : OptTensor(),
                      bs2 ? OptTensor(var2.select(0, i)) : OptTensor());
       const auto st2 = bn_stats(bs2, mean2, var2, i, b.B, rm2.get(li), rv2.get(li));
-      if (own_conv3x3(z, w2[li]) && p == 0) {  // no dropout: straight into F, with the new channels' statistics
+      const bool own = own_conv3x3(z, w2[li]);
+      if (own && p == 0) {  // no dropout: straight into F, with the new channels' statistics
         call_bn_relu_conv3x3_into(z, g2[li], b2[li], st2.first, st2.second, eps2[li], w2[li], fresh, m, v);
         continue;
       }
-      if (own_conv3x3(z, w2[li])) {
+      if (own) {
         y = at::empty({b.N, b.k, b.H, b.W}, opts, at::MemoryFormat::ChannelsLast);
         call_bn_relu_conv3x3_into(z, g2[li], b2[li], st2.first, st2.second, eps2[li], w2[li], y, std::nullopt,
                                   std::nullopt);

@@ -73,9 +73,14 @@ void check_stats_out(const OptTensor& mean, const OptTensor& var, int64_t n, con
 void check_out(const at::Tensor& out, at::IntArrayRef shape, const at::Tensor& x, bool acc_ok, const char* op,
                const char* name);
 void check_linear_weight(const at::Tensor& x, const at::Tensor& w, const char* op);
-// x a feature tensor, (gamma, beta, mean, var) a BN over its channels, w [k, C, 3, 3] of its dtype and device
-void check_bn_conv3x3_args(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
-                           const at::Tensor& mean, const at::Tensor& var, const at::Tensor& w, const char* op);
+// The arguments of bn_relu_conv3x3_into / _backward (x a feature tensor, a BN over its channels, w [k, C, 3, 3] of
+// its dtype and device, the outputs' shapes), shared by the CPU and CUDA implementations.
+void check_conv3x3_into_args(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
+                             const at::Tensor& mean, const at::Tensor& var, const at::Tensor& w, const at::Tensor& out,
+                             const OptTensor& out_mean, const OptTensor& out_var);
+void check_conv3x3_backward_args(const at::Tensor& x, const at::Tensor& gy, const at::Tensor& gamma,
+                                 const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& var,
+                                 const at::Tensor& w, const at::Tensor& ga);
 void check_running_stats_args(at::TensorList running_mean, at::TensorList running_var, at::TensorList nbt,
                               const at::Tensor& mean, const at::Tensor& var, at::IntArrayRef rows,
                               at::ArrayRef<double> momentum);

@@ -193,10 +193,7 @@ at::Tensor bn_relu_conv3x3_backward_impl(const at::Tensor& x, const at::Tensor& 
 void bn_relu_conv3x3_into_cpu(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
                               const at::Tensor& mean, const at::Tensor& var, double eps, const at::Tensor& w,
                               const at::Tensor& out, const OptTensor& out_mean, const OptTensor& out_var) {
-  const char* op = "bn_relu_conv3x3_into";
-  check_bn_conv3x3_args(x, gamma, beta, mean, var, w, op);
-  check_out(out, {x.size(0), w.size(0), x.size(2), x.size(3)}, x, false, op, "out");
-  check_stats_out(out_mean, out_var, w.size(0), x, op);
+  check_conv3x3_into_args(x, gamma, beta, mean, var, w, out, out_mean, out_var);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "effdense_bn_relu_conv3x3", [&] {
     bn_relu_conv3x3_impl<scalar_t>(x, bn_params<acc_t<scalar_t>>(gamma, beta, mean, var, eps), w, out, out_mean,
                                    out_var);
@@ -206,10 +203,7 @@ void bn_relu_conv3x3_into_cpu(const at::Tensor& x, const at::Tensor& gamma, cons
 at::Tensor bn_relu_conv3x3_backward_cpu(const at::Tensor& x, const at::Tensor& gy, const at::Tensor& gamma,
                                         const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& var,
                                         double eps, const at::Tensor& w, const at::Tensor& ga) {
-  const char* op = "bn_relu_conv3x3_backward";
-  check_bn_conv3x3_args(x, gamma, beta, mean, var, w, op);
-  check_out(gy, {x.size(0), w.size(0), x.size(2), x.size(3)}, x, false, op, "grad_y");
-  check_out(ga, x.sizes(), x, false, op, "grad_a");
+  check_conv3x3_backward_args(x, gy, gamma, beta, mean, var, w, ga);
   at::Tensor gw;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "effdense_bn_relu_conv3x3_bwd", [&] {
     gw = bn_relu_conv3x3_backward_impl<scalar_t>(x, gy, bn_params<acc_t<scalar_t>>(gamma, beta, mean, var, eps), w,

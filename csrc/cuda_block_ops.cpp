@@ -259,10 +259,7 @@ at::Tensor bn_relu_cl(const at::Tensor& x, const at::Tensor& gamma, const at::Te
 void bn_relu_conv3x3_into_cuda(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
                                const at::Tensor& mean, const at::Tensor& var, double eps, const at::Tensor& w,
                                const at::Tensor& out, const OptTensor& out_mean, const OptTensor& out_var) {
-  const char* op = "bn_relu_conv3x3_into";
-  check_bn_conv3x3_args(x, gamma, beta, mean, var, w, op);
-  check_out(out, {x.size(0), w.size(0), x.size(2), x.size(3)}, x, false, op, "out");
-  check_stats_out(out_mean, out_var, w.size(0), x, op);
+  check_conv3x3_into_args(x, gamma, beta, mean, var, w, out, out_mean, out_var);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor a = bn_relu_cl(x, gamma, beta, mean, var, eps);
   const_cast<at::Tensor&>(out).copy_(at::convolution(a, w, std::nullopt, {1, 1}, {1, 1}, {1, 1}, false, {0, 0}, 1));
@@ -272,10 +269,7 @@ void bn_relu_conv3x3_into_cuda(const at::Tensor& x, const at::Tensor& gamma, con
 at::Tensor bn_relu_conv3x3_backward_cuda(const at::Tensor& x, const at::Tensor& gy, const at::Tensor& gamma,
                                          const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& var,
                                          double eps, const at::Tensor& w, const at::Tensor& ga) {
-  const char* op = "bn_relu_conv3x3_backward";
-  check_bn_conv3x3_args(x, gamma, beta, mean, var, w, op);
-  check_out(gy, {x.size(0), w.size(0), x.size(2), x.size(3)}, x, false, op, "grad_y");
-  check_out(ga, x.sizes(), x, false, op, "grad_a");
+  check_conv3x3_backward_args(x, gy, gamma, beta, mean, var, w, ga);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor a = bn_relu_cl(x, gamma, beta, mean, var, eps);
   auto [gi, gw, gb] = at::convolution_backward(gy, a, w, std::nullopt, {1, 1}, {1, 1}, {1, 1}, false, {0, 0}, 1,

@@ -171,11 +171,29 @@ void check_linear_weight(const at::Tensor& x, const at::Tensor& w, const char* o
   check_kernel_weight(x, w, 1, "B", op);
 }
 
-void check_bn_conv3x3_args(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
-                           const at::Tensor& mean, const at::Tensor& var, const at::Tensor& w, const char* op) {
+static void check_bn_conv3x3_args(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
+                                  const at::Tensor& mean, const at::Tensor& var, const at::Tensor& w, const char* op) {
   check_feature(x, op);
   check_bn_params(x, gamma, beta, mean, var, op);
   check_kernel_weight(x, w, 3, "k", op);
+}
+
+void check_conv3x3_into_args(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
+                             const at::Tensor& mean, const at::Tensor& var, const at::Tensor& w, const at::Tensor& out,
+                             const OptTensor& out_mean, const OptTensor& out_var) {
+  const char* op = "bn_relu_conv3x3_into";
+  check_bn_conv3x3_args(x, gamma, beta, mean, var, w, op);
+  check_out(out, {x.size(0), w.size(0), x.size(2), x.size(3)}, x, false, op, "out");
+  check_stats_out(out_mean, out_var, w.size(0), x, op);
+}
+
+void check_conv3x3_backward_args(const at::Tensor& x, const at::Tensor& gy, const at::Tensor& gamma,
+                                 const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& var,
+                                 const at::Tensor& w, const at::Tensor& ga) {
+  const char* op = "bn_relu_conv3x3_backward";
+  check_bn_conv3x3_args(x, gamma, beta, mean, var, w, op);
+  check_out(gy, {x.size(0), w.size(0), x.size(2), x.size(3)}, x, false, op, "grad_y");
+  check_out(ga, x.sizes(), x, false, op, "grad_a");
 }
 
 // ------------------------------------------------------------------------------------------------ geometry
