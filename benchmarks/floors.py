@@ -4,9 +4,9 @@ For a dense block with ``P = N*H*W`` pixels, input width ``C0``, ``L`` layers, g
 ``B = bn_size*k`` and output width ``C = C0 + L*k`` (``e`` bytes per stored element, ``g`` per gradient
 element: fp32 for fp16/bf16 storage):
 
-* memory floor: :func:`effdense.memory.predicted_activation_bytes` with ``kind="fused"`` (every block's
-  feature buffer, plus one block's gradient buffer and one layer's transients, none of them a recomputed
-  BN-ReLU output: what the ``cpp`` driver keeps);
+* memory floor: :func:`effdense.memory.predicted_activation_bytes` with ``kind="fused"`` (the feature buffers,
+  the gradient a block receives and the ``cpp`` driver's workspace: one block's gradient buffer and one layer's
+  transients, none of them a stored BN-ReLU output);
 * bytes floor of a training step: each layer reads its prefix and writes its ``k`` channels and ``Z`` once in
   forward, and in backward reads the prefix, ``Z`` and its ``k``-channel gradient once and reads and writes its
   slice of ``G`` once: ``P*(e*(2*c_l + 2*k + 3*B) + g*(2*c_l + k + B))`` per layer;

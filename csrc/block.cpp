@@ -180,8 +180,13 @@ bool all_of(const std::vector<bool>& v) {
 // 64). So on CPU the block's transients come from one buffer kept across layers, blocks and steps, grown to the
 // largest request (blocks run one at a time, so one buffer per process is enough) and freed by
 // effdense._C.release_workspace(); effdense.memory.measure_step releases it first, so a measured peak includes
-// it. A mutex serializes block calls that would share it from several threads. On CUDA the caching allocator
-// already reuses memory (and stream-orders it), so each call takes a fresh buffer from it.
+// it. A forward with a backward to come (reserve_backward) takes at once what its own backward will need: the
+// first block has the most pixels and runs first, so the workspace reaches its full size in the step's first
+// block call and never grows inside a step. A step after a release then lays out the heap as every later step
+// does; grown in stages (6 -> 13 -> 42 MB at BC-100, batch 32), it left the smaller buffers as holes glibc kept
+// resident (issue 15: resident rise 1.5-1.8x the allocator's peak, 1.11-1.15x reserved). A mutex serializes
+// block calls that would share it from several threads. On CUDA the caching allocator already reuses memory
+// (and stream-orders it), so each call takes a fresh buffer from it, of its own size.
 struct CpuWorkspace {
   std::mutex mu;
   at::Tensor buf;
@@ -239,6 +244,14 @@ class Scratch {
   int64_t off_ = 0;
 };
 
+// The workspace of one block's backward: the features' gradient G (accumulation dtype), the new channels'
+// gradient, and per layer the recomputed bottleneck z (unless kept) and a = relu(bn2(z)), or the BN-ReLU output u.
+int64_t backward_workspace_bytes(const Block& b, bool keep) {
+  const int64_t N = b.N, H = b.H, W = b.W;
+  return cl_bytes(N, b.C, H, W, b.acc) + cl_bytes(N, b.k, H, W, b.cdt) +
+         (b.bottleneck ? (keep ? 1 : 2) * cl_bytes(N, b.B, H, W, b.cdt) : cl_bytes(N, b.C - b.k, H, W, b.cdt));
+}
+
 // A BN's (mean, var): the block's batch statistics of its first c channels, or its running statistics.
 std::pair<at::Tensor, at::Tensor> bn_stats(bool batch, const at::Tensor& mean, const at::Tensor& var, int64_t row,
                                            int64_t c, const std::optional<at::Tensor>& rm,
@@ -275,7 +288,7 @@ Tensors7 dense_block_forward(
     const at::Tensor& x, at::TensorList w1, at::TensorList w2, at::TensorList g1, at::TensorList b1,
     at::TensorList g2, at::TensorList b2, const OptList& rm1, const OptList& rv1, const OptList& rm2,
     const OptList& rv2, at::ArrayRef<double> eps1, at::ArrayRef<double> eps2, at::ArrayRef<double> drop,
-    bool keep_bottleneck) {
+    bool keep_bottleneck, bool reserve_backward) {
   const Block b = parse(x, -1, w1, w2, g1, b1, g2, b2, rm1, rv1, rm2, rv2, eps1, eps2, drop, "dense_block_forward");
   const c10::DeviceGuard guard(x.device());
   at::NoGradGuard no_grad;
@@ -303,7 +316,8 @@ Tensors7 dense_block_forward(
   }
   const bool keep = keep_bottleneck && b.bottleneck;
   at::Tensor kept = at::empty({keep ? b.L : 0, b.N, b.H, b.W, b.B}, opts);
-  Scratch ws(x, b.bottleneck ? cl_bytes(b.N, b.B, b.H, b.W, b.cdt) : cl_bytes(b.N, b.C - b.k, b.H, b.W, b.cdt));
+  const int64_t bytes = b.bottleneck ? cl_bytes(b.N, b.B, b.H, b.W, b.cdt) : cl_bytes(b.N, b.C - b.k, b.H, b.W, b.cdt);
+  Scratch ws(x, reserve_backward && x.is_cpu() ? std::max(bytes, backward_workspace_bytes(b, keep)) : bytes);
   // a = relu(bn2(z)): in place over z, or beside the kept z
   at::Tensor a = b.bottleneck ? ws.take(b.N, b.B, b.H, b.W, b.cdt) : at::Tensor();
   at::Tensor u_all = b.bottleneck ? at::Tensor() : ws.take_flat(b.N, b.C - b.k, b.H, b.W, b.cdt);
@@ -383,10 +397,7 @@ dense_block_backward(const at::Tensor& grad_out, const at::Tensor& feat, const a
   const c10::DeviceGuard guard(feat.device());
   at::NoGradGuard no_grad;
   const int64_t N = b.N, H = b.H, W = b.W;
-  const int64_t bytes = cl_bytes(N, b.C, H, W, b.acc) + cl_bytes(N, b.k, H, W, b.cdt) +
-                        (b.bottleneck ? (keep ? 1 : 2) * cl_bytes(N, b.B, H, W, b.cdt)
-                                      : cl_bytes(N, b.C - b.k, H, W, b.cdt));
-  Scratch ws(feat, bytes);
+  Scratch ws(feat, backward_workspace_bytes(b, keep));
   // G in F's layout: the BN1 backward then reads F and updates G with the same (plane or row) tiles
   at::Tensor G = ws.take(N, b.C, H, W, b.acc, b.mf), gy = ws.take(N, b.k, H, W, b.cdt);
   at::Tensor z = b.bottleneck && !keep ? ws.take(N, b.B, H, W, b.cdt) : at::Tensor();

@@ -896,8 +896,8 @@ TORCH_LIBRARY(effdense, m) {
   m.def("dense_block_forward(Tensor x, Tensor[] w1, Tensor[] w2, Tensor[] gamma1, Tensor[] beta1, "
         "Tensor[] gamma2, Tensor[] beta2, Tensor?[] running_mean1, Tensor?[] running_var1, "
         "Tensor?[] running_mean2, Tensor?[] running_var2, float[] eps1, float[] eps2, float[] drop_rate, "
-        "bool keep_bottleneck) -> (Tensor feat, Tensor mean, Tensor var, Tensor mean2, Tensor var2, "
-        "Tensor drop_mask, Tensor bottleneck)");
+        "bool keep_bottleneck, bool reserve_backward) -> (Tensor feat, Tensor mean, Tensor var, "
+        "Tensor mean2, Tensor var2, Tensor drop_mask, Tensor bottleneck)");
   m.def("dense_block_backward(Tensor grad_out, Tensor feat, Tensor mean, Tensor var, Tensor mean2, "
         "Tensor var2, Tensor drop_mask, Tensor bottleneck, Tensor[] w1, Tensor[] w2, Tensor[] gamma1, "
         "Tensor[] beta1, Tensor[] gamma2, Tensor[] beta2, Tensor?[] running_mean1, Tensor?[] running_var1, "

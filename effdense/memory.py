@@ -102,7 +102,8 @@ def measure_step(step: Callable[[], object], device: torch.device | str) -> Step
 
     Run a warm-up step first so gradients and optimizer state already exist: then the figure is the step's
     activation memory plus its transients. Workspaces a backend keeps across steps are released first
-    (:func:`release_workspaces`), so the step allocates them again and the peak includes them.
+    (:func:`release_workspaces`), so the step allocates them again and the peak includes them, at the size they
+    are held at between steps (the ``cpp`` backend's forward reserves its backward's workspace).
     """
     device = torch.device(device)
     release_workspaces()
@@ -161,7 +162,7 @@ def block_shapes(model: torch.nn.Module, size: int) -> list[BlockShape]:
 
 
 def predicted_activation_bytes(model: torch.nn.Module, batch: int, size: int, dtype: torch.dtype,
-                               kind: str) -> int:
+                               kind: str, device: torch.device | str = "cpu") -> int:
     """Dense-block activation memory of one training step, predicted from the model's layout.
 
     ``kind`` is ``"naive"``, ``"checkpoint"``, ``"efficient"`` or ``"fused"``. With ``P`` pixels, ``c_l = C0 + l*k``,
@@ -174,11 +175,17 @@ def predicted_activation_bytes(model: torch.nn.Module, batch: int, size: int, dt
       efficient and fused: the feature buffer ``C``.
     * transients, every kind: the gradients of the block's features and of one layer's input and bottleneck,
       ``3C*g + 2B*g``; checkpoint adds the recomputed concatenation and BN-ReLU output (``2C*e``), efficient the
-      recomputed BN-ReLU input and bottleneck (``C*e + 2B*e``); fused (the ``cpp`` driver, whose BN-ReLU-conv1x1
-      tiles stay in cache and add their input gradients into the gradient buffer) only the gradient buffer, the
-      new channels' gradient, the recomputed bottleneck with its BN-ReLU output and the bottleneck's gradient,
-      ``C*g + k*e + 2B*e + B*g``; a fused block that keeps its bottlenecks keeps ``L*B`` more, alive until its
-      own backward: during block ``j``'s backward those of blocks ``1..j``.
+      recomputed BN-ReLU input and bottleneck (``C*e + 2B*e``).
+    * fused, the ``cpp`` driver (on CPU unless ``device`` is CUDA), whose BN-ReLU-conv tiles stay in cache and
+      add their input gradients into one gradient buffer: during block ``j``'s backward (last block first) the
+      feature buffers of blocks ``1..j``, the gradient of block ``j``'s features it receives (``C*g``) and the
+      driver's workspace, which a forward with a backward to come takes at its backward's size and which is then
+      held at the largest such size (block 1's, the most pixels): the gradient buffer, the new channels'
+      gradient, the recomputed bottleneck and its BN-ReLU output (whose buffer takes the bottleneck's gradient),
+      ``C*g + k*e + 2B*e``. A
+      block that keeps its bottlenecks keeps ``L*B`` more, alive until its own backward, and its workspace needs
+      one ``B*e`` less. On CUDA (``device``) each block call takes its own workspace from the caching allocator,
+      and cuDNN writes the bottleneck's gradient (``B*g``) beside it.
 
     Stem, transitions and classifier are the same for every backend and left out.
     """
@@ -188,7 +195,7 @@ def predicted_activation_bytes(model: torch.nn.Module, batch: int, size: int, dt
     g = max(e, 4)
     shapes = block_shapes(model, size)
     if kind == "fused":
-        return _fused_peak(shapes, batch, e, g, [s.keep for s in shapes])
+        return _fused_peak(shapes, batch, e, g, [s.keep for s in shapes], torch.device(device).type == "cpu")
     kept, worst = 0, 0
     for s in shapes:
         p = batch * s.pixels
@@ -205,28 +212,33 @@ def predicted_activation_bytes(model: torch.nn.Module, batch: int, size: int, dt
     return kept + worst
 
 
-def _fused_peak(shapes: list[BlockShape], batch: int, e: int, g: int, keep: list[bool]) -> int:
-    """The ``"fused"`` prediction of :func:`predicted_activation_bytes`, blocks keeping bottlenecks per ``keep``."""
-    kept, worst = sum(batch * s.pixels * s.c * e for s in shapes), 0
-    for s, kp in zip(shapes, keep):
-        p = batch * s.pixels
-        kept_z = p * s.layers * s.b * e if kp else 0
-        kept += kept_z
-        worst = max(worst, kept + p * (s.c * g + s.k * e + (s.b * e if kp else 2 * s.b * e) + s.b * g))
+def _fused_peak(shapes: list[BlockShape], batch: int, e: int, g: int, keep: list[bool], held: bool) -> int:
+    """The ``"fused"`` prediction of :func:`predicted_activation_bytes`, blocks keeping bottlenecks per ``keep``,
+    with the workspace ``held`` at its largest size (CPU) or taken per block call (CUDA)."""
+    pixels = [batch * s.pixels for s in shapes]
+    own = [p * (s.c * g + s.k * e + (1 if kp else 2) * s.b * e) for s, kp, p in zip(shapes, keep, pixels)]
+    alive, worst = 0, 0
+    for s, kp, p, ws in zip(shapes, keep, pixels, own):   # block j's backward: blocks 1..j hold their buffers
+        alive += p * s.c * e + (p * s.layers * s.b * e if kp else 0)
+        worst = max(worst, alive + p * s.c * g + (max(own) if held else ws + p * s.b * g))
     return worst
 
 
 def bottleneck_plan(model: torch.nn.Module) -> list[bool]:
     """Per dense block of ``model``, whether its ``cpp`` backward should read kept bottlenecks instead of recomputing
     them (``EfficientDenseBlock.keep_bottleneck``): yes where keeping them does not raise the predicted fp32 peak
-    of a training step above that of recomputing everywhere. Chosen greedily from the last block (fewest pixels, so
-    the cheapest to keep) to the first; the answer does not depend on batch or image size (every term scales with
-    the pixels, in fixed ratios between blocks), so it is taken at a size that halves exactly."""
+    of a training step above that of recomputing everywhere, with each block call's own workspace (what the
+    algorithm needs, and what the CUDA driver takes). The CPU driver holds its workspace at block 1's backward size
+    for the whole step, so there kept bottlenecks of block 2 raise the allocator's peak, but not the resident
+    memory the step adds (glibc's heap holds that much either way; ``benchmarks.rss``). Chosen greedily from the
+    last block (fewest pixels, so the cheapest to keep) to the first; the answer does not depend on batch or image
+    size (every term scales with the pixels, in fixed ratios between blocks), so it is taken at a size that halves
+    exactly."""
     shapes = [replace(s, keep=False) for s in block_shapes(model, 2 ** (len(block_shapes(model, 1)) + 6))]
     keep = [False] * len(shapes)
-    base = _fused_peak(shapes, 1, 4, 4, keep)
+    base = _fused_peak(shapes, 1, 4, 4, keep, held=False)
     for j in reversed(range(len(shapes))):
         trial = keep[:j] + [bool(shapes[j].b)] + keep[j + 1:]
-        if _fused_peak(shapes, 1, 4, 4, trial) <= base:
+        if _fused_peak(shapes, 1, 4, 4, trial, held=False) <= base:
             keep = trial
     return keep

@@ -279,7 +279,7 @@ def summarize(model: nn.Module, in_channels: int, device: torch.device, batch: i
     if backend is not None:
         kind = "fused" if backend.name == "cpp" else "efficient" if backend.memory_efficient else backend.name
         naive = predicted_activation_bytes(model, batch, 32, dtype, "naive")
-        mine = predicted_activation_bytes(model, batch, 32, dtype, kind)
+        mine = predicted_activation_bytes(model, batch, 32, dtype, kind, device)
         lines.append(f"dense-block activation memory at batch {batch} (predicted): {mine / 2**20:.1f} MiB with "
                      f"backend {backend.name!r}, {naive / 2**20:.1f} MiB naive ({naive / max(mine, 1):.1f}x)")
     return "\n".join(lines)

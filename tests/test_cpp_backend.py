@@ -345,6 +345,34 @@ def test_cpp_workspace_is_kept_across_steps_and_released_on_request():
     assert measure_step(step, "cpu").peak_bytes >= held
 
 
+def test_cpp_workspace_reaches_its_step_size_in_the_first_forward():
+    """A block forward with a backward to come reserves its backward's workspace, so after a release the first
+    block call (the most pixels) takes the step's whole workspace once and nothing grows it later in the step
+    (grown in stages, the smaller buffers were left as heap holes: issue 15's resident memory); a forward without
+    a backward to come (no_grad, or nothing requiring grad) takes only the forward's."""
+    from effdense.backends import cpp_backend
+
+    torch.manual_seed(0)
+    model = effdense.densenet_cifar(depth=16, growth_rate=6, backend="cpp")
+    x, target = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    torch.nn.functional.cross_entropy(model(x), target).backward()
+    held = cpp_backend.workspace_bytes()
+    cpp_backend.release_workspace()
+    with torch.no_grad():
+        model(x)
+    forward_only = cpp_backend.workspace_bytes()
+    assert 0 < forward_only < held
+    cpp_backend.release_workspace()
+    loss = torch.nn.functional.cross_entropy(model(x), target)
+    assert cpp_backend.workspace_bytes() == held, "the forward did not reserve the backward's workspace"
+    sizes = _allocations(loss.backward)
+    assert max(sizes) < held and cpp_backend.workspace_bytes() == held, "the backward grew the workspace"
+    frozen = effdense.densenet_cifar(depth=16, growth_rate=6, backend="cpp").requires_grad_(False)
+    cpp_backend.release_workspace()
+    frozen(x)
+    assert cpp_backend.workspace_bytes() < held, "a forward with nothing to differentiate reserved a backward"
+
+
 # -------------------------------------------------------------------------------------------------- CUDA
 
 @cuda_only
@@ -419,12 +447,14 @@ def test_cpp_kept_bottlenecks_replace_the_backward_recompute_and_only_with_a_bac
 
 
 def test_bottleneck_plan_keeps_where_the_peak_does_not_rise():
-    """BC-100: blocks 2 and 3 keep theirs and the predicted peak stays that of recomputing everywhere; keeping
-    block 1's too would raise it. An explicit True/False applies to every block."""
+    """BC-100: blocks 2 and 3 keep theirs and the predicted peak with per-call workspaces (the CUDA driver's)
+    stays that of recomputing everywhere; keeping block 1's too would raise it. With the CPU driver's workspace,
+    held at block 1's backward size, block 2's kept bottlenecks raise the predicted allocator peak. An explicit
+    True/False applies to every block."""
     from effdense.memory import bottleneck_plan, predicted_activation_bytes
 
-    def fused(model):
-        return predicted_activation_bytes(model, 32, 32, torch.float32, "fused")
+    def fused(model, device="cuda"):
+        return predicted_activation_bytes(model, 32, 32, torch.float32, "fused", device)
 
     auto = effdense.densenet_cifar(depth=100, growth_rate=12)
     none, every = (effdense.densenet_cifar(depth=100, growth_rate=12, keep_bottleneck=v) for v in (False, True))
@@ -432,6 +462,7 @@ def test_bottleneck_plan_keeps_where_the_peak_does_not_rise():
     assert [b.keep_bottleneck for b in none.blocks()] == [False] * 3
     assert [b.keep_bottleneck for b in every.blocks()] == [True] * 3
     assert fused(auto) == fused(none) < fused(every)
+    assert fused(none, "cpu") < fused(auto, "cpu") < fused(every, "cpu")
     plain = effdense.densenet_cifar(depth=40, growth_rate=12, bottleneck=False)
     assert [b.keep_bottleneck for b in plain.blocks()] == [False] * 3, "no bottleneck, nothing to keep"
     with pytest.raises(ValueError, match="keep_bottleneck must be True, False or 'auto'"):

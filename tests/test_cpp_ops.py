@@ -506,7 +506,7 @@ def test_gradcheck_bn_relu_and_stats_and_conv1x1():
 # ------------------------------------------------------------------------------------------- opcheck
 
 def _block_args(device="cpu", dtype=torch.float64, bottleneck=True, drop=0.0, eval_layer=False, cl=False,
-                keep=False):
+                keep=False, reserve=False):
     g = torch.Generator().manual_seed(5)
     rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype).to(device)  # noqa: E731
     n, c0, k, B, L = 2, 3, 2, 4, 2
@@ -525,7 +525,7 @@ def _block_args(device="cpu", dtype=torch.float64, bottleneck=True, drop=0.0, ev
     rv1 = [rnd(c).to(a).abs() + 0.5 if eval_layer and i == 0 else None for i, c in enumerate(cs)]
     rm2 = [None for _ in w2]
     rv2 = [None for _ in w2]
-    return [x, w1, w2, g1, b1, g2, b2, rm1, rv1, rm2, rv2, [1e-5] * L, [1e-5] * len(w2), [drop] * L, keep]
+    return [x, w1, w2, g1, b1, g2, b2, rm1, rv1, rm2, rv2, [1e-5] * L, [1e-5] * len(w2), [drop] * L, keep, reserve]
 
 
 def _op_samples():
@@ -548,7 +548,7 @@ def _op_samples():
                                   [n1.num_batches_tracked, n2.num_batches_tracked], mean, var, [0, 1], [0.1, -1.0],
                                   18)),
         ("dense_block_forward", tuple(_block_args())),
-        ("dense_block_forward", tuple(_block_args(cl=True, keep=True))),
+        ("dense_block_forward", tuple(_block_args(cl=True, keep=True, reserve=True))),
         ("dense_block_forward", tuple(_block_args(bottleneck=False, eval_layer=True, cl=True))),
         *_driver_op_samples(),
     ]
@@ -614,7 +614,7 @@ def test_opcheck(name, args):
 @pytest.mark.parametrize("keep", [False, True], ids=["recompute", "keep_bottleneck"])
 @pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
 def test_opcheck_block_backward_and_autograd(cl, keep):
-    args = _block_args(eval_layer=True, cl=cl, keep=keep)
+    args = _block_args(eval_layer=True, cl=cl, keep=keep, reserve=keep)
     for v in (args[0], *args[1], *args[2], *args[3], *args[4], *args[5], *args[6]):
         v.requires_grad_()
     torch.library.opcheck(ops.dense_block_forward.default, tuple(args))
@@ -622,7 +622,7 @@ def test_opcheck_block_backward_and_autograd(cl, keep):
         feat, mean, var, mean2, var2, mask, kept = ops.dense_block_forward(*args)
     assert kept.shape == ((2, 2, 3, 3, 4) if keep else (0, 2, 3, 3, 4))
     bwd = (torch.randn_like(feat), feat, mean, var, mean2, var2, mask, kept,
-           *[[t.detach() for t in v] for v in args[1:7]], *args[7:-1])
+           *[[t.detach() for t in v] for v in args[1:7]], *args[7:-2])
     torch.library.opcheck(ops.dense_block_backward.default, bwd)
 
 
@@ -685,10 +685,10 @@ def test_bad_inputs_name_the_expectation():
     with pytest.raises(RuntimeError, match="Expected more than 1 value per channel when training"):
         ops.dense_block_forward(*args)
     args = _block_args()
-    feat, mean, var, mean2, var2, mask, kept = ops.dense_block_forward(*args[:-1], True)
+    feat, mean, var, mean2, var2, mask, kept = ops.dense_block_forward(*args[:-2], True, True)
     with pytest.raises(RuntimeError, match=r"expected bottleneck empty or the forward's kept bottlenecks, contiguous "
                                            r"\[2, 2, 3, 3, 4\] with dtype Double, got shape \[1, 2, 3, 3, 4\]"):
-        ops.dense_block_backward(feat, feat, mean, var, mean2, var2, mask, kept[:1], *args[1:-1])
+        ops.dense_block_backward(feat, feat, mean, var, mean2, var2, mask, kept[:1], *args[1:-2])
     if torch.cuda.is_available():
         with pytest.raises(RuntimeError, match=r"on cpu"):
             ops.bn_relu(x, s.cuda(), t)

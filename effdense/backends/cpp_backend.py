@@ -117,7 +117,7 @@ def _block_dims(w1, w2):
 
 
 def _fake_block_forward(x, w1, w2, gamma1, beta1, gamma2, beta2, running_mean1, running_var1, running_mean2,
-                        running_var2, eps1, eps2, drop_rate, keep_bottleneck):
+                        running_var2, eps1, eps2, drop_rate, keep_bottleneck, reserve_backward):
     L, bottleneck, k, B = _block_dims(w1, w2)
     n, c0, h, w = x.shape
     c = c0 + L * k
@@ -195,13 +195,13 @@ _BLOCK_LISTS = ("w1", "w2", "gamma1", "beta1", "gamma2", "beta2", "running_mean1
 
 
 def _setup_block(ctx, inputs, output):
-    x, *lists, eps1, eps2, drop_rate, keep_bottleneck = inputs
+    x, *lists, eps1, eps2, drop_rate, keep_bottleneck, reserve_backward = inputs
     ctx.lengths = [len(v) for v in lists]
     ctx.floats = (eps1, eps2, drop_rate)
     # register_autograd wants the gradients in the inputs' structure: a list per list of tensors (also
     # empty), one leaf per other argument (torch._library.autograd.not_list_of_tensor)
     ctx.no_grads = [[None] * len(v) if isinstance(v, list) and all(isinstance(t, Tensor) for t in v) else None
-                    for v in (*lists[6:], eps1, eps2, drop_rate, keep_bottleneck)]
+                    for v in (*lists[6:], eps1, eps2, drop_rate, keep_bottleneck, reserve_backward)]
     feat, mean, var, mean2, var2, mask, kept = output
     ctx.mark_non_differentiable(mean, var, mean2, var2, mask, kept)
     ctx.set_materialize_grads(False)   # no zero gradients for the statistics outputs (they are not used)
@@ -335,10 +335,12 @@ def block_forward(x: Tensor, layers: Sequence[nn.Module], keep_bottleneck: bool 
         w1 = [_conv_weight(layer.conv1.weight, cdt) for layer in layers]
         w2 = [_conv_weight(layer.conv2.weight, cdt) for layer in layers] if bottleneck else []
         drop = [float(layer.drop_rate) if layer.drop_rate > 0 and layer.training else 0.0 for layer in layers]
-        keep = bool(keep_bottleneck) and bottleneck and torch.is_grad_enabled() and (
+        backward = torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for layer in layers for p in layer.parameters()))
+        keep = bool(keep_bottleneck) and bottleneck and backward
+        # with a backward to come, the CPU workspace is taken at the backward's size now (block.cpp, workspace)
         feat, mean, var, mean2, var2, *_ = torch.ops.effdense.dense_block_forward(
-            x.to(cdt), w1, w2, g1, b1, g2, b2, rm1, rv1, rm2, rv2, eps1, eps2, drop, keep)
+            x.to(cdt), w1, w2, g1, b1, g2, b2, rm1, rv1, rm2, rv2, eps1, eps2, drop, keep, backward)
         count = x.shape[0] * x.shape[2] * x.shape[3]
         _update_running(norm1, mean, var, count)
         if bottleneck:
