@@ -184,9 +184,9 @@ bool all_of(const std::vector<bool>& v) {
 // first block has the most pixels and runs first, so the workspace reaches its full size in the step's first
 // block call and never grows inside a step. A step after a release then lays out the heap as every later step
 // does; grown in stages (6 -> 13 -> 42 MB at BC-100, batch 32), it left the smaller buffers as holes glibc kept
-// resident (issue 15: resident rise 1.5-1.8x the allocator's peak, 1.11-1.15x reserved). A mutex serializes
-// block calls that would share it from several threads. On CUDA the caching allocator already reuses memory
-// (and stream-orders it), so each call takes a fresh buffer from it, of its own size.
+// resident (issue 15's speed suite: resident rise 1.51-1.83x the allocator's peak, 1.08-1.18x reserved). A
+// mutex serializes block calls that would share it from several threads. On CUDA the caching allocator already
+// reuses memory (and stream-orders it), so each call takes a fresh buffer from it, of its own size.
 struct CpuWorkspace {
   std::mutex mu;
   at::Tensor buf;

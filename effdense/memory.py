@@ -217,10 +217,11 @@ def _fused_peak(shapes: list[BlockShape], batch: int, e: int, g: int, keep: list
     with the workspace ``held`` at its largest size (CPU) or taken per block call (CUDA)."""
     pixels = [batch * s.pixels for s in shapes]
     own = [p * (s.c * g + s.k * e + (1 if kp else 2) * s.b * e) for s, kp, p in zip(shapes, keep, pixels)]
+    most = max(own, default=0)
     alive, worst = 0, 0
     for s, kp, p, ws in zip(shapes, keep, pixels, own):   # block j's backward: blocks 1..j hold their buffers
         alive += p * s.c * e + (p * s.layers * s.b * e if kp else 0)
-        worst = max(worst, alive + p * s.c * g + (max(own) if held else ws + p * s.b * g))
+        worst = max(worst, alive + p * s.c * g + (most if held else ws + p * s.b * g))
     return worst
 
 
