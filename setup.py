@@ -15,8 +15,8 @@ Environment switches:
 * ``EFFDENSE_CUDA_ARCHS``: CUDA architectures, ``;``- or ``,``-separated (default ``"80;90"``); a ``+PTX``
   suffix (``"90+PTX"``) also embeds PTX for that architecture.
 * ``EFFDENSE_NO_CUDA=1``: build the CPU part only, even with a CUDA PyTorch and nvcc.
-* ``EFFDENSE_CPU_ISA``: ``auto`` (default: AVX2/FMA code where the building CPU has them), ``avx2`` or
-  ``baseline`` (plain x86-64, for a library built on one machine and run on another).
+* ``EFFDENSE_CPU_ISA``: ``auto`` (default: AVX-512 or else AVX2/FMA code, the widest the building CPU has),
+  ``avx512``, ``avx2`` or ``baseline`` (plain x86-64, for a library built on one machine and run on another).
 * ``EFFDENSE_REQUIRE_EXT=1``: the install fails whenever the extension is not built: PyTorch not importable
   (an isolated build), a failed compile, or ``EFFDENSE_SKIP_EXT=1``. Without it each of these installs the
   package without ``effdense._C``, says so on stderr with the command that builds it afterwards, and a failed

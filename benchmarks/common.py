@@ -27,8 +27,18 @@ def environment(device: torch.device) -> dict:
     precision fp32 runs in (cuDNN's and cuBLAS's TF32 flags, the Triton kernels' ``tl.dot`` precision)."""
     env = info.environment(device, [os.path.basename(sys.executable), "-m", "benchmarks", *sys.argv[1:]])
     env.update(threads=torch.get_num_threads(), loadavg=list(os.getloadavg()), precision=precision(),
-               session=os.environ.get("EFFDENSE_SESSION"))
+               session=os.environ.get("EFFDENSE_SESSION"), cpp_cpu=cpp_cpu_build())
     return env
+
+
+def cpp_cpu_build() -> str | None:
+    """The C++ library's CPU code: its manifest's ISA (``avx512``, ``avx2``, ``baseline``) and where
+    ``EFFDENSE_CPU_GEMM`` sends the tile GEMMs (``widest`` unless set); None without the library."""
+    from effdense import _build, _ext
+    if not _ext.available():
+        return None
+    manifest = _build.read_manifest(_ext.C.__file__) or {}
+    return f"{manifest.get('cpu_isa', 'baseline')}, tile GEMM {os.environ.get('EFFDENSE_CPU_GEMM') or 'widest'}"
 
 
 def precision() -> dict:

@@ -1,15 +1,21 @@
-// Register-blocked AVX2/FMA GEMM for the CPU tiles (cpu_tiles.h's gemm() calls it where it applies):
+// Register-blocked AVX2/FMA and AVX-512 GEMMs for the CPU tiles (cpu_tiles.h's gemm() calls them where they apply):
 //   C[m, n] (=|+=) sum_k A(i, k) B[k, j],   A(i, k) = a[i * sai + k * sak] (row-major A or a transposed one),
 //   B row-major [k, n] (ld ldb), C row-major [m, n] (ld ldc).
 // Why not the BLAS: the tiles' products are small and skinny (a few hundred pixel rows against the bottleneck
 // width, 48 for growth rate 12), where MKL packs both operands on every call and scales C in a separate pass
-// for beta = 1. This kernel packs nothing (the operands are tiles already in L1/L2) and its beta = 1 is a load
-// of C into the accumulators; on these shapes it is the faster of the two (A/B: EFFDENSE_CPU_GEMM=blas).
-// Blocking: C in register tiles of MR = 6 rows by NR = 2 vectors (16 floats / 8 doubles: 12 accumulators,
+// for beta = 1. These kernels pack nothing (the operands are tiles
+// already in L1/L2) and their beta = 1 is a load of C into the accumulators; on these shapes they are the
+// faster (A/B: EFFDENSE_CPU_GEMM=blas, or =avx2 for the 256-bit kernel in an AVX-512 build).
+// AVX2 blocking: C in register tiles of MR = 6 rows by NR = 2 vectors (16 floats / 8 doubles: 12 accumulators,
 // two B vectors and one broadcast, 15 of the 16 ymm registers). For each column panel of B (K x NR, in L1),
 // every row block of A streams past it; per k, two B loads, MR broadcasts of A and 2 * MR FMAs. Ragged edges:
-// a row tail is a smaller MR (a template argument), a column tail uses masked loads and stores. Each C
-// element is one FMA chain over k in order (deterministic, independent of m and n).
+// a row tail is a smaller MR (a template argument), a column tail uses masked loads and stores.
+// AVX-512 blocking: MR = 8 rows by up to NV = 3 vectors (48 floats, the bottleneck width at k = 12; 24 doubles):
+// 24 accumulators, three B vectors and a broadcast of the 32 zmm registers; a column tail of one or two vectors
+// (the last one masked) keeps 8 or 16 accumulators. Masked loads and stores only in the panel that needs them
+// (a template argument): in the inner loop of every panel they halved the kernel's rate on AMD Zen 5.
+// Each C element is one FMA chain over k in order in both kernels: results are deterministic, independent of m
+// and n, and the same bits from either kernel.
 #pragma once
 
 #include <algorithm>
@@ -20,6 +26,12 @@
 #define EFFDENSE_AVX2_GEMM 1
 #else
 #define EFFDENSE_AVX2_GEMM 0
+#endif
+
+#if EFFDENSE_AVX2_GEMM && defined(__AVX512F__)
+#define EFFDENSE_AVX512_GEMM 1
+#else
+#define EFFDENSE_AVX512_GEMM 0
 #endif
 
 namespace effdense {
@@ -135,6 +147,127 @@ void gemm_avx2(int64_t m, int64_t n, int64_t K, const A* a, int64_t sai, int64_t
 }
 
 #endif  // EFFDENSE_AVX2_GEMM
+
+#if EFFDENSE_AVX512_GEMM
+
+// The AVX-512 operations the kernel uses, per element type (16 floats or 8 doubles a vector; masks of lanes).
+template <typename A>
+struct Simd512;
+
+template <>
+struct Simd512<float> {
+  using V = __m512;
+  using M = __mmask16;
+  static constexpr int64_t L = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V bcast(const float* p) { return _mm512_set1_ps(*p); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V loadu(const float* p) { return _mm512_loadu_ps(p); }
+  static V load(const float* p, M m) { return _mm512_maskz_loadu_ps(m, p); }
+  static void storeu(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static void store(float* p, M m, V v) { _mm512_mask_storeu_ps(p, m, v); }
+};
+
+template <>
+struct Simd512<double> {
+  using V = __m512d;
+  using M = __mmask8;
+  static constexpr int64_t L = 8;
+  static V zero() { return _mm512_setzero_pd(); }
+  static V bcast(const double* p) { return _mm512_set1_pd(*p); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
+  static V loadu(const double* p) { return _mm512_loadu_pd(p); }
+  static V load(const double* p, M m) { return _mm512_maskz_loadu_pd(m, p); }
+  static void storeu(double* p, V v) { _mm512_storeu_pd(p, v); }
+  static void store(double* p, M m, V v) { _mm512_mask_storeu_pd(p, m, v); }
+};
+
+// Lanes [0, n) of a vector (n in [1, L]).
+template <typename A>
+inline typename Simd512<A>::M lanes512(int64_t n) {
+  return static_cast<typename Simd512<A>::M>((uint32_t{1} << n) - 1);
+}
+
+// Vector v of a row of NV vectors at p: the last one only in the lanes of `last` where MASKED (a masked load or
+// store in the inner loop costs: full panels use plain ones).
+template <typename A, int NV, bool MASKED>
+inline typename Simd512<A>::V vload512(const A* p, int v, typename Simd512<A>::M last) {
+  if (MASKED && v == NV - 1) return Simd512<A>::load(p, last);
+  return Simd512<A>::loadu(p);
+}
+
+template <typename A, int NV, bool MASKED>
+inline void vstore512(A* p, int v, typename Simd512<A>::M last, typename Simd512<A>::V x) {
+  if (MASKED && v == NV - 1) Simd512<A>::store(p, last, x);
+  else Simd512<A>::storeu(p, x);
+}
+
+// One register tile: C[MR, NV vectors] (=|+=) sum_k A(i, k) B[k, :] (with MASKED, the last vector only in the
+// lanes of `last`).
+template <typename A, int MR, int NV, bool MASKED>
+inline void gemm_tile512(int64_t K, const A* a, int64_t sai, int64_t sak, const A* b, int64_t ldb, bool acc, A* c,
+                         int64_t ldc, typename Simd512<A>::M last) {
+  using S = Simd512<A>;
+  typename S::V cv[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v)
+      cv[r][v] = acc ? vload512<A, NV, MASKED>(c + r * ldc + v * S::L, v, last) : S::zero();
+  for (int64_t k = 0; k < K; ++k) {
+    const A* bk = b + k * ldb;
+    typename S::V bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = vload512<A, NV, MASKED>(bk + v * S::L, v, last);
+    const A* ak = a + k * sak;
+    for (int r = 0; r < MR; ++r) {
+      const typename S::V av = S::bcast(ak + r * sai);
+      for (int v = 0; v < NV; ++v) cv[r][v] = S::fma(av, bv[v], cv[r][v]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) vstore512<A, NV, MASKED>(c + r * ldc + v * S::L, v, last, cv[r][v]);
+}
+
+template <typename A, int NV, bool MASKED>
+inline void gemm_rows512(int64_t mr, int64_t K, const A* a, int64_t sai, int64_t sak, const A* b, int64_t ldb,
+                         bool acc, A* c, int64_t ldc, typename Simd512<A>::M last) {
+  switch (mr) {
+    case 8: return gemm_tile512<A, 8, NV, MASKED>(K, a, sai, sak, b, ldb, acc, c, ldc, last);
+    case 7: return gemm_tile512<A, 7, NV, MASKED>(K, a, sai, sak, b, ldb, acc, c, ldc, last);
+    case 6: return gemm_tile512<A, 6, NV, MASKED>(K, a, sai, sak, b, ldb, acc, c, ldc, last);
+    case 5: return gemm_tile512<A, 5, NV, MASKED>(K, a, sai, sak, b, ldb, acc, c, ldc, last);
+    case 4: return gemm_tile512<A, 4, NV, MASKED>(K, a, sai, sak, b, ldb, acc, c, ldc, last);
+    case 3: return gemm_tile512<A, 3, NV, MASKED>(K, a, sai, sak, b, ldb, acc, c, ldc, last);
+    case 2: return gemm_tile512<A, 2, NV, MASKED>(K, a, sai, sak, b, ldb, acc, c, ldc, last);
+    default: return gemm_tile512<A, 1, NV, MASKED>(K, a, sai, sak, b, ldb, acc, c, ldc, last);
+  }
+}
+
+// One column panel of NV vectors (the last masked where MASKED) over all row blocks.
+template <typename A, int NV, bool MASKED>
+void gemm_panel512(int64_t m, int64_t K, const A* a, int64_t sai, int64_t sak, const A* b, int64_t ldb, bool acc,
+                   A* c, int64_t ldc, typename Simd512<A>::M last) {
+  constexpr int64_t MR = 8;
+  for (int64_t i = 0; i < m; i += MR)
+    gemm_rows512<A, NV, MASKED>(std::min(MR, m - i), K, a + i * sai, sai, sak, b, ldb, acc, c + i * ldc, ldc, last);
+}
+
+// C[m, n] (=|+=) A B as gemm_avx2, in column panels of up to 3 vectors.
+template <typename A>
+void gemm_avx512(int64_t m, int64_t n, int64_t K, const A* a, int64_t sai, int64_t sak, const A* b, int64_t ldb,
+                 bool acc, A* c, int64_t ldc) {
+  using S = Simd512<A>;
+  constexpr int64_t NR = 3 * S::L;
+  for (int64_t j = 0; j < n; j += NR) {
+    const int64_t nj = std::min(NR, n - j), nv = (nj + S::L - 1) / S::L;
+    const typename S::M last = lanes512<A>(nj - (nv - 1) * S::L);
+    const bool masked = nj % S::L != 0;
+    auto panel = [&](auto f) { f(m, K, a, sai, sak, b + j, ldb, acc, c + j, ldc, last); };
+    if (nv == 3) masked ? panel(gemm_panel512<A, 3, true>) : panel(gemm_panel512<A, 3, false>);
+    else if (nv == 2) masked ? panel(gemm_panel512<A, 2, true>) : panel(gemm_panel512<A, 2, false>);
+    else masked ? panel(gemm_panel512<A, 1, true>) : panel(gemm_panel512<A, 1, false>);
+  }
+}
+
+#endif  // EFFDENSE_AVX512_GEMM
 
 }  // namespace cpu
 }  // namespace effdense

@@ -35,25 +35,34 @@ namespace cpu {
 
 // ------------------------------------------------------------------------------------------------- GEMM
 
-// Whether EFFDENSE_CPU_GEMM=blas sends every tile GEMM to the BLAS (to compare, or to rule the kernel out).
-inline bool blas_only() {
-  static const bool v = [] {
+// Where the tile GEMMs go: EFFDENSE_CPU_GEMM=blas sends every one to the BLAS, =avx2 keeps an AVX-512 build on
+// the AVX2 kernel (to compare, or to rule a kernel out); by default the widest kernel the build has.
+enum class GemmRoute { kWidest, kAvx2, kBlas };
+
+inline GemmRoute gemm_route() {
+  static const GemmRoute v = [] {
     const char* e = std::getenv("EFFDENSE_CPU_GEMM");
-    return e != nullptr && std::string(e) == "blas";
+    const std::string s = e != nullptr ? e : "";
+    return s == "blas" ? GemmRoute::kBlas : s == "avx2" ? GemmRoute::kAvx2 : GemmRoute::kWidest;
   }();
   return v;
 }
 
 // Row-major C[m, n] = op(A)[m, k] op(B)[k, n] + beta * C, op(A) = A stored [m, k] (ld lda) or, with ta, A^T
 // of A stored [k, m]. Untransposed B with beta 0 or 1 (every tile product of the channels-last paths) goes to
-// cpu_gemm.h's kernel where the build has AVX2/FMA; the rest to the BLAS, which is column-major, where a
-// row-major matrix is its transpose: C^T = op(B)^T op(A)^T.
+// cpu_gemm.h's kernels where the build has AVX2/FMA (AVX-512: the wider one); the rest to the BLAS, which is
+// column-major, where a row-major matrix is its transpose: C^T = op(B)^T op(A)^T.
 template <typename A>
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const A* a, int64_t lda, const A* b, int64_t ldb,
           A beta, A* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
+#if EFFDENSE_AVX512_GEMM
+  if (!tb && (beta == A(0) || beta == A(1)) && gemm_route() == GemmRoute::kWidest)
+    return ta ? gemm_avx512<A>(m, n, k, a, 1, lda, b, ldb, beta == A(1), c, ldc)
+              : gemm_avx512<A>(m, n, k, a, lda, 1, b, ldb, beta == A(1), c, ldc);
+#endif
 #if EFFDENSE_AVX2_GEMM
-  if (!tb && (beta == A(0) || beta == A(1)) && !blas_only())
+  if (!tb && (beta == A(0) || beta == A(1)) && gemm_route() != GemmRoute::kBlas)
     return ta ? gemm_avx2<A>(m, n, k, a, 1, lda, b, ldb, beta == A(1), c, ldc)
               : gemm_avx2<A>(m, n, k, a, lda, 1, b, ldb, beta == A(1), c, ldc);
 #endif

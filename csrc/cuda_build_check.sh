@@ -25,7 +25,8 @@
 #   --download-only    fill the wheel cache and stop (.ci/run starts this early, in the background)
 #   --tests "tests -k cpp"   every cpp-backend test (slower)
 # Environment: EFFDENSE_CUDABUILD_CACHE (default ~/.cache/effdense-cudabuild), CUDA_HOME (default /usr/local/cuda),
-# MAX_JOBS (default: the number of cores).
+# MAX_JOBS (default: the number of cores), EFFDENSE_CPU_ISA (default avx2: the wheel is for the GPU machine, whose
+# CPU this machine cannot see; AVX2 is what x86-64 servers of the H100/H200 era all have).
 # Exit status: 0 all good; 1 setup/download failure; 2 compile or link failure (an undefined symbol shows at
 # import: g++ -shared allows them); 3 wheel/import/registration/cubin failure; 4 test failures.
 # The last line is a one-line summary; the line before it, the time per stage.
@@ -193,8 +194,9 @@ NCUDA=$("$NVCC" --version | grep -o 'release [0-9.]*' | cut -d' ' -f2)
 # ---------------------------------------------------------------- build a wheel
 STAGE=compile
 JOBS=${MAX_JOBS:-$(nproc)}
-step "pip wheel --no-build-isolation (CUDA_HOME=$CUDA_HOME EFFDENSE_CUDA_ARCHS=$ARCHS MAX_JOBS=$JOBS)"
-( cd "$SRC" && CUDA_HOME="$CUDA_HOME" EFFDENSE_REQUIRE_EXT=1 EFFDENSE_CUDA_ARCHS="$ARCHS" MAX_JOBS="$JOBS" \
+ISA="${EFFDENSE_CPU_ISA:-avx2}"
+step "pip wheel --no-build-isolation (CUDA_HOME=$CUDA_HOME EFFDENSE_CUDA_ARCHS=$ARCHS EFFDENSE_CPU_ISA=$ISA MAX_JOBS=$JOBS)"
+( cd "$SRC" && CUDA_HOME="$CUDA_HOME" EFFDENSE_REQUIRE_EXT=1 EFFDENSE_CUDA_ARCHS="$ARCHS" EFFDENSE_CPU_ISA="$ISA" MAX_JOBS="$JOBS" \
     EFFDENSE_BUILD_COMMIT="$COMMIT" nice -n 10 "$VPY" -m pip wheel -v --no-build-isolation --no-deps -w "$WORK/dist" . ) \
   >"$LOGS/build.log" 2>&1
 BRC=$?

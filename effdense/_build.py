@@ -149,9 +149,12 @@ def max_jobs(with_cuda: bool) -> str:
 #: that runs it (pip builds from source), so ``auto`` takes what the building CPU has, like DeepSpeed's op builder
 #: (its CPU ops use the building machine's SIMD width); the manifest records the choice and a CPU without it gets
 #: a clear refusal instead of an illegal instruction. ``-ffp-contract=fast`` lets a*b+c become one FMA (ISO C++
-#: modes turn that off): the tiled BN-ReLU and statistics loops are mostly that.
+#: modes turn that off): the tiled BN-ReLU and statistics loops are mostly that. ``avx512`` (AVX-512F on top) gives
+#: the tile GEMMs 512-bit register tiles (csrc/cpu_gemm.h); the README's CPU speed figures are from such a build.
 CPU_ISAS = {"baseline": ([], ()),
-            "avx2": (["-mavx2", "-mfma", "-mf16c", "-ffp-contract=fast"], ("avx2", "fma", "f16c"))}
+            "avx2": (["-mavx2", "-mfma", "-mf16c", "-ffp-contract=fast"], ("avx2", "fma", "f16c")),
+            "avx512": (["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-ffp-contract=fast"],
+                       ("avx2", "fma", "f16c", "avx512f"))}
 
 
 def cpu_flags() -> set[str]:
@@ -167,12 +170,16 @@ def cpu_flags() -> set[str]:
 
 
 def cpu_isa(spec: str | None = None) -> str:
-    """The ``CPU_ISAS`` entry to build for: ``EFFDENSE_CPU_ISA`` (``auto``, ``avx2`` or ``baseline``), by default
-    ``auto``: ``avx2`` on an x86-64 CPU that has all its flags, else ``baseline``."""
+    """The ``CPU_ISAS`` entry to build for: ``EFFDENSE_CPU_ISA`` (``auto``, ``avx512``, ``avx2`` or ``baseline``),
+    by default ``auto``: the widest of ``avx512`` and ``avx2`` whose flags an x86-64 CPU has all of, else
+    ``baseline``."""
     spec = (spec if spec is not None else os.environ.get("EFFDENSE_CPU_ISA", "auto")).strip().lower()
     if spec == "auto":
-        if platform.machine().lower() in ("x86_64", "amd64") and set(CPU_ISAS["avx2"][1]) <= cpu_flags():
-            return "avx2"
+        if platform.machine().lower() in ("x86_64", "amd64"):
+            have = cpu_flags()
+            for isa in ("avx512", "avx2"):
+                if set(CPU_ISAS[isa][1]) <= have:
+                    return isa
         return "baseline"
     if spec not in CPU_ISAS:
         raise ValueError(f"EFFDENSE_CPU_ISA: expected auto, {', '.join(CPU_ISAS)}, got {spec!r}")

@@ -91,11 +91,12 @@ def run(depths=(100, 196), batch: int | None = None, names: list[str] | None = N
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'depth':>5}  {'backend':<11}{'peak MiB':>10}{'vs naive':>10}{'seconds':>9}"]
+    lines = [f"{'depth':>5}  {'backend':<11}{'peak MiB':>10}{'vs naive':>10}{'step ms':>9}"]
     for r in rows:
         naive = next((q for q in rows if q["depth"] == r["depth"] and q["backend"] == "naive"), None)
         ratio = f"{r['peak_mib'] / naive['peak_mib']:>10.2f}" if naive else f"{'-':>10}"
-        lines.append(f"{r['depth']:>5}  {r['backend']:<11}{r['peak_mib']:>10.1f}{ratio}{r['seconds']:>9.2f}")
+        ms = r["seconds"] * 1e3
+        lines.append(f"{r['depth']:>5}  {r['backend']:<11}{r['peak_mib']:>10.1f}{ratio}{ms:>9.1f}")
     return "\n".join(lines)
 
 

@@ -406,7 +406,7 @@ def _one_step_ops(block, x):
 
 
 def test_cpp_block_conv3x3_ops_once_per_layer_and_direction():
-    """On CPU (AVX2 build, EFFDENSE_CPU_CONV unset) a bottleneck layer's BN2-ReLU and 3x3 convolution are one
+    """On CPU (AVX2 or AVX-512 build, EFFDENSE_CPU_CONV unset) a bottleneck layer's BN2-ReLU and 3x3 convolution are one
     bn_relu_conv3x3_into a step (storing into F) and one bn_relu_conv3x3_backward (no batch_norm_relu_into,
     no ATen convolution, no store_channels); otherwise those (run again under onednn)."""
     kwargs, shape, options = CONFIGS["bc-5x3-channels_last"]
@@ -416,8 +416,8 @@ def test_cpp_block_conv3x3_ops_once_per_layer_and_direction():
     L = kwargs["num_layers"]
     own = _ext.C.cpu_conv3x3()
     manifest = _build.read_manifest(_ext.C.__file__) or {}
-    if "cpu_isa" in manifest:  # an AVX2 build runs its own, unless told not to
-        assert own == (manifest["cpu_isa"] == "avx2" and os.environ.get("EFFDENSE_CPU_CONV") != "onednn")
+    if "cpu_isa" in manifest:  # an AVX2 or AVX-512 build runs its own, unless told not to
+        assert own == (manifest["cpu_isa"] in ("avx2", "avx512") and os.environ.get("EFFDENSE_CPU_CONV") != "onednn")
     fused = (ops.get("effdense::bn_relu_conv3x3_into", 0), ops.get("effdense::bn_relu_conv3x3_backward", 0))
     assert fused == ((L, L) if own else (0, 0)), ops
     assert ops.get("effdense::batch_norm_relu_into", 0) == (0 if own else 2 * L), ops

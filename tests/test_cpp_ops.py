@@ -311,11 +311,15 @@ def test_bn_relu_linear_backward(batch_stats, shape, layout, device, dtype, tol)
         assert rel(_deferred(out, coef, x, mu), ref_dx) < loose
 
 
-# Tile GEMM shapes (csrc/cpu_gemm.h's register tiles: 6 rows by 16 floats / 8 doubles, masked column tails,
-# row tails of 1-5): (pixels, in channels c, out channels B). Pixels 13 over 2 threads make tiles of 7 and 6 rows;
-# the channel counts put each GEMM side below, at, between and past one and two vector widths of both dtypes.
+# Tile GEMM shapes (csrc/cpu_gemm.h's register tiles: AVX2 6 rows by 16 floats / 8 doubles with row tails of
+# 1-5; AVX-512 8 rows by panels of 1-3 vectors of 16 floats / 8 doubles, the last masked or not, row tails of 1-7):
+# (pixels, in channels c, out channels B). Pixels 13 over 2 threads make tiles of 7 and 6 rows, 37 of 19 and 18
+# (two 8-row blocks and tails of 3 and 2); the channel counts put each GEMM side below, at, between and past one,
+# two and three vector widths of both dtypes (c and B are the column counts of the backward's and forward's
+# products).
 GEMM_SHAPES = {"one-row": (1, 1, 1), "row-tail": (13, 3, 5), "vec-f64": (7, 4, 8), "vec-f32": (11, 8, 16),
-               "mask-f64": (9, 9, 9), "mask-f32": (12, 15, 17), "two-panels": (13, 17, 33), "wide": (6, 33, 48)}
+               "mask-f64": (9, 9, 9), "mask-f32": (12, 15, 17), "two-panels": (13, 17, 33), "wide": (6, 33, 48),
+               "full-panels": (37, 48, 24), "panel-tails": (37, 49, 40), "wide-tails": (21, 70, 57)}
 
 
 def _gemm_case(shape, dtype):
@@ -348,18 +352,60 @@ def test_tile_gemm_shapes(shape, dtype, tol):
     assert rel(gx, ref_dx) < tol
 
 
-@pytest.mark.skipif(os.environ.get("EFFDENSE_CPU_GEMM") == "blas", reason="the BLAS run itself")
-def test_tile_gemm_shapes_through_the_blas():
-    """The same table, and the 3x3 convolution's, with EFFDENSE_CPU_GEMM=blas (read once per process: a
-    subprocess), so the BLAS route (all a build without AVX2 has) stays tested on machines that have it."""
+@pytest.mark.parametrize("route", ["blas", "avx2"])
+def test_tile_gemm_shapes_through_each_route(route):
+    """The same table, and the 3x3 convolution's, with EFFDENSE_CPU_GEMM=blas and =avx2 (read once per process: a
+    subprocess), so the BLAS route (all a build without AVX2 has) and the AVX2 kernel (what an AVX-512 build
+    bypasses) stay tested on machines that have them."""
+    if os.environ.get("EFFDENSE_CPU_GEMM") == route:
+        pytest.skip(f"the {route} run itself")
+    r = _run_with_route(route, f"{__file__}::test_tile_gemm_shapes", f"{__file__}::test_bn_relu_conv3x3",
+                        "-k", "not cuda")
+    assert " passed" in r.stdout and "skipped" not in r.stdout.splitlines()[-1], r.stdout[-500:]
+
+
+def _run_with_route(route, *pytest_args):
     import subprocess
     import sys
-    env = dict(os.environ, EFFDENSE_CPU_GEMM="blas")
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                        f"{__file__}::test_tile_gemm_shapes", f"{__file__}::test_bn_relu_conv3x3", "-k", "not cuda"],
+    env = dict(os.environ, EFFDENSE_CPU_GEMM=route)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert " passed" in r.stdout and "skipped" not in r.stdout.splitlines()[-1], r.stdout[-500:]
+    return r
+
+
+def _gemm_digest():
+    """A digest of the bytes of every tile GEMM table case's outputs (forward z, dW, grad_x; both dtypes)."""
+    import hashlib
+    h = hashlib.sha256()
+    for shape in GEMM_SHAPES:
+        for dtype in (torch.float64, torch.float32):
+            x, w, params, _, _ = _gemm_case(shape, dtype)
+            n, c, hh, ww = x.shape
+            z = cl_empty((n, w.shape[0], hh, ww), "cpu", dtype)
+            ops.bn_relu_linear_into(x, *params, 1e-5, w, z, None, None)
+            gx = torch.zeros_like(x).contiguous(memory_format=torch.channels_last)
+            dw, _, _ = ops.bn_relu_linear_backward(x, z, w, *params, 1e-5, False, gx, True)
+            for t in (z, dw, gx):
+                h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_tile_gemm_kernels_give_the_same_bits():
+    """The AVX-512 and the AVX2 kernel run each output element as one FMA chain over k in order: the table's
+    outputs are bitwise the same from either (EFFDENSE_CPU_GEMM=avx2 in a subprocess; in an AVX2 build both
+    take the AVX2 kernel)."""
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = f"import sys; sys.path.insert(0, {here!r}); import test_cpp_ops as t; print(t._gemm_digest())"
+    digests = {}
+    for route in ("", "avx2"):
+        env = dict(os.environ, EFFDENSE_CPU_GEMM=route)
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        digests[route] = r.stdout.split()[-1]
+    assert digests[""] == digests["avx2"], digests
 
 
 # Bottleneck 3x3 convolution shapes (csrc/conv3x3_cpu.cpp): (N, C, H, W, k). A tile is 16384 // (W * 9k) image

@@ -195,15 +195,23 @@ def test_manifest_compare_abi_and_staleness(tmp_path):
 
 
 def test_cpu_isa_flags_and_the_manifest_refuses_a_cpu_without_them(monkeypatch):
-    """EFFDENSE_CPU_ISA: auto takes avx2 where the CPU has avx2, fma and f16c; a library built for avx2 is refused
-    (an ABI difference, not a crash) on a CPU that lacks one of them."""
+    """EFFDENSE_CPU_ISA: auto takes avx512 where the CPU has avx512f beside avx2, fma and f16c, else avx2 where it
+    has those; a library built for an ISA is refused (an ABI difference, not a crash) on a CPU that lacks a flag."""
     monkeypatch.setattr(build_ext, "cpu_flags", lambda: {"sse2", "avx2", "fma", "f16c"})
     monkeypatch.setattr("platform.machine", lambda: "x86_64")
     assert build_ext.cpu_isa("auto") == "avx2" and build_ext.cpu_isa("baseline") == "baseline"
     assert "-mavx2" in build_ext.compile_args(False, [], "avx2")["extra_compile_args"]["cxx"]
+    assert "-mavx512f" not in build_ext.compile_args(False, [], "avx2")["extra_compile_args"]["cxx"]
     assert "-mavx2" not in build_ext.compile_args(False, [], "baseline")["extra_compile_args"]["cxx"]
-    with pytest.raises(ValueError, match="EFFDENSE_CPU_ISA: expected auto, baseline, avx2, got 'avx512'"):
-        build_ext.cpu_isa("avx512")
+    assert "-mavx512f" in build_ext.compile_args(False, [], "avx512")["extra_compile_args"]["cxx"]
+    with pytest.raises(ValueError, match="EFFDENSE_CPU_ISA: expected auto, baseline, avx2, avx512, got 'avx10'"):
+        build_ext.cpu_isa("avx10")
+    monkeypatch.setattr(build_ext, "cpu_flags", lambda: {"sse2", "avx2", "fma", "f16c", "avx512f"})
+    assert build_ext.cpu_isa("auto") == "avx512" and build_ext.cpu_isa("avx2") == "avx2"
+    monkeypatch.setattr("platform.machine", lambda: "aarch64")
+    assert build_ext.cpu_isa("auto") == "baseline"
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    monkeypatch.setattr(build_ext, "cpu_flags", lambda: {"sse2", "avx2", "fma", "f16c"})
     abi = {"python": "cp312", "torch": "2.11.0+cu130", "torch_git": "70d99e998b49", "cuda": "13.0"}
     assert build_ext.compare({**abi, "cpu_isa": "avx2"}, abi) == ([], [])
     monkeypatch.setattr(build_ext, "cpu_flags", lambda: {"sse2", "avx2"})
@@ -212,6 +220,10 @@ def test_cpu_isa_flags_and_the_manifest_refuses_a_cpu_without_them(monkeypatch):
     assert diff == ["cpu_isa avx2 (built) needs CPU flags f16c, fma that this CPU lacks (rebuild here, or with "
                     "EFFDENSE_CPU_ISA=baseline)"]
     assert build_ext.compare(abi, abi) == ([], []), "a manifest from before cpu_isa: baseline"
+    monkeypatch.setattr(build_ext, "cpu_flags", lambda: {"sse2", "avx2", "fma", "f16c"})
+    diff, _ = build_ext.compare({**abi, "cpu_isa": "avx512"}, abi)
+    assert diff == ["cpu_isa avx512 (built) needs CPU flags avx512f that this CPU lacks (rebuild here, or with "
+                    "EFFDENSE_CPU_ISA=baseline)"]
 
 
 @pytest.mark.slow

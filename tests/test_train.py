@@ -230,19 +230,19 @@ def test_sync_bn_with_a_backend_lacking_it_names_the_gap(monkeypatch):
         bn.disable_sync_stats()
 
 
-#: this command measured 82.5% test accuracy (CPU, one thread; 86.9% before the schedule went per step: its cosine
-#: now anneals within each epoch too)
-DIGITS_THRESHOLD = 0.80
+#: this command (seed 0) measured 96.9% test accuracy, and 94.7% / 91.7% with --seed 1 / 3 (CPU, one thread, AMD
+#: EPYC Zen 5, torch 2.13); at 4 epochs the seeds ranged over 54-85%, too short a run to hold a threshold
+DIGITS_THRESHOLD = 0.85
 
 
 def test_short_digits_run_reaches_threshold(tmp_path):
     """The offline quickstart dataset really trains: a short run on scikit-learn's digits beats a stated accuracy."""
     pytest.importorskip("sklearn")
-    argv = ["--dataset", "digits", "--device", "cpu", "--epochs", "4", "--val-size", "0", "--depth", "10",
+    argv = ["--dataset", "digits", "--device", "cpu", "--epochs", "8", "--val-size", "0", "--depth", "10",
             "--growth-rate", "8", "--backend", "naive", "--no-progress", "--output-dir", str(tmp_path)]
     assert train.main(argv) == 0
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["epochs_done"] == 4
+    assert results["epochs_done"] == 8
     assert results["test_acc"] >= DIGITS_THRESHOLD, results
 
 
