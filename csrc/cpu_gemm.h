@@ -150,6 +150,15 @@ void gemm_avx2(int64_t m, int64_t n, int64_t K, const A* a, int64_t sai, int64_t
 
 #if EFFDENSE_AVX512_GEMM
 
+#define EFFDENSE_PRAGMA(x) _Pragma(#x)
+#if defined(__clang__)
+#define EFFDENSE_UNROLL(n) EFFDENSE_PRAGMA(unroll n)
+#elif defined(__GNUC__)
+#define EFFDENSE_UNROLL(n) EFFDENSE_PRAGMA(GCC unroll n)
+#else
+#define EFFDENSE_UNROLL(n)
+#endif
+
 // The AVX-512 operations the kernel uses, per element type (16 floats or 8 doubles a vector; masks of lanes).
 template <typename A>
 struct Simd512;
@@ -208,22 +217,25 @@ template <typename A, int MR, int NV, bool MASKED>
 inline void gemm_tile512(int64_t K, const A* a, int64_t sai, int64_t sak, const A* b, int64_t ldb, bool acc, A* c,
                          int64_t ldc, typename Simd512<A>::M last) {
   using S = Simd512<A>;
+  // Every loop over r and v fully unrolled (the pragmas): otherwise GCC 12 may keep cv in memory, storing all
+  // 24 accumulators to the stack on every k (seen in the 8 x 3 tiles: a third of the kernel's rate).
   typename S::V cv[MR][NV];
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v)
+  EFFDENSE_UNROLL(8) for (int r = 0; r < MR; ++r)
+    EFFDENSE_UNROLL(3) for (int v = 0; v < NV; ++v)
       cv[r][v] = acc ? vload512<A, NV, MASKED>(c + r * ldc + v * S::L, v, last) : S::zero();
   for (int64_t k = 0; k < K; ++k) {
     const A* bk = b + k * ldb;
     typename S::V bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = vload512<A, NV, MASKED>(bk + v * S::L, v, last);
+    EFFDENSE_UNROLL(3) for (int v = 0; v < NV; ++v) bv[v] = vload512<A, NV, MASKED>(bk + v * S::L, v, last);
     const A* ak = a + k * sak;
-    for (int r = 0; r < MR; ++r) {
+    EFFDENSE_UNROLL(8) for (int r = 0; r < MR; ++r) {
       const typename S::V av = S::bcast(ak + r * sai);
-      for (int v = 0; v < NV; ++v) cv[r][v] = S::fma(av, bv[v], cv[r][v]);
+      EFFDENSE_UNROLL(3) for (int v = 0; v < NV; ++v) cv[r][v] = S::fma(av, bv[v], cv[r][v]);
     }
   }
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) vstore512<A, NV, MASKED>(c + r * ldc + v * S::L, v, last, cv[r][v]);
+  EFFDENSE_UNROLL(8) for (int r = 0; r < MR; ++r)
+    EFFDENSE_UNROLL(3) for (int v = 0; v < NV; ++v)
+      vstore512<A, NV, MASKED>(c + r * ldc + v * S::L, v, last, cv[r][v]);
 }
 
 template <typename A, int NV, bool MASKED>
@@ -250,20 +262,25 @@ void gemm_panel512(int64_t m, int64_t K, const A* a, int64_t sai, int64_t sak, c
     gemm_rows512<A, NV, MASKED>(std::min(MR, m - i), K, a + i * sai, sai, sak, b, ldb, acc, c + i * ldc, ldc, last);
 }
 
-// C[m, n] (=|+=) A B as gemm_avx2, in column panels of up to 3 vectors.
+// C[m, n] (=|+=) A B as gemm_avx2, in column panels of up to 3 vectors; where 3-vector panels would leave one
+// vector over, the last four vectors are two panels of 2 (16 accumulators each instead of 24 + 8: an 8 x 1-vector
+// tile waits on its FMA latency; n = 9k = 108 of the 3x3 convolution's GEMMs is such a case).
 template <typename A>
 void gemm_avx512(int64_t m, int64_t n, int64_t K, const A* a, int64_t sai, int64_t sak, const A* b, int64_t ldb,
                  bool acc, A* c, int64_t ldc) {
   using S = Simd512<A>;
-  constexpr int64_t NR = 3 * S::L;
-  for (int64_t j = 0; j < n; j += NR) {
-    const int64_t nj = std::min(NR, n - j), nv = (nj + S::L - 1) / S::L;
+  const int64_t nvec = (n + S::L - 1) / S::L;
+  for (int64_t j = 0, done = 0; j < n;) {  // done: vectors of columns done
+    const int64_t left = nvec - done, nv = left % 3 == 1 && left > 1 && left <= 4 ? 2 : std::min<int64_t>(3, left);
+    const int64_t nj = std::min(nv * S::L, n - j);
     const typename S::M last = lanes512<A>(nj - (nv - 1) * S::L);
     const bool masked = nj % S::L != 0;
     auto panel = [&](auto f) { f(m, K, a, sai, sak, b + j, ldb, acc, c + j, ldc, last); };
     if (nv == 3) masked ? panel(gemm_panel512<A, 3, true>) : panel(gemm_panel512<A, 3, false>);
     else if (nv == 2) masked ? panel(gemm_panel512<A, 2, true>) : panel(gemm_panel512<A, 2, false>);
     else masked ? panel(gemm_panel512<A, 1, true>) : panel(gemm_panel512<A, 1, false>);
+    j += nj;
+    done += nv;
   }
 }
 

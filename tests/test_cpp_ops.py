@@ -312,7 +312,8 @@ def test_bn_relu_linear_backward(batch_stats, shape, layout, device, dtype, tol)
 
 
 # Tile GEMM shapes (csrc/cpu_gemm.h's register tiles: AVX2 6 rows by 16 floats / 8 doubles with row tails of
-# 1-5; AVX-512 8 rows by panels of 1-3 vectors of 16 floats / 8 doubles, the last masked or not, row tails of 1-7):
+# 1-5; AVX-512 8 rows by panels of 1-3 vectors of 16 floats / 8 doubles, the last masked or not, a 3 + 1 vector
+# remainder split 2 + 2 (49 and 57 columns of floats, 49 of doubles), row tails of 1-7):
 # (pixels, in channels c, out channels B). Pixels 13 over 2 threads make tiles of 7 and 6 rows, 37 of 19 and 18
 # (two 8-row blocks and tails of 3 and 2); the channel counts put each GEMM side below, at, between and past one,
 # two and three vector widths of both dtypes (c and B are the column counts of the backward's and forward's
