@@ -286,5 +286,17 @@ void gemm_avx512(int64_t m, int64_t n, int64_t K, const A* a, int64_t sai, int64
 
 #endif  // EFFDENSE_AVX512_GEMM
 
+#if EFFDENSE_AVX2_GEMM
+// C[m, n] (=|+=) A B on the AVX-512 kernel where the build has it and `wide`, else on the AVX2 one.
+template <typename A>
+void gemm_simd(bool wide, int64_t m, int64_t n, int64_t K, const A* a, int64_t sai, int64_t sak, const A* b,
+               int64_t ldb, bool acc, A* c, int64_t ldc) {
+#if EFFDENSE_AVX512_GEMM
+  if (wide) return gemm_avx512<A>(m, n, K, a, sai, sak, b, ldb, acc, c, ldc);
+#endif
+  gemm_avx2<A>(m, n, K, a, sai, sak, b, ldb, acc, c, ldc);
+}
+#endif
+
 }  // namespace cpu
 }  // namespace effdense

@@ -56,15 +56,13 @@ template <typename A>
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const A* a, int64_t lda, const A* b, int64_t ldb,
           A beta, A* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
-#if EFFDENSE_AVX512_GEMM
-  if (!tb && (beta == A(0) || beta == A(1)) && gemm_route() == GemmRoute::kWidest)
-    return ta ? gemm_avx512<A>(m, n, k, a, 1, lda, b, ldb, beta == A(1), c, ldc)
-              : gemm_avx512<A>(m, n, k, a, lda, 1, b, ldb, beta == A(1), c, ldc);
-#endif
 #if EFFDENSE_AVX2_GEMM
-  if (!tb && (beta == A(0) || beta == A(1)) && gemm_route() != GemmRoute::kBlas)
-    return ta ? gemm_avx2<A>(m, n, k, a, 1, lda, b, ldb, beta == A(1), c, ldc)
-              : gemm_avx2<A>(m, n, k, a, lda, 1, b, ldb, beta == A(1), c, ldc);
+  const GemmRoute route = gemm_route();
+  if (!tb && (beta == A(0) || beta == A(1)) && route != GemmRoute::kBlas) {
+    const bool wide = route == GemmRoute::kWidest;
+    return ta ? gemm_simd<A>(wide, m, n, k, a, 1, lda, b, ldb, beta == A(1), c, ldc)
+              : gemm_simd<A>(wide, m, n, k, a, lda, 1, b, ldb, beta == A(1), c, ldc);
+  }
 #endif
   const char opa = ta ? 'T' : 'N', opb = tb ? 'T' : 'N';
   const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
