@@ -286,14 +286,6 @@ std::tuple<std::vector<acc_t<T>>, std::vector<double>, std::vector<double>> line
   return {dW, dg, db};
 }
 
-template <typename T>
-void write_weight(const std::vector<acc_t<T>>& m, const at::Tensor& dw) {  // row-major [B, c] into dw's strides
-  T* pw = dw.data_ptr<T>();
-  for (int64_t b = 0; b < dw.size(0); ++b)
-    for (int64_t ch = 0; ch < dw.size(1); ++ch)
-      pw[b * dw.stride(0) + ch * dw.stride(1)] = static_cast<T>(m[b * dw.size(1) + ch]);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_linear_backward_cpu(
     const at::Tensor& x, const at::Tensor& gz, const at::Tensor& w, const at::Tensor& gamma, const at::Tensor& beta,
     const at::Tensor& mean, const at::Tensor& var, double eps, bool batch_stats, const at::Tensor& gx,

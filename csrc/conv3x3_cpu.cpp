@@ -59,10 +59,11 @@ std::vector<A> tap_weights(const at::Tensor& w, bool transposed) {
   std::vector<A> out(static_cast<size_t>(C * K9));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "effdense_tap_weights", [&] {
     const scalar_t* p = w.const_data_ptr<scalar_t>();
+    const int64_t s0 = w.stride(0), s1 = w.stride(1), s2 = w.stride(2), s3 = w.stride(3);
     for (int64_t o = 0; o < k; ++o)
       for (int64_t c = 0; c < C; ++c)
         for (int64_t t = 0; t < kTaps; ++t) {
-          const A v = static_cast<A>(p[o * w.stride(0) + c * w.stride(1) + (t / 3) * w.stride(2) + (t % 3) * w.stride(3)]);
+          const A v = static_cast<A>(p[o * s0 + c * s1 + (t / 3) * s2 + (t % 3) * s3]);
           out[transposed ? (t * k + o) * C + c : c * K9 + t * k + o] = v;
         }
   });
@@ -75,10 +76,10 @@ inline int64_t conv_rows(int64_t H, int64_t W, int64_t k) {
 }
 
 // y[h - dy + 1, w - dx + 1, :] += T[(h, w), t*k : (t+1)*k] for the r image rows h0.. of T, every tap t whose
-// shifted pixel is inside the image (y: one image, [H * W, k]).
-template <typename A>
-void add_taps(const A* T, A* y, int64_t h0, int64_t r, int64_t H, int64_t W, int64_t k) {
-  const int64_t K9 = kTaps * k;
+// shifted pixel is inside the image (y: one image, [H * W, k]). K: k at compile time, or 0.
+template <typename A, int64_t K>
+void add_taps_k(const A* T, A* y, int64_t h0, int64_t r, int64_t H, int64_t W, int64_t k_) {
+  const int64_t k = K > 0 ? K : k_, K9 = kTaps * k;
   for (int64_t hh = 0; hh < r; ++hh)
     for (int64_t dy = 0; dy < 3; ++dy) {
       const int64_t oh = h0 + hh - dy + 1;
@@ -93,20 +94,35 @@ void add_taps(const A* T, A* y, int64_t h0, int64_t r, int64_t H, int64_t W, int
     }
 }
 
-// G[(h, w), t*k : (t+1)*k] = g[h - dy + 1, w - dx + 1, :] (0 outside the image) for the r image rows h0..
-// (g: one image, [H * W, k]).
 template <typename A>
-void im2col(const A* g, A* G, int64_t h0, int64_t r, int64_t H, int64_t W, int64_t k) {
-  const int64_t K9 = kTaps * k;
+void add_taps(const A* T, A* y, int64_t h0, int64_t r, int64_t H, int64_t W, int64_t k) {
+  with_width(k, [&](auto K) { add_taps_k<A, decltype(K)::value>(T, y, h0, r, H, W, k); });
+}
+
+// G[(h, w), t*k : (t+1)*k] = g[h - dy + 1, w - dx + 1, :] (0 outside the image) for the r image rows h0..
+// (g: one image, [H * W, k]). K: k at compile time, or 0.
+template <typename A, int64_t K>
+void im2col_k(const A* g, A* G, int64_t h0, int64_t r, int64_t H, int64_t W, int64_t k_) {
+  const int64_t k = K > 0 ? K : k_, K9 = kTaps * k;
   for (int64_t hh = 0; hh < r; ++hh)
     for (int64_t w = 0; w < W; ++w) {
       A* __restrict__ d = G + (hh * W + w) * K9;
       for (int64_t t = 0; t < kTaps; ++t) {
         const int64_t sh = h0 + hh - t / 3 + 1, sw = w - t % 3 + 1;
-        if (sh < 0 || sh >= H || sw < 0 || sw >= W) std::fill(d + t * k, d + (t + 1) * k, A(0));
-        else std::copy(g + (sh * W + sw) * k, g + (sh * W + sw + 1) * k, d + t * k);
+        A* __restrict__ dt = d + t * k;
+        if (sh < 0 || sh >= H || sw < 0 || sw >= W) {
+          for (int64_t o = 0; o < k; ++o) dt[o] = A(0);
+        } else {
+          const A* __restrict__ src = g + (sh * W + sw) * k;
+          for (int64_t o = 0; o < k; ++o) dt[o] = src[o];
+        }
       }
     }
+}
+
+template <typename A>
+void im2col(const A* g, A* G, int64_t h0, int64_t r, int64_t H, int64_t W, int64_t k) {
+  with_width(k, [&](auto K) { im2col_k<A, decltype(K)::value>(g, G, h0, r, H, W, k); });
 }
 
 // With out_mean/out_var, also the per-channel batch statistics of out (each image one TileMoments tile).
@@ -182,11 +198,11 @@ at::Tensor bn_relu_conv3x3_backward_impl(const at::Tensor& x, const at::Tensor& 
     for (int64_t i = 0; i < nw; ++i) part[i] += part[g * nw + i];
   at::Tensor gw = at::empty_like(w);
   T* pw = gw.data_ptr<T>();
+  const int64_t s0 = gw.stride(0), s1 = gw.stride(1), s2 = gw.stride(2), s3 = gw.stride(3);
   for (int64_t o = 0; o < k; ++o)
     for (int64_t c = 0; c < C; ++c)
       for (int64_t tap = 0; tap < kTaps; ++tap)
-        pw[o * gw.stride(0) + c * gw.stride(1) + (tap / 3) * gw.stride(2) + (tap % 3) * gw.stride(3)] =
-            static_cast<T>(part[c * K9 + tap * k + o]);
+        pw[o * s0 + c * s1 + (tap / 3) * s2 + (tap % 3) * s3] = static_cast<T>(part[c * K9 + tap * k + o]);
   return gw;
 }
 

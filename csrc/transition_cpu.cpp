@@ -207,9 +207,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transition_backward_i
   auto [dg, db] = sums.finish(bn.invstd);
   if (batch_stats) apply_correction<T, T>(x, gx, bn, std::nullopt, dg, db);
   at::Tensor dw = at::empty_like(w);
-  T* pw = dw.data_ptr<T>();
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t ch = 0; ch < C; ++ch) pw[b * dw.stride(0) + ch * dw.stride(1)] = static_cast<T>(dW[b * C + ch]);
+  write_weight<T>(dW, dw);
   return {gx, tensor_like(dg, gamma), tensor_like(db, beta), dw};
 }
 

@@ -411,9 +411,11 @@ def test_tile_gemm_kernels_give_the_same_bits():
 
 # Bottleneck 3x3 convolution shapes (csrc/conv3x3_cpu.cpp): (N, C, H, W, k). A tile is 16384 // (W * 9k) image
 # rows, so "row-tiles" (4 rows) and "wide-k" (3 rows) end on a partial tile; "one-pixel" has no tap inside the
-# image but the centre; N = 3 splits 2 + 1 over two threads (grad_w's partial sums merged).
+# image but the centre; N = 3 splits 2 + 1 over two threads (grad_w's partial sums merged). The shifted adds and
+# im2col have compile-time copies for k = 12, 16, 24, 32, 40, 48 (with_k) and a run-time one for the rest (3, 5).
 CONV3X3_SHAPES = {"one-pixel": (2, 5, 1, 1, 3), "small": (3, 7, 5, 4, 5), "row-tiles": (2, 20, 11, 33, 12),
-                  "wide-k": (1, 9, 7, 16, 32), "bc-layer": (3, 48, 8, 8, 12)}
+                  "wide-k": (1, 9, 7, 16, 32), "bc-layer": (3, 48, 8, 8, 12), "k16": (2, 6, 5, 7, 16),
+                  "k24": (1, 5, 4, 6, 24), "k40": (1, 4, 3, 5, 40), "k48": (2, 3, 4, 3, 48)}
 
 
 @pytest.mark.parametrize("shape", list(CONV3X3_SHAPES))
