@@ -246,7 +246,7 @@ void gather_planes(const View& v, const T* x, int64_t p0, int64_t p1, A* dst, in
     for (int64_t ch = 0; ch < v.C; ++ch) {
       const T* __restrict__ s = x + o + ch * v.sC;
       // the start of a run two channels ahead: a new stream, which the hardware prefetchers pick up late
-      for (int64_t k = 0; k < 4 * line && k < len; k += line) __builtin_prefetch(s + 2 * v.sC + k);
+      prefetch_span(s + 2 * v.sC, std::min(len, 4 * line));
       A* __restrict__ d = dst + ch * ld + r0;
       for (int64_t j = 0; j < len; ++j) d[j] = f(static_cast<A>(s[j]), ch);
     }
