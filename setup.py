@@ -199,7 +199,7 @@ setup(
         "tensorboard": ["tensorboard"],
         "test": ["pytest>=7", "pytest-timeout", "scikit-learn", 'triton>=3.2; platform_system == "Linux"'],
     },
-    entry_points={"console_scripts": ["effdense-train = effdense.train:main", "effdense-eval = effdense.eval:main"]},
+    entry_points={"console_scripts": ["effdense-train = effdense.train.run:main", "effdense-eval = effdense.train.eval:main"]},
     zip_safe=False,
     **_kwargs(),
 )

@@ -23,7 +23,7 @@ if not torch.cuda.is_available():
 from . import report  # noqa: E402
 from .common import ALL_BACKENDS, RESULTS, SCHEMA, device_slug, environment  # noqa: E402
 from .suites import SUITES  # noqa: E402
-from effdense.checkpoint_io import atomic_write_text  # noqa: E402
+from effdense.train.checkpoints import atomic_write_text  # noqa: E402
 
 #: where ``--quick`` results go unless ``--out`` is given
 QUICK_RESULTS = os.path.join(tempfile.gettempdir(), "effdense-benchmarks-quick")

@@ -11,7 +11,8 @@ from collections.abc import Callable
 import torch
 
 import effdense
-from effdense import backends, info
+from effdense import backends
+from effdense.tools import info
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -19,10 +20,12 @@ SCHEMA = 1
 #: ``compile`` is ``naive`` under ``torch.compile``; the rest are block backends
 ALL_BACKENDS = ["naive", "checkpoint", "torch", "cpp", "triton", "compile"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: the memory layouts the speed suite runs a model and its input in
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 def environment(device: torch.device) -> dict:
-    """Device, driver, versions, commit and command of this run (:func:`effdense.info.environment`), with what
+    """Device, driver, versions, commit and command of this run (:func:`effdense.tools.info.environment`), with what
     timings depend on: the intra-op threads, the machine's load averages (1, 5, 15 min) at the start, and the
     precision fp32 runs in (cuDNN's and cuBLAS's TF32 flags, the Triton kernels' ``tl.dot`` precision)."""
     env = info.environment(device, [os.path.basename(sys.executable), "-m", "benchmarks", *sys.argv[1:]])

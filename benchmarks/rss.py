@@ -1,6 +1,6 @@
 """The resident memory a CPU training step adds, in a fresh process, beside the allocator's peak.
 
-The allocator's peak (:func:`effdense.memory.measure_step`) counts what PyTorch's CPU allocator hands out; what a
+The allocator's peak (:func:`effdense.tools.measure.measure_step`) counts what PyTorch's CPU allocator hands out; what a
 machine must have is the process's resident memory, which also holds anything allocated past PyTorch (a
 backend's own ``std::vector``, a library's scratch) and glibc's free heap. This measures how far a step raises
 the resident set: the high-water mark is reset through ``/proc/self/clear_refs`` after freed heap memory is
@@ -24,6 +24,11 @@ from collections.abc import Callable
 
 import torch
 
+from effdense import release_workspace
+from effdense.tools.measure import measure_step
+
+from .common import LAYOUTS, Step, build_model, input_size
+
 #: the environment of the ``fixed_mmap`` figure: blocks from 1 MiB up are mapped and unmapped one by one
 FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": str(2 ** 20)}
 TIMEOUT_S = 600
@@ -40,13 +45,12 @@ def _proc_status_kib(field: str) -> int:
 def rss_step_bytes(step: Callable[[], object]) -> int | None:
     """How far ``step()`` raises this process's resident memory at its high point (VmHWM after it minus VmRSS
     before it; see the module docstring). None where ``/proc/self/clear_refs`` is missing (not Linux)."""
-    from effdense.memory import release_workspaces
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
         return None
-    release_workspaces()
+    release_workspace()
     try:
         import ctypes
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -62,9 +66,6 @@ def rss_step_bytes(step: Callable[[], object]) -> int | None:
 def probe(name: str, depth: int | None, k: int, backend: str, batch: int, dtype: str, layout: str,
           warmup: int = 3, reps: int = 3) -> dict:
     """Allocator peak and median resident-memory rise of a warm training step, in this process."""
-    from .common import Step, build_model, input_size
-    from .suites import LAYOUTS
-    from effdense.memory import measure_step
     torch.manual_seed(0)
     model = build_model(name, depth, k, backend, torch.device("cpu")).to(memory_format=LAYOUTS[layout])
     step = Step(model, batch, input_size(name), dtype, torch.device("cpu"))

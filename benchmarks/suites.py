@@ -14,11 +14,11 @@ from collections.abc import Callable
 import torch
 
 import effdense
-from effdense.launches import Launches, count_launches, label_blocks
-from effdense.memory import measure_step
+from effdense.tools.launches import Launches, count_launches, label_blocks
+from effdense.tools.measure import measure_step
 
 from . import floors
-from .common import DTYPES, Step, backend_unavailable, build_model, input_size, is_oom, median_ms, sync
+from .common import DTYPES, LAYOUTS, Step, backend_unavailable, build_model, input_size, is_oom, median_ms, sync
 from .rss import rss_fields
 
 GiB = 2 ** 30
@@ -139,10 +139,6 @@ def _variants(backends: list[str], device: torch.device, dtype: str) -> list[tup
         if "compile" in backends:
             out.append(("compile", "compile-reduce-overhead"))
     return out
-
-
-#: the speed suite's ``layouts``: the memory format of the input batch and of the model's parameters
-LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 class _Timed:
@@ -560,7 +556,7 @@ def _count_step(depth: int, k: int, backend: str, batch: int, size: int, device:
                 drop_rate: float = 0.0) -> Launches:
     """Launches of one training step (forward, cross-entropy, backward) after one warm-up step, whose
     gradients the counted step accumulates into (as the baseline count did: one ``add_`` per parameter tensor,
-    the same for every backend); host syncs labelled by dense block (:func:`effdense.launches.label_blocks`)."""
+    the same for every backend); host syncs labelled by dense block (:func:`effdense.tools.launches.label_blocks`)."""
     torch.manual_seed(0)
     model = effdense.densenet_cifar(depth=depth, growth_rate=k, drop_rate=drop_rate, backend=backend).to(device)
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -577,7 +573,7 @@ def _count_step(depth: int, k: int, backend: str, batch: int, size: int, device:
 def launches(device: torch.device, quick: bool, backends: list[str], overrides: dict | None = None,
              rows: list | None = None) -> tuple[dict, list[dict]]:
     """Kernel launches and host syncs of one training step per backend and depth (DenseNet-BC k=12), counted
-    with :func:`effdense.launches.count_launches`: leaf ATen ops that launch a kernel, plus Triton launches
+    with :func:`effdense.tools.launches.count_launches`: leaf ATen ops that launch a kernel, plus Triton launches
     (in a dry run where the kernels run in Triton's interpreter). Launches are counted without dropout (the
     baseline's protocol), host syncs in a second step with dropout (``sync_drop_rate``: dropout seeds are where
     a block would sync). Counts do not depend on the image size or the batch: a small step is enough, on CPU

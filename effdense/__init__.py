@@ -7,7 +7,8 @@
 from .backends import AUTO_ORDER, BACKENDS
 from .block import DenseLayer, EfficientDenseBlock
 from .models import (MODELS, EfficientDenseNet, Transition, cifar_block_config, densenet121, densenet161,
-                     densenet169, densenet201, densenet264, densenet_cifar, load_weights)
+                     densenet169, densenet201, densenet264, densenet_cifar)
+from .weights import load_weights
 
 __version__ = "0.1.0"
 

@@ -211,7 +211,7 @@ def compiled_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: C
 
 
 def train_step_for(device: torch.device, amp: torch.dtype | None, world: int, compiled: str | None):
-    """``effdense-train --cuda-graphs``: a drop-in for :func:`effdense.train.train_step` (same arguments, same
+    """``effdense-train --cuda-graphs``: a drop-in for :func:`effdense.train.step.train_step` (same arguments, same
     detached ``(loss, logits)``) that captures the step on its first batch and replays it for every later one.
     Raises ``ValueError`` saying why where a captured step cannot run."""
     if device.type != "cuda":

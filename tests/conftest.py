@@ -1,10 +1,14 @@
-"""Shared test setup. Triton's interpreter must be chosen before ``triton`` is first imported: without a
-GPU the tests run every Triton kernel through ``TRITON_INTERPRET=1``."""
+"""Shared test setup. The test folders mirror the code (``models/``, ``backends/``, ``kernels/``, ``csrc/``, ``train/``,
+``tools/``, ``benchmarks/``) and share ``tests/utils.py``, which this puts on ``sys.path``. Triton's interpreter must
+be chosen before ``triton`` is first imported: without a GPU the tests run every Triton kernel through
+``TRITON_INTERPRET=1``."""
 import os
+import sys
 
 import pytest
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # `from utils import ...` in every folder
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -325,9 +325,9 @@ def _allocations(fn) -> list[int]:
 def test_cpp_workspace_is_kept_across_steps_and_released_on_request():
     """The CPU block driver's transients come from one workspace held across layers, blocks and steps: after a
     warm-up step, a step allocates nothing as large as it; release_workspace frees it, and the next step
-    allocates it once (which effdense.memory.measure_step relies on to count it in a step's peak)."""
+    allocates it once (which effdense.tools.measure.measure_step relies on to count it in a step's peak)."""
     from effdense.backends import cpp_backend
-    from effdense.memory import measure_step, training_step
+    from effdense.tools.measure import measure_step, training_step
 
     torch.manual_seed(0)
     model = effdense.densenet_cifar(depth=16, growth_rate=6, backend="cpp")
@@ -401,7 +401,7 @@ def test_cuda_cpp_block_matches_torch(label, dtype, tol, fused, monkeypatch):
 # ---------------------------------------------------------------------------------------- kept bottlenecks
 
 def _one_step_ops(block, x):
-    from effdense.launches import count_launches
+    from effdense.tools.launches import count_launches
     return count_launches(lambda: block(x).square().sum().backward()).ops
 
 
@@ -430,7 +430,7 @@ def test_cpp_block_conv3x3_ops_once_per_layer_and_direction():
 def test_cpp_kept_bottlenecks_replace_the_backward_recompute_and_only_with_a_backward():
     """keep_bottleneck: each layer's BN-ReLU-GEMM runs once per step (forward) instead of twice, and under no_grad
     nothing is kept (the forward's peak is the recomputing one's)."""
-    from effdense.memory import CPUAllocatorBytes
+    from effdense.tools.measure import CPUAllocatorBytes
     kwargs, shape, options = CONFIGS["bc-7x7"]
     x = make_input(shape, options)
     counts, peaks = {}, {}

@@ -63,7 +63,9 @@ def check_batch_size(shape: torch.Size | tuple) -> None:
 def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance of ``x`` ``[N, c, H, W]`` in the accumulation dtype.
 
-    ``torch.var_mean`` uses Welford's merge, which stays accurate where a raw sum of squares cancels.
+    ``torch.var_mean`` uses Welford's merge, which stays accurate where a raw sum of squares cancels. Its mean is
+    NaN for a channel holding an infinity, where ``nn.BatchNorm2d``'s (a sum over the count) is that infinity:
+    there the sum's is taken, so non-finite values reach the statistics exactly as in ``naive``.
     """
     if x.numel() == 0:  # an empty batch has no statistics (nn.BatchNorm2d leaves its running ones alone)
         if _SYNC["on"]:  # ... but takes part in the merge, so the other processes do not wait for it
@@ -71,8 +73,11 @@ def channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
             return sync_channel_stats(zero, zero, 0)
         nan = torch.full((x.shape[1],), float("nan"), dtype=acc_dtype(x.dtype), device=x.device)
         return nan, nan.clone()
-    var, mean = torch.var_mean(x.to(acc_dtype(x.dtype)), dim=(0, 2, 3), correction=0)
-    return sync_channel_stats(mean, var, x.shape[0] * x.shape[2] * x.shape[3])
+    n = x.shape[0] * x.shape[2] * x.shape[3]
+    xa = x.to(acc_dtype(x.dtype))
+    var, mean = torch.var_mean(xa, dim=(0, 2, 3), correction=0)
+    mean = torch.where(torch.isnan(mean), xa.sum(dim=(0, 2, 3)) / n, mean)
+    return sync_channel_stats(mean, var, n)
 
 
 def sync_channel_stats(mean: Tensor, var: Tensor, n: int) -> tuple[Tensor, Tensor]:
@@ -125,8 +130,9 @@ def update_running_stats(norm: nn.BatchNorm2d, mean: Tensor, var: Tensor, n: int
         else:
             unbiased = var * (n / (n - 1)) if n > 1 else var
         factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
-        norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), factor)
-        norm.running_var.lerp_(unbiased.to(norm.running_var.dtype), factor)
+        # (1 - f) * old + f * new, as nn.BatchNorm2d computes it (a lerp would turn an infinity into NaN)
+        norm.running_mean.mul_(1 - factor).add_(mean.to(norm.running_mean.dtype), alpha=factor)
+        norm.running_var.mul_(1 - factor).add_(unbiased.to(norm.running_var.dtype), alpha=factor)
 
 
 def scale_shift(norm: nn.BatchNorm2d, mean: Tensor | None, var: Tensor | None, dtype: torch.dtype,
@@ -152,11 +158,12 @@ def bn_relu(x: Tensor, scale: Tensor, shift: Tensor, out_dtype: torch.dtype | No
 
 
 def bn_relu_backward(x: Tensor, grad_y: Tensor, scale: Tensor, shift: Tensor, mean: Tensor, invstd: Tensor,
-                     batch_stats: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of ``y = relu(gamma * xhat + beta)`` w.r.t. ``x``, ``gamma`` and ``beta``.
+                     batch_stats: bool, relu: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``y = relu(gamma * xhat + beta)`` (of ``gamma * xhat + beta`` with ``relu=False``) w.r.t. ``x``,
+    ``gamma`` and ``beta``.
 
     Let ``g = grad_y * [y > 0]`` (the ReLU passes the gradient where its output is positive or NaN, as
-    ``threshold_backward`` does). With sums over the ``P`` pixels of a channel::
+    ``threshold_backward`` does; ``g = grad_y`` without it). With sums over the ``P`` pixels of a channel::
 
         dbeta  = sum(g)
         dgamma = sum(g * xhat)
@@ -170,8 +177,9 @@ def bn_relu_backward(x: Tensor, grad_y: Tensor, scale: Tensor, shift: Tensor, me
     """
     dt = scale.dtype
     x = x.to(dt)
-    pre = torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1))
-    g = grad_y.to(dt).masked_fill(pre <= 0, 0)
+    g = grad_y.to(dt)
+    if relu:
+        g = g.masked_fill(torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1)) <= 0, 0)
     xhat = (x - mean.view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)
     dbeta = g.sum(dim=(0, 2, 3))
     dgamma = (g * xhat).sum(dim=(0, 2, 3))
@@ -180,3 +188,44 @@ def bn_relu_backward(x: Tensor, grad_y: Tensor, scale: Tensor, shift: Tensor, me
         sum_g, sum_gx, n = sync_grad_sums(dbeta, dgamma, n)
         g = g - (sum_g / n).view(1, -1, 1, 1) - xhat * (sum_gx / n).view(1, -1, 1, 1)
     return g.mul_(scale.view(1, -1, 1, 1)), dgamma, dbeta    # parameter gradients stay local (DDP averages)
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """``gamma * xhat + beta`` in training mode with the statistics of every process: :func:`channel_stats` merges
+    them, :func:`update_running_stats` counts every process's pixels, and the backward is :func:`bn_relu_backward`
+    without the ReLU, whose per-channel sums span the processes too."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, norm: nn.BatchNorm2d) -> Tensor:
+        mean, var = channel_stats(x)
+        update_running_stats(norm, mean, var, x.shape[0] * x.shape[2] * x.shape[3])
+        scale, shift, mu, invstd = scale_shift(norm, mean, var, acc_dtype(x.dtype), (weight, bias))
+        ctx.save_for_backward(x, scale, shift, mu, invstd)
+        return torch.addcmul(shift.view(1, -1, 1, 1), x.to(scale.dtype), scale.view(1, -1, 1, 1)).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        x, scale, shift, mu, invstd = ctx.saved_tensors
+        gx, dgamma, dbeta = bn_relu_backward(x, grad_y, scale, shift, mu, invstd, True, relu=False)
+        need = ctx.needs_input_grad
+        return gx.to(x.dtype), dgamma if need[1] else None, dbeta if need[2] else None, None
+
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` whose batch statistics span every process while :func:`enable_sync_stats` is on, on any
+    device (``nn.SyncBatchNorm`` runs on GPUs only), with the arithmetic of this module; otherwise (eval mode, sync
+    off) it is ``nn.BatchNorm2d``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (uses_batch_stats(self) and sync_stats_enabled()):
+            return super().forward(x)
+        return _SyncBatchNormFunction.apply(x, self.weight, self.bias, self)
+
+
+def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
+    """Turn every plain ``nn.BatchNorm2d`` of ``model`` into a :class:`SyncBatchNorm2d`, in place (same parameters,
+    buffers and ``state_dict`` keys)."""
+    for m in model.modules():
+        if type(m) is nn.BatchNorm2d:
+            m.__class__ = SyncBatchNorm2d
+    return model

@@ -1,4 +1,4 @@
-"""``"cpp"``: the memory-efficient dense block of DESIGN.md run from C++ (csrc/, ``effdense._C``).
+"""``"cpp"``: the memory-efficient dense block of docs/DESIGN.md run from C++ (csrc/, ``effdense._C``).
 
 One operator call runs the whole block forward (``torch.ops.effdense.dense_block_forward``) and one the whole
 backward (``dense_block_backward``): per layer a fixed handful of effdense ops (BN-ReLU and the bottleneck
@@ -25,8 +25,8 @@ from torch import Tensor, nn
 
 from .. import _ext
 from .base import FLOAT_DTYPES, Backend
-from .bn import acc_dtype, check_batch_size, sync_stats_enabled, uses_batch_stats
-from .torch_backend import compute_dtype, memory_format
+from .bn import acc_dtype, uses_batch_stats
+from .common import BlockSetup, fused_transition, memory_format, no_autocast, refuse_double_backward
 
 NAME = "cpp"
 
@@ -209,9 +209,7 @@ def _setup_block(ctx, inputs, output):
 
 
 def _backward_block(ctx, grad_feat, *unused):
-    if torch.is_grad_enabled():   # the C++ backward is not differentiable: refuse rather than compute it wrong
-        raise RuntimeError(f"the {NAME!r} dense-block backend does not support double backward "
-                           "(create_graph=True); use backend='naive' for higher-order gradients")
+    refuse_double_backward(NAME)   # the C++ backward is not differentiable: refuse rather than compute it wrong
     if grad_feat is None:
         return (None, *[[None] * n for n in ctx.lengths[:6]], *ctx.no_grads)
     feat, mean, var, mean2, var2, mask, kept, *flat = ctx.saved_tensors
@@ -234,9 +232,7 @@ def _setup_transition(ctx, inputs, output):
 
 
 def _backward_transition(ctx, grad_y, *unused):
-    if torch.is_grad_enabled():
-        raise RuntimeError(f"the {NAME!r} transition does not support double backward (create_graph=True); use "
-                           "backend='naive' for higher-order gradients")
+    refuse_double_backward(NAME, "transition")
     if grad_y is None:
         return (None,) * 7
     x, gamma, beta, mean, var, weight = ctx.saved_tensors
@@ -321,11 +317,9 @@ def block_forward(x: Tensor, layers: Sequence[nn.Module], keep_bottleneck: bool 
     """Run a dense block (``layers`` with ``norm1``/``conv1``[/``norm2``/``conv2``]) on ``x`` from C++; with
     ``keep_bottleneck`` (and a backward to come) each layer's bottleneck is kept for backward instead of
     recomputed there (:func:`effdense.memory.bottleneck_plan`)."""
-    if any(uses_batch_stats(layer.norm1) for layer in layers):
-        check_batch_size(x.shape)
-    bottleneck = getattr(layers[0], "norm2", None) is not None
-    cdt = compute_dtype(x)
-    with torch.autocast(x.device.type, enabled=False):
+    setup = BlockSetup.of(x, layers)
+    bottleneck, cdt = setup.bottleneck, setup.compute_dtype
+    with no_autocast(x):
         norm1 = [layer.norm1 for layer in layers]
         norm2 = [layer.norm2 for layer in layers] if bottleneck else []
         g1, b1, rm1, rv1, eps1 = _norm_args(norm1, x)
@@ -348,33 +342,23 @@ def block_forward(x: Tensor, layers: Sequence[nn.Module], keep_bottleneck: bool 
     return feat
 
 
-def _plain_conv1x1(conv: nn.Conv2d) -> bool:
-    return (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding in ((0, 0), "valid")
-            and conv.dilation == (1, 1) and conv.groups == 1)
+def _fused_transition(x: Tensor, norm: nn.BatchNorm2d, conv: nn.Conv2d, cdt: torch.dtype) -> Tensor:
+    batch = uses_batch_stats(norm)
+    gamma, beta, rm, rv, eps = _norm_args([norm], x)
+    y, mean, var = torch.ops.effdense.transition_forward(x.to(cdt), gamma[0], beta[0], rm[0], rv[0], eps[0],
+                                                         conv.weight.to(cdt))
+    if batch:
+        _update_running([norm], mean, var, x.shape[0] * x.shape[2] * x.shape[3])
+    return y
 
 
 def transition_forward(x: Tensor, norm: nn.BatchNorm2d, conv: nn.Conv2d) -> Tensor:
     """The DenseNet transition ``conv1x1(avgpool2x2(relu(norm(x))))`` (``effdense.models.Transition``, pooling
     first) in two ops, ``effdense::transition_forward``/``transition_backward``: with ``norm``'s batch statistics
     (its running ones updated once) in training mode, its running statistics in eval mode; nothing of ``x``'s size
-    is kept for backward beyond ``x``. Cases the ops do not cover (an empty batch, H or W below 2, a conv other than
-    a plain 1x1, a norm other than a plain ``nn.BatchNorm2d``, cross-process statistics) run in PyTorch."""
-    if (x.numel() == 0 or x.shape[2] < 2 or x.shape[3] < 2 or not _plain_conv1x1(conv)
-            or type(norm) is not nn.BatchNorm2d or sync_stats_enabled()):
-        return conv(nn.functional.avg_pool2d(nn.functional.relu(norm(x)), 2))
-    batch = uses_batch_stats(norm)
-    if batch:
-        check_batch_size(x.shape)
-    cdt = compute_dtype(x)
-    with torch.autocast(x.device.type, enabled=False):
-        gamma, beta, rm, rv, eps = _norm_args([norm], x)
-        y, mean, var = torch.ops.effdense.transition_forward(x.to(cdt), gamma[0], beta[0], rm[0], rv[0], eps[0],
-                                                             conv.weight.to(cdt))
-        if batch:
-            _update_running([norm], mean, var, x.shape[0] * x.shape[2] * x.shape[3])
-    if conv.bias is not None:
-        y = y + conv.bias.to(y.dtype).view(1, -1, 1, 1)
-    return y
+    is kept for backward beyond ``x``. The cases the ops do not cover run in PyTorch
+    (:func:`~.common.fused_transition`)."""
+    return fused_transition(x, norm, conv, _fused_transition)
 
 
 def unavailable(device: torch.device, dtype: torch.dtype) -> str | None:

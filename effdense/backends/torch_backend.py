@@ -1,4 +1,4 @@
-"""``"torch"``: the memory-efficient dense block of DESIGN.md in plain PyTorch, the executable specification
+"""``"torch"``: the memory-efficient dense block of docs/DESIGN.md in plain PyTorch, the executable specification
 that the kernel backends are tested against.
 
 One ``autograd.Function`` per block:
@@ -31,27 +31,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bn import (acc_dtype, bn_relu, bn_relu_backward, channel_stats, check_batch_size, scale_shift,
-                 update_running_stats, uses_batch_stats)
+from .bn import acc_dtype, bn_relu, bn_relu_backward, channel_stats, scale_shift, update_running_stats, uses_batch_stats
+from .common import BlockSetup, memory_format, no_autocast, run_backward, save_block
 
 
 @dataclass
 class _Ctx:
-    """Non-tensor arguments of the block function."""
+    """Non-tensor arguments of the block function: the block's setup, and what its forward records per layer."""
 
-    layers: Sequence[nn.Module]
-    compute_dtype: torch.dtype
-    growth_rate: int
+    setup: BlockSetup
     rng_states: list = field(default_factory=list)   # per layer: RNG state before its dropout mask, or None
     bs1: list = field(default_factory=list)          # per layer: does norm1 normalize with batch statistics
     running: list = field(default_factory=list)      # per layer: [norm1, norm2] running (mean, var) used, or None
-
-
-def memory_format(x: Tensor) -> torch.memory_format:
-    """Channels-last when ``x`` is laid out channels-last (also as a strided view), else contiguous."""
-    if x.dim() == 4 and not x.is_contiguous() and x.stride(1) == min(x.stride()) and x.shape[1] > 1:
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def init_features(x: Tensor, num_layers: int, k: int, cdt: torch.dtype, batch_stats: bool):
@@ -111,43 +102,6 @@ def _dropout_mask(like: Tensor, p: float, state: Tensor | None = None) -> Tensor
         return F.dropout(torch.ones_like(like), p, training=True)
 
 
-def _split(params: Sequence[Tensor | None], num_layers: int) -> list[Sequence[Tensor | None]]:
-    """The flat parameter list of the block function, per layer (see :func:`_layer_params`)."""
-    per = len(params) // num_layers
-    return [params[i * per:(i + 1) * per] for i in range(num_layers)]
-
-
-def _cast(w: Tensor | None, dt: torch.dtype) -> Tensor | None:
-    return None if w is None else w.to(dt)
-
-
-def save_block(ctx, cfg, stats2: list, feat: Tensor, mean: Tensor | None, var: Tensor | None,
-               params: Sequence[Tensor | None], x_dtype: torch.dtype) -> None:
-    """What a block function keeps for backward: ``F``, the channel statistics and the parameter tensors it was
-    given (saved, so an in-place change before backward is caught)."""
-    ctx.cfg, ctx.stats2, ctx.x_dtype = cfg, stats2, x_dtype
-    ctx.save_for_backward(feat, mean, var, *params)
-
-
-def run_backward(ctx, grad_out: Tensor, name: str, block_backward) -> tuple:
-    """A block function's backward: ``block_backward(cfg, stats2, F, mean, var, params, needs, grad, x_dtype)``
-    without autocast; double backward is refused rather than computed wrong."""
-    if torch.is_grad_enabled():
-        raise RuntimeError(f"the {name!r} dense-block backend does not support double backward "
-                           "(create_graph=True); use backend='naive' for higher-order gradients")
-    feat, mean, var, *params = ctx.saved_tensors
-    with torch.autocast(grad_out.device.type, enabled=False):
-        return (None, *block_backward(ctx.cfg, ctx.stats2, feat, mean, var, params, ctx.needs_input_grad[2:],
-                                      grad_out, ctx.x_dtype))
-
-
-def check_block_batch(x: Tensor, layers: Sequence[nn.Module]) -> None:
-    """Fail as ``nn.BatchNorm2d`` fails on one value per channel, if any BN of the block uses batch statistics."""
-    norms = [m for layer in layers for m in (layer.norm1, getattr(layer, "norm2", None)) if m is not None]
-    if any(uses_batch_stats(m) for m in norms):
-        check_batch_size(x.shape)
-
-
 class _DenseBlockFunction(torch.autograd.Function):
     """Forward and backward use the parameter tensors passed to ``apply`` (saved, so in-place changes before
     backward are caught), never the modules' attributes; the modules give only configuration (eps, momentum,
@@ -155,7 +109,7 @@ class _DenseBlockFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cfg: _Ctx, x: Tensor, *params: Tensor) -> Tensor:
-        layers, cdt, k = cfg.layers, cfg.compute_dtype, cfg.growth_rate
+        layers, cdt, k = cfg.setup.layers, cfg.setup.compute_dtype, cfg.setup.k
         adt = acc_dtype(cdt)
         n, c0, h, w = x.shape
         npix = n * h * w
@@ -164,7 +118,7 @@ class _DenseBlockFunction(torch.autograd.Function):
         feat, mean, var = init_features(x, len(layers), k, cdt, batch_stats)
         stats2: list[tuple[Tensor, Tensor] | None] = []
         cfg.rng_states, cfg.running = [], []
-        for i, (layer, p) in enumerate(zip(layers, _split(params, len(layers)))):
+        for i, (layer, p) in enumerate(zip(layers, cfg.setup.per_layer(params))):
             c = c0 + i * k
             s1, t1, run1 = forward_scale_shift(layer.norm1, (mean[:c], var[:c]) if cfg.bs1[i] else None, adt,
                                                p[0:2], npix)
@@ -196,20 +150,19 @@ def _block_backward(cfg: _Ctx, stats2: list, feat: Tensor, mean: Tensor | None, 
                     params: Sequence[Tensor | None], needs: Sequence[bool], grad_out: Tensor,
                     x_dtype: torch.dtype) -> list[Tensor | None]:
     """Gradients of the block input and of every layer parameter (see the module docstring)."""
-    layers, cdt, k = cfg.layers, cfg.compute_dtype, cfg.growth_rate
+    layers, cdt, k, c0 = cfg.setup.layers, cfg.setup.compute_dtype, cfg.setup.k, cfg.setup.c0
     adt = acc_dtype(cdt)
-    c0 = feat.shape[1] - len(layers) * k
     grad = torch.empty_like(feat, dtype=adt)
     grad.copy_(grad_out)
     grads: list[Tensor | None] = []
-    per_layer, per_needs = _split(params, len(layers)), _split(needs, len(layers))
+    per_layer, per_needs = cfg.setup.per_layer(params), cfg.setup.per_layer(needs)
     for i in reversed(range(len(layers))):
         layer, c, p, need = layers[i], c0 + i * k, per_layer[i], per_needs[i]
         run1, run2 = cfg.running[i]
         x = feat[:, :c]
         s1, t1, m1, i1 = scale_shift(layer.norm1, *(run1 or (mean[:c], var[:c])), adt, p[0:2])
         u = bn_relu(x, s1, t1, cdt)
-        w1, w2 = p[2].to(cdt), _cast(p[5], cdt) if len(p) == 6 else None
+        w1, w2 = p[2].to(cdt), p[5].to(cdt) if len(p) == 6 else None
         gy = grad[:, c:c + k]
         if cfg.rng_states[i] is not None:
             gy = gy * _dropout_mask(feat[:, c:c + k], layer.drop_rate, cfg.rng_states[i])
@@ -236,27 +189,8 @@ def _block_backward(cfg: _Ctx, stats2: list, feat: Tensor, mean: Tensor | None, 
     return [grad[:, :c0].to(x_dtype, copy=True), *grads]
 
 
-def _layer_params(layer: nn.Module) -> list[Tensor]:
-    """A layer's differentiable tensors in the order the block function takes them."""
-    ps = [layer.norm1.weight, layer.norm1.bias, layer.conv1.weight]
-    if getattr(layer, "norm2", None) is not None:
-        ps += [layer.norm2.weight, layer.norm2.bias, layer.conv2.weight]
-    return ps
-
-
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype the convolutions run in: the autocast dtype when autocast is on for ``x``'s device."""
-    dev = x.device.type
-    if x.dtype != torch.float64 and torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return x.dtype
-
-
 def block_forward(x: Tensor, layers: Sequence[nn.Module]) -> Tensor:
     """Run a dense block (``layers`` with ``norm1``/``conv1``[/``norm2``/``conv2``]) on ``x``."""
-    check_block_batch(x, layers)
-    k = (layers[0].conv2 if getattr(layers[0], "norm2", None) is not None else layers[0].conv1).out_channels
-    cfg = _Ctx(layers=layers, compute_dtype=compute_dtype(x), growth_rate=k)
-    params = [p for layer in layers for p in _layer_params(layer)]
-    with torch.autocast(x.device.type, enabled=False):
-        return _DenseBlockFunction.apply(cfg, x, *params)
+    setup = BlockSetup.of(x, layers)
+    with no_autocast(x):
+        return _DenseBlockFunction.apply(_Ctx(setup), x, *setup.params)

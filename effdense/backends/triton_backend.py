@@ -1,4 +1,4 @@
-"""``"triton"``: the memory-efficient dense block of DESIGN.md on fused Triton kernels (:mod:`effdense.kernels`).
+"""``"triton"``: the memory-efficient dense block of docs/DESIGN.md on fused Triton kernels (:mod:`effdense.kernels`).
 
 Same algorithm and statistics as the ``"torch"`` specification (:mod:`.torch_backend`): one feature buffer ``F``,
 per-channel statistics computed once when a channel is written, recomputation in backward, one gradient buffer
@@ -41,9 +41,8 @@ from torch import Tensor, nn
 
 from . import torch_backend
 from .base import Backend
-from .bn import (check_batch_size, sync_channel_stats, sync_grad_sums, sync_stats_enabled, update_running_stats,
-                 uses_batch_stats)
-from .torch_backend import _layer_params, _split, check_block_batch, compute_dtype, run_backward, save_block
+from .bn import sync_channel_stats, sync_grad_sums, sync_stats_enabled, update_running_stats, uses_batch_stats
+from .common import BlockSetup, compute_dtype, fused_transition, no_autocast, run_backward, save_block
 
 try:
     from .. import kernels as K
@@ -63,12 +62,9 @@ F32 = torch.float32
 
 @dataclass
 class _Ctx:
-    """Non-tensor arguments of the block function."""
+    """Non-tensor arguments of the block function: the block's setup, and what its forward decides per layer."""
 
-    layers: Sequence[nn.Module]
-    compute_dtype: torch.dtype
-    bottleneck: bool
-    growth_rate: int
+    setup: BlockSetup
     drop: list = field(default_factory=list)      # per layer: dropout p (0: none)
     bs1: list = field(default_factory=list)       # per layer: does norm1 normalize with batch statistics
     bs2: list = field(default_factory=list)       # per layer: does norm2
@@ -156,12 +152,12 @@ def _cdiv(a: int, b: int) -> int:
 class _TritonBlockFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cfg: _Ctx, x: Tensor, *params: Tensor) -> Tensor:
-        layers, cdt, k = cfg.layers, cfg.compute_dtype, cfg.growth_rate
+        s = cfg.setup
+        layers, cdt, k, width, bottleneck = s.layers, s.compute_dtype, s.k, s.width, s.bottleneck
         n, c0, h, w = x.shape
         npix, nl, dev = n * h * w, len(layers), x.device
-        width = layers[0].conv1.out_channels if cfg.bottleneck else k
         cfg.bs1 = [uses_batch_stats(layer.norm1) for layer in layers]
-        cfg.bs2 = [cfg.bottleneck and uses_batch_stats(layer.norm2) for layer in layers]
+        cfg.bs2 = [bottleneck and uses_batch_stats(layer.norm2) for layer in layers]
         cfg.drop = [layer.drop_rate if layer.drop_rate > 0 and layer.training else 0.0 for layer in layers]
         batch, sync = any(cfg.bs1), sync_stats_enabled()
         feat = K.rows_buffer(n, h, w, c0 + nl * k, cdt, dev)
@@ -170,17 +166,17 @@ class _TritonBlockFunction(torch.autograd.Function):
         var = torch.empty_like(mean) if batch else None
         stats2 = torch.empty(nl, 2, K.padded(width), dtype=F32, device=dev) if any(cfg.bs2) else None
         seeds = torch.randint(0, 2 ** 31 - 1, (nl,), device=dev) if any(cfg.drop) else None
-        z = K.rows_buffer(n, h, w, width, cdt, dev) if cfg.bottleneck else None
+        z = K.rows_buffer(n, h, w, width, cdt, dev) if bottleneck else None
         t = _K.block_entry(x, feat, part if batch else None)
         if batch:
             _finalize(part, t, c0, mean, var, 0, layers[0].norm1 if cfg.bs1[0] else None, c0, npix)
-        for i, (layer, p) in enumerate(zip(layers, _split(params, nl))):
+        for i, (layer, p) in enumerate(zip(layers, s.per_layer(params))):
             c = c0 + i * k
             bn1 = _bn(layer.norm1, (mean, var) if cfg.bs1[i] else None, p[0], p[1])
             # the last layer's channels feed no later BN; with --sync-bn every process still merges them, as the
             # "torch" backend does (an empty process runs it and must meet the same collectives)
             new_part = part if batch and (i < nl - 1 or sync) else None
-            if cfg.bottleneck:
+            if bottleneck:
                 t = _K.bn_relu_conv_fwd(feat, c, bn1, p[2], z, 0, part if cfg.bs2[i] else None)
                 if cfg.bs2[i]:
                     _finalize(part, t, width, stats2[i, 0], stats2[i, 1], 0, layer.norm2, width, npix)
@@ -219,21 +215,21 @@ class _Work:
 
 def _workspaces(cfg: _Ctx, feat: Tensor, width: int, needs: list) -> _Work:
     n, h, w, _ = feat.shape
-    layers, k, cdt, dev = cfg.layers, cfg.growth_rate, cfg.compute_dtype, feat.device
+    s, dev = cfg.setup, feat.device
+    layers, k, cdt, c0 = s.layers, s.k, s.compute_dtype, s.c0
     c_last = K.padded(layers[-1].norm1.num_features)      # the widest layer input
-    c0 = layers[0].norm1.num_features
     dw = 1
     for i, need in enumerate(needs):      # the largest weight-gradient split of any layer
         c = c0 + i * k
-        shapes = [(3, width, k, need[5]), (1, c, width, need[2])] if cfg.bottleneck else [(3, c, k, need[2])]
+        shapes = [(3, width, k, need[5]), (1, c, width, need[2])] if s.bottleneck else [(3, c, k, need[2])]
         for ks, cin, cout, nd in shapes:
             if nd:
                 dw = max(dw, KW.plan(ks, feat, cin, cout)[1] * cout * cin * ks * ks)
     return _Work(part=K.partials(_stat_rows(n, h, w), max(c_last, width), dev),
                  tot=torch.empty(2 * max(c_last, width), dtype=F32, device=dev),
                  dwp=torch.empty(dw, dtype=F32, device=dev),
-                 z=K.rows_buffer(n, h, w, width, cdt, dev) if cfg.bottleneck else None,
-                 g2=K.rows_buffer(n, h, w, width, F32, dev) if cfg.bottleneck else None,
+                 z=K.rows_buffer(n, h, w, width, cdt, dev) if s.bottleneck else None,
+                 g2=K.rows_buffer(n, h, w, width, F32, dev) if s.bottleneck else None,
                  g1=torch.empty(n * h * w * c_last, dtype=F32, device=dev))
 
 
@@ -265,21 +261,20 @@ def _block_backward(cfg: _Ctx, saved: tuple, feat: Tensor, mean: Tensor | None, 
     """Gradients of the block input and of every layer parameter (see the module docstring)."""
     stats2, seeds = saved
     feat = K.as_rows(feat)          # the block output, back to its rows buffer
-    layers, k = cfg.layers, cfg.growth_rate
+    s = cfg.setup
+    layers, k, c0, width = s.layers, s.k, s.c0, s.width
     n, h, w, _ = feat.shape
     nl = len(layers)
-    c0 = layers[0].norm1.num_features
-    width = layers[0].conv1.out_channels if cfg.bottleneck else k
     grad = K.rows_buffer(n, h, w, c0 + nl * k, F32, feat.device)
     K.nchw(grad, 0, c0 + nl * k).copy_(grad_out)
-    per_layer, per_needs = _split(params, nl), _split(needs, nl)
+    per_layer, per_needs = s.per_layer(params), s.per_layer(needs)
     ws = _workspaces(cfg, feat, width, per_needs)
     grads: list[Tensor | None] = []
     for i in reversed(range(nl)):
         layer, c, p, need = layers[i], c0 + i * k, per_layer[i], per_needs[i]
         bn1 = _bn(layer.norm1, (mean, var) if cfg.bs1[i] else None, p[0], p[1])
         g1 = ws.g1_rows(n, h, w, c)
-        if cfg.bottleneck:
+        if s.bottleneck:
             _K.bn_relu_conv_fwd(feat, c, bn1, p[2], ws.z, 0)                 # recompute Z (no statistics)
             bn2 = _bn(layer.norm2, (stats2[i, 0], stats2[i, 1]) if cfg.bs2[i] else None, p[3], p[4])
             dg2, db2, dw2 = _conv_backward(ws, grad, c, ws.z, width, bn2, p[5], ws.g2, cfg.bs2[i], need[5],
@@ -299,22 +294,25 @@ def _block_backward(cfg: _Ctx, saved: tuple, feat: Tensor, mean: Tensor | None, 
 def block_forward(x: Tensor, layers: Sequence[nn.Module]) -> Tensor:
     """Run a dense block on the Triton kernels (same contract as :func:`.torch_backend.block_forward`); the output
     is the ``[:, :C]`` view of a padded channels-last buffer."""
-    check_block_batch(x, layers)
-    if x.numel() == 0:  # nothing for a kernel to do: the specification handles the empty batch
+    setup = BlockSetup.of(x, layers)
+    if x.numel() == 0 or _interpreter_fallback(x.device, setup.compute_dtype):
+        # nothing for a kernel to do (the empty batch), or bf16 in the interpreter: the specification runs it
         return torch_backend.block_forward(x, layers)
-    cdt = compute_dtype(x)
-    why = _why_not(x.device, cdt)
+    _check_runs(x.device, setup.compute_dtype)
+    with no_autocast(x):
+        return _TritonBlockFunction.apply(_Ctx(setup), x, *setup.params)
+
+
+def _interpreter_fallback(device: torch.device, cdt: torch.dtype) -> bool:
+    """Whether a CPU call under Triton's interpreter runs in PyTorch instead: the interpreter lacks ``cdt`` (bf16
+    autocast, a debugging/CI mode)."""
+    return device.type == "cpu" and K is not None and K.interpreting() and _why_not(device, cdt) is not None
+
+
+def _check_runs(device: torch.device, cdt: torch.dtype) -> None:
+    why = _why_not(device, cdt)
     if why is not None:
-        if x.device.type == "cpu" and K.interpreting():
-            # CPU bf16 autocast under the interpreter (a debugging/CI mode without bf16): run the specification
-            return torch_backend.block_forward(x, layers)
-        raise RuntimeError(f"backend 'triton' cannot run on {x.device} with compute dtype {cdt}: {why}")
-    bottleneck = getattr(layers[0], "norm2", None) is not None
-    k = (layers[0].conv2 if bottleneck else layers[0].conv1).out_channels
-    cfg = _Ctx(layers=layers, compute_dtype=cdt, bottleneck=bottleneck, growth_rate=k)
-    params = [p for layer in layers for p in _layer_params(layer)]
-    with torch.autocast(x.device.type, enabled=False):
-        return _TritonBlockFunction.apply(cfg, x, *params)
+        raise RuntimeError(f"backend 'triton' cannot run on {device} with compute dtype {cdt}: {why}")
 
 
 class _TritonTransitionFunction(torch.autograd.Function):
@@ -373,38 +371,18 @@ class _TritonTransitionFunction(torch.autograd.Function):
         return None, None, dx, dgamma if need_g else None, dbeta if need_b else None, dw
 
 
-def _torch_transition(x: Tensor, norm: nn.BatchNorm2d, conv: nn.Conv2d) -> Tensor:
-    """The transition in PyTorch ops (``effdense.models.Transition``'s math, pooling first)."""
-    return conv(nn.functional.avg_pool2d(nn.functional.relu(norm(x)), 2))
-
-
-def _fused_conv(conv: nn.Conv2d) -> bool:
-    """Whether the kernels implement ``conv``: a plain 1x1 convolution."""
-    return (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding in ((0, 0), "valid")
-            and conv.dilation == (1, 1) and conv.groups == 1)
+def _fused_transition(x: Tensor, norm: nn.BatchNorm2d, conv: nn.Conv2d, cdt: torch.dtype) -> Tensor:
+    _check_runs(x.device, cdt)
+    return _TritonTransitionFunction.apply(norm, cdt, x, norm.weight, norm.bias, conv.weight)
 
 
 def transition_forward(x: Tensor, norm: nn.BatchNorm2d, conv: nn.Conv2d) -> Tensor:
     """DenseNet transition ``conv1x1(avgpool2x2(relu(norm(x))))`` (``effdense.models.Transition``) on the fused
     Triton kernels, with ``norm``'s batch statistics (updating its running ones once) in training mode and its
-    running statistics in eval mode; the conv runs in the autocast dtype when autocast is on. Cases the kernels
-    do not cover (empty batch, H or W below 2, a conv other than a plain 1x1, a norm other than a plain
-    ``nn.BatchNorm2d`` or cross-process statistics, bf16 in the interpreter) run the same math in PyTorch ops."""
-    if uses_batch_stats(norm):
-        check_batch_size(x.shape)
-    cdt = compute_dtype(x)
-    why = _why_not(x.device, cdt)
-    if (x.numel() == 0 or x.shape[2] < 2 or x.shape[3] < 2 or not _fused_conv(conv)
-            or type(norm) is not nn.BatchNorm2d or sync_stats_enabled()      # e.g. SyncBatchNorm: its own math
-            or (why is not None and x.device.type == "cpu" and K is not None and K.interpreting())):
-        return _torch_transition(x, norm, conv)
-    if why is not None:
-        raise RuntimeError(f"backend 'triton' cannot run on {x.device} with compute dtype {cdt}: {why}")
-    with torch.autocast(x.device.type, enabled=False):
-        y = _TritonTransitionFunction.apply(norm, cdt, x, norm.weight, norm.bias, conv.weight)
-    if conv.bias is not None:
-        y = y + conv.bias.to(y.dtype).view(1, -1, 1, 1)
-    return y
+    running statistics in eval mode; the conv runs in the autocast dtype when autocast is on. The cases the kernels
+    do not cover run in PyTorch (:func:`~.common.fused_transition`), as does bf16 in the interpreter."""
+    return fused_transition(x, norm, conv, _fused_transition,
+                            fallback=_interpreter_fallback(x.device, compute_dtype(x)))
 
 
 BACKEND = Backend("triton", "fused BN-ReLU-Conv Triton kernels on the shared feature buffer (GPU; CPU through "

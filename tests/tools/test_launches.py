@@ -1,4 +1,4 @@
-"""effdense.launches on CPU: what counts as a launch and a host sync, the dry run of Triton launches, the
+"""effdense.tools.launches on CPU: what counts as a launch and a host sync, the dry run of Triton launches, the
 dense-block ranges; and issue 11's budgets held with it: each kernel backend launches no more kernels than
 ``naive`` in a DenseNet-BC-40 training step, and no host sync happens inside a dense block (dropout on)."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import effdense
 from effdense import backends
-from effdense.launches import BLOCK_RANGE, count_launches, label_blocks
+from effdense.tools.launches import BLOCK_RANGE, count_launches, label_blocks
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from effdense import train
-from effdense.baselines import BASELINES
+from effdense.train.baselines import BASELINES
 
 #: parameter counts of the 10-class, 3-channel models (a change in an architecture shows here)
 PARAMS = {"lenet5": 62_006, "alexnet": 36_054_858, "zfnet": 37_318_538, "vgg16": 14_724_042, "vgg19": 20_035_018,

@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch.distributed as dist
 
-from effdense import checkpoint_io
+from effdense.train import checkpoints as checkpoint_io
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ARGS = ["--dataset", "synthetic", "--device", "cpu", "--depth", "10", "--growth-rate", "4", "--no-progress",
         "--backend", "naive", "--max-steps", "3"]
 

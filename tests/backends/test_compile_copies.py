@@ -4,7 +4,7 @@ gradient buffer ``G``) declare it in ``mutates_args``. Functionalization turns e
 where the old value is not read again. A clone that survives is a copy of the whole buffer per call: per layer,
 quadratic in depth. This counts the copies in the graphs inductor compiles (after reinplacing, when the
 remaining ``auto_functionalized`` nodes are decomposed into clone + in-place op), on CPU: the kernels are
-Triton's interpreter's, and they do not run (a dry run of :mod:`effdense.launches`: compiling needs only
+Triton's interpreter's, and they do not run (a dry run of :mod:`effdense.tools.launches`: compiling needs only
 shapes)."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 
 import effdense
 from effdense import backends
-from effdense.launches import count_launches
+from effdense.tools.launches import count_launches
 
 pytestmark = pytest.mark.skipif(
     backends.unavailable_reason("triton", torch.device("cpu"), torch.float32) is not None,

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_run.sh"
 #: the phases in their order, and the suite each benchmark phase runs
 PHASES = {"setup": None, "correctness": None, "speed-bc100-b64": "speed", "memory": "memory",

@@ -23,6 +23,8 @@ import torch
 
 _UMASK_LOCK = threading.Lock()
 TMP_SUFFIX = ".tmp"
+#: files a run writes into its --output-dir (through atomic temporary files)
+RUN_FILES = ("last.pt", "best.pt", "log.csv", "log.json", "results.json", "curves.png")
 
 
 def _umask() -> int:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import effdense
-from effdense import models
+from effdense import weights
 
 LEGACY_NAMES = {"norm1": "norm.1", "relu1": "relu.1", "conv1": "conv.1", "norm2": "norm.2", "relu2": "relu.2",
                 "conv2": "conv.2"}
@@ -82,7 +82,7 @@ def test_torch_hub_cache_and_torchvision_names(densenet121, tmp_path, monkeypatc
         effdense.densenet121(weights="densenet121-a639ec97.pth")
     cached = tmp_path / "hub" / "checkpoints" / "densenet121-a639ec97.pth"
     torch.save(legacy(densenet121.state_dict()), cached)
-    assert {models.weights_path(w, "densenet121") for w in ("densenet121-a639ec97.pth", "IMAGENET1K_V1", "DEFAULT")} \
+    assert {weights.weights_path(w, "densenet121") for w in ("densenet121-a639ec97.pth", "IMAGENET1K_V1", "DEFAULT")} \
         == {str(cached)}
     assert_same_state(effdense.densenet121(weights="IMAGENET1K_V1"), densenet121)
 

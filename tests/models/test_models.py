@@ -10,7 +10,7 @@ import torch
 import effdense
 from effdense import EfficientDenseBlock, EfficientDenseNet
 
-FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+FIXTURES = pathlib.Path(__file__).parent.parent / "fixtures"
 
 # label: (constructor, expected parameter count); counts from the issue (torchvision's and the paper's)
 PARAM_COUNTS = {

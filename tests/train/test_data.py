@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from effdense import data
-from effdense.data import CIFAR, Augment, DataError, Split, load_dataset
+from effdense.train import data
+from effdense.train.data import CIFAR, Augment, DataError, Split, load_dataset
 
 N = 6  # images per batch file
 
@@ -168,7 +168,7 @@ def test_digits_without_scikit_learn_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import fails
     with pytest.raises(DataError, match=re.escape(f"pip install 'effdense[{data.SKLEARN_EXTRA}]'")):
         load_dataset("digits")
-    setup_py = (pathlib.Path(__file__).parent.parent / "setup.py").read_text()
+    setup_py = (pathlib.Path(__file__).parents[2] / "setup.py").read_text()
     assert re.search(rf'"{data.SKLEARN_EXTRA}"\s*:\s*\[[^\]]*"scikit-learn', setup_py)
 
 

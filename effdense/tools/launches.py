@@ -195,7 +195,7 @@ def label_blocks(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     input's gradient, which autograd calls once the block's backward has produced it: between the two run only
     the block's own backward nodes (and the gradient accumulation of its parameters). A block whose input
     needs no gradient gets no backward range (there is no hook to close it)."""
-    from .block import EfficientDenseBlock
+    from ..block import EfficientDenseBlock
 
     blocks = [m for m in model.modules() if isinstance(m, EfficientDenseBlock)]
 

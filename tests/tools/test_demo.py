@@ -5,7 +5,8 @@ import os
 
 import torch
 
-from effdense import backends, demo
+from effdense import backends
+from effdense.tools import demo
 
 
 def test_demo_runs_every_runnable_backend_quietly(monkeypatch, capfd):

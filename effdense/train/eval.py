@@ -16,9 +16,13 @@ from collections.abc import Sequence
 
 import torch
 
-from . import backends, checkpoint_io
+from .. import backends
+from . import checkpoints
+from .cli import positive_int
 from .data import Augment, DataError, load_dataset
-from .train import Context, Dist, block_backend, build_model, evaluate, parse_device, positive_int
+from .distributed import Dist, parse_device
+from .model import block_backend, build_model
+from .step import Context, evaluate
 
 #: what effdense-train writes into every checkpoint besides the weights, and effdense-eval needs
 NEEDED = ("args", "model_spec", "dataset")
@@ -52,7 +56,7 @@ def checkpoint_file(path: str) -> str:
 
 def load_checkpoint(path: str, device: torch.device) -> dict:
     """A checkpoint with everything evaluation needs, or a one-line error saying what is missing."""
-    ckpt = checkpoint_io.load(path, device)
+    ckpt = checkpoints.load(path, device)
     missing = [k for k in NEEDED if k not in ckpt]
     if missing:
         raise RuntimeError(f"{path} is not a checkpoint written by effdense-train: it lacks {', '.join(missing)} "

@@ -9,9 +9,14 @@ import stat
 import pytest
 import torch
 
-from effdense import backends, checkpoint_io, train
+from effdense import backends, train
+from effdense.train import checkpoints as checkpoint_io
+from effdense.train import cli, distributed, logs
+from effdense.train import schedule as schedule_mod
+from effdense.train import run as run_module
+from effdense.train import step as step_mod
 from effdense.backends import bn
-from effdense import eval as eval_cli
+from effdense.train import eval as eval_cli
 from effdense.models import densenet_cifar
 
 # an explicit backend: under pytest without a GPU, "auto" may pick Triton's (slow) interpreter
@@ -59,28 +64,28 @@ def assert_same(a, b):
 ])
 def test_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as err:
-        train.parse_args(argv)
+        cli.parse_args(argv)
     assert err.value.code == 2
     assert message in capsys.readouterr().err
 
 
 def test_paper_defaults_and_presets():
-    a = train.parse_args([])
+    a = cli.parse_args([])
     assert (a.dataset, a.arch, a.epochs, a.batch_size, a.lr, a.momentum, a.weight_decay, a.schedule, a.val_size) == \
         ("cifar10", "densenet_bc_100_k12", 300, 64, 0.1, 0.9, 1e-4, "step", 5000)
     assert a.backend == "auto" and a.output_dir == os.path.join("runs", "cifar10-densenet_bc_100_k12")
-    d = train.parse_args(["--dataset", "digits"])
-    assert d.arch == train.CUSTOM and (d.depth, d.growth_rate, d.bottleneck) == (16, 8, True)
+    d = cli.parse_args(["--dataset", "digits"])
+    assert d.arch == cli.CUSTOM and (d.depth, d.growth_rate, d.bottleneck) == (16, 8, True)
     assert (d.epochs, d.batch_size, d.schedule, d.lr) == (15, 32, "cosine", 0.1)
-    c = train.parse_args(["--dataset", "digits", "--depth", "40", "--no-bottleneck", "--epochs", "3"])
+    c = cli.parse_args(["--dataset", "digits", "--depth", "40", "--no-bottleneck", "--epochs", "3"])
     assert (c.depth, c.growth_rate, c.bottleneck, c.epochs) == (40, 12, False, 3)
-    assert train.parse_args(["--dataset", "digits", "--arch", "lenet5"]).depth is None
-    assert train.parse_args(["--schedule", "cosine"]).schedule == "cosine"
+    assert cli.parse_args(["--dataset", "digits", "--arch", "lenet5"]).depth is None
+    assert cli.parse_args(["--schedule", "cosine"]).schedule == "cosine"
 
 
 def test_schedules():
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-    sched = train.make_scheduler(opt, "step", 300)
+    sched = schedule_mod.make_scheduler(opt, "step", 300)
     lrs = []
     for _ in range(300):
         lrs.append(opt.param_groups[0]["lr"])
@@ -89,7 +94,7 @@ def test_schedules():
     assert lrs[149] == 0.1 and lrs[150] == pytest.approx(0.01) and lrs[224] == pytest.approx(0.01)
     assert lrs[225] == pytest.approx(0.001) and lrs[299] == pytest.approx(0.001)
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-    sched = train.make_scheduler(opt, "cosine", 10)
+    sched = schedule_mod.make_scheduler(opt, "cosine", 10)
     for _ in range(5):
         opt.step()
         sched.step()
@@ -145,7 +150,7 @@ def test_precision_and_layout_flags_train(tmp_path, flags):
 def test_compile_flag_trains_the_same_weights(tmp_path, monkeypatch):
     """``--compile BACKEND`` wraps the model in ``torch.compile``; aot_eager traces the whole step (the blocks'
     autograd functions included) without changing a number. Inductor is checked in test_compile.py."""
-    assert train.parse_args([*TINY, "--compile"]).compile == "inductor"
+    assert cli.parse_args([*TINY, "--compile"]).compile == "inductor"
     calls, real = [], torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or real(model, **kw))
     run(tmp_path / "eager", "--epochs", "1", "--max-steps", "2")
@@ -224,7 +229,7 @@ def test_sync_bn_with_a_backend_lacking_it_names_the_gap(monkeypatch):
     model = densenet_cifar(depth=10, growth_rate=4, backend="nosync")
     try:
         with pytest.raises(NotImplementedError, match="--sync-bn: backend 'nosync' cannot run .*not implemented here"):
-            train.convert_sync_bn(model, torch.device("cpu"), fake)
+            distributed.convert_sync_bn(model, torch.device("cpu"), fake)
         assert not bn.sync_stats_enabled()
     finally:
         bn.disable_sync_stats()
@@ -250,13 +255,13 @@ def test_short_digits_run_reaches_threshold(tmp_path):
 
 def record_lrs(monkeypatch):
     """Patch the training step to record the learning rate each optimizer step runs at."""
-    lrs, real = [], train.train_step
+    lrs, real = [], step_mod.train_step
 
     def step(model, x, y, opt, *args):
         lrs.append(opt.param_groups[0]["lr"])
         return real(model, x, y, opt, *args)
 
-    monkeypatch.setattr(train, "train_step", step)
+    monkeypatch.setattr(run_module, "train_step", step)
     return lrs
 
 
@@ -267,7 +272,7 @@ def test_short_runs_get_the_recipes_shape(tmp_path, monkeypatch, schedule):
     lrs = record_lrs(monkeypatch)
     run(tmp_path, "--epochs", "2", "--batch-size", "16", "--schedule", schedule)
     total = 2 * (256 - 64) // 16
-    assert lrs == [0.1 * train.lr_factor(schedule, s, total) for s in range(total)]
+    assert lrs == [0.1 * schedule_mod.lr_factor(schedule, s, total) for s in range(total)]
     if schedule == "step":
         assert lrs[11] == 0.1 and lrs[12] == pytest.approx(0.01) and lrs[18] == pytest.approx(0.001)
     else:
@@ -285,7 +290,7 @@ def test_resume_mid_epoch_with_save_every_is_exact(tmp_path, monkeypatch):
     full = checkpoint_io.load(tmp_path / "full" / "last.pt")
     monkeypatch.undo()
 
-    real, steps = train.train_step, []
+    real, steps = step_mod.train_step, []
 
     def killed_at_5(*args):
         steps.append(1)
@@ -293,7 +298,7 @@ def test_resume_mid_epoch_with_save_every_is_exact(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(train, "train_step", killed_at_5)
+    monkeypatch.setattr(run_module, "train_step", killed_at_5)
     out = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):
         run(out, *flags, "--save-every", "2")
@@ -314,7 +319,7 @@ def test_resume_mid_epoch_with_save_every_is_exact(tmp_path, monkeypatch):
 
 def test_resume_refuses_another_run_listing_each_difference(tmp_path, monkeypatch):
     run(tmp_path, "--max-steps", "1")
-    monkeypatch.setattr(train, "load_dataset", lambda *a, **k: pytest.fail("the dataset was loaded"))
+    monkeypatch.setattr(run_module, "load_dataset", lambda *a, **k: pytest.fail("the dataset was loaded"))
     with pytest.raises(SystemExit) as err:   # digits' preset: 15 epochs, batch 32, cosine, 200 held out
         run(tmp_path, "--resume", "--dataset", "digits", "--lr", "0.05")
     lines = str(err.value).splitlines()
@@ -337,11 +342,11 @@ def test_resume_with_longer_epochs_states_the_new_schedule(tmp_path, monkeypatch
     run(tmp_path, "--epochs", "2", "--schedule", "cosine", "--resume", "--allow-change", "epochs")
     out = capsys.readouterr().out
     total = 2 * STEPS_PER_EPOCH
-    assert lrs == [0.1 * train.lr_factor("cosine", s, total) for s in range(STEPS_PER_EPOCH, total)]
+    assert lrs == [0.1 * schedule_mod.lr_factor("cosine", s, total) for s in range(STEPS_PER_EPOCH, total)]
     assert "accepted on resume (--allow-change): --epochs: 1 in the checkpoint, 2 now" in out
     assert (f"the schedule is now cosine annealing over {total} steps (2 epochs) from lr 0.1: step "
             f"{STEPS_PER_EPOCH + 1} runs at lr {lrs[0]:.4g} (the checkpoint's schedule: "
-            f"{0.1 * train.lr_factor('cosine', STEPS_PER_EPOCH, STEPS_PER_EPOCH):.4g})") in out
+            f"{0.1 * schedule_mod.lr_factor('cosine', STEPS_PER_EPOCH, STEPS_PER_EPOCH):.4g})") in out
     assert checkpoint_io.load(tmp_path / "last.pt")["args"]["epochs"] == 2  # a later resume compares with 2
 
 
@@ -351,13 +356,13 @@ def test_resume_with_new_optimizer_hyperparameters(tmp_path, monkeypatch):
     run(tmp_path, "--epochs", "2", "--resume", "--lr", "0.05", "--weight-decay", "0.001",
         "--allow-change", "lr", "weight-decay")
     total = 2 * STEPS_PER_EPOCH
-    assert lrs == [0.05 * train.lr_factor("step", s, total) for s in range(2, total)]
+    assert lrs == [0.05 * schedule_mod.lr_factor("step", s, total) for s in range(2, total)]
     group = checkpoint_io.load(tmp_path / "last.pt")["optimizer"]["param_groups"][0]
     assert (group["weight_decay"], group["initial_lr"], group["momentum"]) == (0.001, 0.05, 0.9)
 
 
 def test_resume_without_a_checkpoint_says_so_before_loading_data(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "load_dataset", lambda *a, **k: pytest.fail("the dataset was loaded"))
+    monkeypatch.setattr(run_module, "load_dataset", lambda *a, **k: pytest.fail("the dataset was loaded"))
     with pytest.raises(SystemExit) as err:
         train.main(["--dataset", "cifar10", "--device", "cpu", "--output-dir", str(tmp_path / "new"), "--resume"])
     assert str(err.value) == (f"effdense-train: --resume: there is no {tmp_path / 'new' / 'last.pt'} (no run has saved "
@@ -371,13 +376,13 @@ def test_resume_without_a_checkpoint_says_so_before_loading_data(tmp_path, monke
 def test_non_finite_loss_stops_and_keeps_the_last_finite_checkpoint(tmp_path, monkeypatch):
     """A NaN batch at step 5 (epoch 2, batch 2) makes the loss, the weights and the running statistics NaN: the run
     stops at the next check naming step 5, and last.pt stays the finite one of step 3."""
-    real, steps = train.train_step, []
+    real, steps = step_mod.train_step, []
 
     def nan_batch_at_5(model, x, *args):
         steps.append(1)
         return real(model, x * float("nan") if len(steps) == 5 else x, *args)
 
-    monkeypatch.setattr(train, "train_step", nan_batch_at_5)
+    monkeypatch.setattr(run_module, "train_step", nan_batch_at_5)
     with pytest.raises(SystemExit) as err:
         run(tmp_path, "--epochs", "3")
     msg = str(err.value)
@@ -385,7 +390,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_finite_checkpoint(tmp_path, mo
     assert f"{tmp_path / 'last.pt'} from step 3 is kept" in msg and "\n" not in msg
     assert len(steps) == 6  # found at the epoch's end, before anything was saved
     kept = checkpoint_io.load(tmp_path / "last.pt")
-    assert kept["global_step"] == 3 and not train.nonfinite_tensors(kept["model"])
+    assert kept["global_step"] == 3 and not step_mod.nonfinite_tensors(kept["model"])
     assert len(json.loads((tmp_path / "log.json").read_text())["epochs"]) == 1
 
 
@@ -395,21 +400,21 @@ def test_huge_learning_rate_diverges_and_stops(tmp_path):
         run(tmp_path, "--lr", "1e6", "--epochs", "3", "--batch-size", "16", "--save-every", "1")
     bad_step = int(re.search(r"at step (\d+)", str(err.value)).group(1))
     kept = checkpoint_io.load(tmp_path / "last.pt")  # measured: nan at step 3, last.pt from step 2
-    assert kept["global_step"] == bad_step - 1 and not train.nonfinite_tensors(kept["model"])
+    assert kept["global_step"] == bad_step - 1 and not step_mod.nonfinite_tensors(kept["model"])
     assert f"last.pt from step {bad_step - 1} is kept" in str(err.value)
 
 
 def test_non_finite_running_statistics_are_never_saved(tmp_path, monkeypatch):
     """A running mean that turned NaN while the loss stayed finite (batch statistics are used in training): the
     epoch-end save refuses, naming the buffer."""
-    real = train.train_step
+    real = step_mod.train_step
 
     def poison(model, *args):
         out = real(model, *args)
         model.features.norm5.running_mean[0] = float("nan")
         return out
 
-    monkeypatch.setattr(train, "train_step", poison)
+    monkeypatch.setattr(run_module, "train_step", poison)
     with pytest.raises(SystemExit) as err:
         run(tmp_path, "--epochs", "1")
     assert "1 weights or running statistics are not finite after step 3 (features.norm5.running_mean)" in str(err.value)
@@ -419,9 +424,9 @@ def test_non_finite_running_statistics_are_never_saved(tmp_path, monkeypatch):
 def test_epoch_table_formats_large_and_non_finite_numbers():
     row = {"epoch": 1, "lr": 1e6, "train_loss": 1.2344e34, "train_acc": 0.1, "val_loss": float("nan"),
            "val_acc": 0.1, "images_per_s": 50.0, "seconds": 3.0, "peak_mem_mib": None}
-    cells = train.epoch_table([row]).splitlines()[1].split()
+    cells = logs.epoch_table([row]).splitlines()[1].split()
     assert cells == ["1", "1.00e+06", "1.234e+34", "10.00%", "nan", "10.00%", "50", "3.0", "-"]
-    assert train.number(2.30258) == "2.3026" and train.number(float("inf")) == "inf"
+    assert logs.number(2.30258) == "2.3026" and logs.number(float("inf")) == "inf"
 
 
 # ---------------------------------------------------------------------------------------------- one-line errors
@@ -459,7 +464,7 @@ def test_bad_device_is_one_line(tmp_path, device, message):
 
 def test_bad_backend_environment_variable_fails_at_start(tmp_path, monkeypatch):
     monkeypatch.setenv(backends.ENV_VAR, "bogus")
-    monkeypatch.setattr(train, "load_dataset", lambda *a, **k: pytest.fail("the dataset was loaded"))
+    monkeypatch.setattr(run_module, "load_dataset", lambda *a, **k: pytest.fail("the dataset was loaded"))
     msg = one_line_exit([*TINY, "--output-dir", str(tmp_path)])
     assert msg.startswith("effdense-train: EFFDENSE_BACKEND='bogus': unknown backend 'bogus'; expected one of naive")
 
@@ -516,16 +521,17 @@ def test_training_outputs_are_readable_as_the_umask_says_and_stale_temporaries_g
 
 def test_threads_flag_sets_torch_threads(tmp_path, monkeypatch):
     calls = []
+    before = torch.get_num_threads()
     monkeypatch.setattr(torch, "set_num_threads", calls.append)  # the run keeps the fixture's one thread
     run(tmp_path, "--max-steps", "1", "--threads", "3")
-    assert calls == [3]
+    assert calls == [3, before], "set for the run, restored after it (main() called in-process)"
 
 
 def test_progress_rate_is_over_the_last_steps():
     times = [0.0, 10.0] + [10.0 + 0.5 * i for i in range(1, 11)]  # a 10 s first step, then 0.5 s steps
-    window = times[-(train.CHECK_EVERY + 1):]
-    assert train.window_rate(window, 64) == pytest.approx(128.0)
-    assert train.window_rate(times[:1], 64) is None
+    window = times[-(step_mod.CHECK_EVERY + 1):]
+    assert step_mod.window_rate(window, 64) == pytest.approx(128.0)
+    assert step_mod.window_rate(times[:1], 64) is None
 
 
 def test_progress_bar_run(tmp_path, capsys):
@@ -536,10 +542,10 @@ def test_progress_bar_run(tmp_path, capsys):
 def test_curves_are_in_percent_and_titled(tmp_path, monkeypatch):
     history = [{"epoch": 1, "train_loss": 2.0, "val_loss": 2.1, "train_acc": 0.25, "val_acc": 0.5, "monitor": "val"},
                {"epoch": 2, "train_loss": 1.0, "val_loss": 1.1, "train_acc": 0.5, "val_acc": 0.75, "monitor": "val"}]
-    series = train.curve_series(history)
+    series = logs.curve_series(history)
     assert series == {"cross-entropy loss": {"train": [2.0, 1.0], "val": [2.1, 1.1]},
                       "accuracy (%)": {"train": [25.0, 50.0], "val": [50.0, 75.0]}}
     titles = []
-    monkeypatch.setattr(train, "plot_curves", lambda history, path, title="": titles.append(title))
+    monkeypatch.setattr(logs, "plot_curves", lambda history, path, title="": titles.append(title))
     run(tmp_path, "--epochs", "1")
     assert titles == ["synthetic: densenet_bc_10_k4, backend torch, batch 64, step schedule"]

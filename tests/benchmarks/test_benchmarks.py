@@ -15,7 +15,7 @@ from benchmarks import __main__ as cli
 from benchmarks import report
 from benchmarks.suites import SUITES
 
-FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "bench_results"
+FIXTURE = pathlib.Path(__file__).parent.parent / "fixtures" / "bench_results"
 BACKENDS = ["naive", "torch"]
 ENV_KEYS = {"device_type", "device", "torch", "triton", "cuda", "commit", "dirty", "command", "timestamp",
             "tf32_matmul", "tf32_cudnn", "python", "threads", "loadavg", "loadavg_end", "precision"}
@@ -274,7 +274,7 @@ def test_training_run_is_recorded_and_listed(tmp_path):
 
 
 def test_environment_record_names_the_commit(monkeypatch):
-    from effdense import info
+    from effdense.tools import info
     env = info.environment(torch.device("cpu"), ["prog", "--flag", "a b"])
     assert env["command"] == "prog --flag 'a b'" and env["torch"] == torch.__version__
     assert (env["commit"] is None) == (env["dirty"] is None)
