@@ -20,8 +20,6 @@ LAYERS = {
 }
 #: the layer-0 parts do not import each other, except the extension loader its builder
 ALLOWED_SIDEWAYS = {("effdense._ext", "effdense._build")}
-#: TEMPORARY, until the Triton AOT listing moves to effdense.tools.aot (it builds models to list their kernels)
-MOVING = {"effdense.kernels.aot"}
 
 
 def module_name(path: pathlib.Path) -> str:
@@ -70,8 +68,6 @@ def graph() -> dict[str, list[tuple[str, bool]]]:
 def test_no_module_imports_a_layer_above_its_own():
     upward = []
     for mod, deps in graph().items():
-        if mod in MOVING:
-            continue
         mine, my_prefix = layer(mod)
         for dep, _ in deps:
             theirs, their_prefix = layer(dep)

@@ -54,6 +54,31 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return num / den if den > 0 else num
 
 
+def assert_same_nonfinite(got: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    """NaN, +Inf and -Inf exactly where ``ref`` has them (any dtypes, same shape)."""
+    assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    for name, test in (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)):
+        a, b = test(got.detach()), test(ref.detach())
+        assert torch.equal(a, b), f"{what}: {name} at {int(a.sum())} places, expected {int(b.sum())} " \
+                                  f"({int((a != b).sum())} differ)"
+
+
+def assert_runs_same_nonfinite(got: "Run", ref: "Run") -> None:
+    """:func:`assert_same_nonfinite` for every output, input gradient, parameter gradient and state entry."""
+    for step, (a, b) in enumerate(zip(got.outputs, ref.outputs)):
+        assert_same_nonfinite(a, b, f"step {step}: output")
+    for step, (a, b) in enumerate(zip(got.input_grads, ref.input_grads)):
+        if b is not None:
+            assert_same_nonfinite(a, b, f"step {step}: input grad")
+    for step, (ga, gb) in enumerate(zip(got.param_grads, ref.param_grads)):
+        assert ga.keys() == gb.keys(), f"step {step}: grads of {sorted(ga.keys() ^ gb.keys())} differ in presence"
+        for name in gb:
+            assert_same_nonfinite(ga[name], gb[name], f"step {step}: grad of {name}")
+    assert got.state.keys() == ref.state.keys()
+    for name in ref.state:
+        assert_same_nonfinite(got.state[name], ref.state[name], f"state {name}")
+
+
 @dataclass
 class Run:
     outputs: list = field(default_factory=list)

@@ -366,7 +366,7 @@ class _TritonTransitionFunction(torch.autograd.Function):
             _K.bn_bwd_finalize(part, t, c, tot, dgamma, dbeta, dwp, dw)
             if need_x:
                 dxb = K.rows_buffer(n, h, w, c, ctx.x_dtype, dev)
-                _K.bn_bwd_apply(g, xb, c, bn, tot, ctx.batch, dxb, False, (h // 2 * 2, w // 2 * 2))
+                _K.bn_bwd_apply(g, xb, c, bn, tot, ctx.batch, dxb, False)
                 dx = K.nchw(dxb, 0, c)
         return None, None, dx, dgamma if need_g else None, dbeta if need_b else None, dw
 

@@ -10,11 +10,13 @@
 * :mod:`.bn_bwd` — the BN backward's finalize (sums and weight-gradient partials reduced, one launch) and its
   elementwise finish, accumulated in place into the gradient buffer.
 * :mod:`.transition` — BN-ReLU-AvgPool-Conv1x1 forward, dgrad and wgrad.
-* :mod:`.ops` — the launchers as ``torch.library`` custom ops; :mod:`.aot` — the compile set of a training step,
-  compiled for real GPU targets.
+* :mod:`.ops` — the launchers as ``torch.library`` custom ops. :mod:`effdense.tools.aot` lists the compile set
+  of a training step and compiles it for real GPU targets.
 
 Feature maps are rows buffers (:mod:`.common`): channels-last, row stride padded to 16 elements. With
-``TRITON_INTERPRET=1`` set before ``triton`` is imported the same kernels run on CPU tensors (fp32).
+``TRITON_INTERPRET=1`` set before ``triton`` is imported the same kernels run on CPU tensors (fp32). NaN and Inf
+propagate as in PyTorch (every ReLU is :func:`.common.relu`, ``max.NaN.f32``); statistics are exact for a constant
+channel and rounded once whatever the mean/std ratio (:func:`.common.tile_moments`).
 """
 from .bn_bwd import bn_bwd_apply, bn_bwd_finalize
 from .common import (BN, INTERPRET, as_rows, dot_precision, dry_run, interpreting, nchw, padded, precision_record,

@@ -12,8 +12,6 @@ in the weight's dtype. Both reductions run over rows in a fixed order (determini
 
 elementwise over ``[P, C]``; ``out`` (a rows buffer, e.g. ``G[:, :c]``) is overwritten or accumulated into
 (``out += dx``), or ``g`` is overwritten in place, so a layer's input gradient never exists as a separate tensor.
-Rows at ``h >= h_lim`` or ``w >= w_lim`` have ``g = 0`` (the transition's floor-mode pool drops them), so ``g``
-needs no zero fill there.
 """
 from __future__ import annotations
 
@@ -21,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import BN, bn_vectors, check_pixels, configs, jit, launch, ld16, pick, pow2
+from .common import BN, bn_vectors, check_pixels, configs, jit, launch, ld16, pick, pow2, xhat_tile
 
 FINALIZE_CONFIGS = configs(("BLOCK_T", "BLOCK_C", "BLOCK_M"), [(32, 16, 256, 4, 1), (64, 64, 512, 4, 1)])
 APPLY_CONFIGS = configs(("BLOCK_P", "BLOCK_C"), [(64, 16, 4, 1), (64, 32, 4, 1), (64, 64, 4, 1)])
@@ -96,26 +94,22 @@ def bn_bwd_apply_kernel(
     out_ptr,        # [P, ld_o] rows out, channels [0, C) (may be g itself: element for element)
     mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps,    # [C] the BN (batch or running statistics)
     tot_ptr,        # [2, C] fp32 complete sums over the P pixels (dbeta, dgamma)
-    P, C, H, W, h_lim, w_lim, g_ld16, x_ld16, o_ld16, inv_npix,
+    P, C, g_ld16, x_ld16, o_ld16, inv_npix,
     AFFINE: tl.constexpr, BATCH_STATS: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    hw = offs_p % (H * W)
-    kept = (offs_p < P) & (hw // W < h_lim) & (hw % W < w_lim)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
     mask = (offs_p < P)[:, None] & c_mask[None, :]
     rows = offs_p.to(tl.int64)
-    g = tl.load(g_ptr + (rows * (g_ld16 * 16))[:, None] + offs_c[None, :], mask=kept[:, None] & c_mask[None, :],
-                other=0.0)
-    scale, _, mu, rs = bn_vectors(mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps, offs_c, c_mask, AFFINE)
+    g = tl.load(g_ptr + (rows * (g_ld16 * 16))[:, None] + offs_c[None, :], mask=mask, other=0.0)
+    mu, scale, _, rs = bn_vectors(mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps, offs_c, c_mask, AFFINE)
     if BATCH_STATS:
-        x = tl.load(x_ptr + (rows * (x_ld16 * 16))[:, None] + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + (rows * (x_ld16 * 16))[:, None] + offs_c[None, :], mask=mask, other=0.0)
         db = tl.load(tot_ptr + offs_c, mask=c_mask, other=0.0) * inv_npix
         dg = tl.load(tot_ptr + C + offs_c, mask=c_mask, other=0.0) * inv_npix
-        xhat = (x - mu[None, :]) * rs[None, :]
-        g = g - db[None, :] - xhat * dg[None, :]
+        g = g - db[None, :] - xhat_tile(x, mu, rs) * dg[None, :]
     dx = g * scale[None, :]
     o_ptrs = out_ptr + (rows * (o_ld16 * 16))[:, None] + offs_c[None, :]
     if ACCUMULATE:
@@ -128,18 +122,16 @@ def apply_heuristic(c: int) -> triton.Config:
 
 
 def bn_bwd_apply(g: torch.Tensor, x: torch.Tensor, c: int, bn: BN, tot: torch.Tensor, batch_stats: bool,
-                 out: torch.Tensor | None = None, accumulate: bool = False, crop: tuple[int, int] | None = None,
+                 out: torch.Tensor | None = None, accumulate: bool = False,
                  config: triton.Config | None = None) -> None:
     """``out[..., :c] (+)= dx`` of the BN-ReLU backward (module docstring) on rows buffers (``out`` None: ``g``
-    is overwritten with ``dx``). ``tot`` holds the sums (:func:`bn_bwd_finalize`); ``crop = (h_lim, w_lim)``
-    treats ``g`` as zero outside ``[:h_lim, :w_lim]``."""
+    is overwritten with ``dx``). ``tot`` holds the sums (:func:`bn_bwd_finalize`)."""
     n, h, w, _ = x.shape
     npix = n * h * w
     check_pixels(npix)
     cfg = config or apply_heuristic(c)
     o = g if out is None else out
-    h_lim, w_lim = crop or (h, w)
     grid = (triton.cdiv(npix, cfg.kwargs["BLOCK_P"]), triton.cdiv(c, cfg.kwargs["BLOCK_C"]))
     launch(bn_bwd_apply_kernel, grid,
-           (g, x, o, *bn.args(), tot, npix, c, h, w, h_lim, w_lim, ld16(g), ld16(x), ld16(o), 1.0 / max(npix, 1)),
+           (g, x, o, *bn.args(), tot, npix, c, ld16(g), ld16(x), ld16(o), 1.0 / max(npix, 1)),
            cfg, AFFINE=bn.affine, BATCH_STATS=batch_stats, ACCUMULATE=accumulate)

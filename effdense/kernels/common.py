@@ -39,11 +39,35 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 ROW_ALIGN = 16
 #: SM count assumed where there is no GPU (interpreter, dry runs): small, so tests see several split programs
 DEFAULT_SMS = 4
+#: the largest finite float32: ``|v| <= FLT_MAX`` is false exactly for infinities and NaN (:func:`finite`)
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 def interpreting() -> bool:
     """True when this package's kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
     return INTERPRET
+
+
+def _squeeze_interpreter_scalars() -> None:
+    """Triton < 3.7's interpreter turns a scalar argument (a 1-element array) into a loop bound with ``int(array)``,
+    which NumPy >= 2.4 refuses: every ``range(0, M, BLOCK)`` over a size argument fails. Triton 3.7+ squeezes the
+    array first; this makes the older interpreter's ``tl.tensor.__index__`` do the same (only the interpreter's
+    patch of ``tl.tensor``, restored with it after each launch)."""
+    from triton.runtime import interpreter
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "squeezes", False):
+        return
+
+    def patched(tensor, scope) -> None:
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched.squeezes = True
+    interpreter._patch_lang_tensor = patched
+
+
+if INTERPRET and tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7):
+    _squeeze_interpreter_scalars()
 
 
 # ------------------------------------------------------------------------------------------------ precision
@@ -242,7 +266,8 @@ def spec_of(kernel, args: tuple, meta: dict, config: triton.Config) -> Spec:
 @contextlib.contextmanager
 def dry_run(record: list | None = None):
     """Within this context launches are recorded (as :class:`Spec`) into ``record`` and not executed: what
-    :mod:`.aot` traces a training step with, on any machine (fp32 dots then follow the GPU's TF32 rule)."""
+    :mod:`effdense.tools.aot` traces a training step with, on any machine (fp32 dots then follow the GPU's TF32
+    rule)."""
     saved = dict(_DRY)
     _DRY.update(on=True, record=record)
     try:
@@ -269,27 +294,67 @@ def launch(kernel, grid: tuple, args: tuple, config: triton.Config, **flags) -> 
 # ------------------------------------------------------------------------------------- @triton.jit helpers
 @triton.jit
 def bn_vectors(mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps, offs, mask, AFFINE: tl.constexpr):
-    """Per-channel ``(scale, shift, mean, invstd)`` (fp32) of ``relu(x * scale + shift)``:
-    ``invstd = rsqrt(var + eps)``, ``scale = gamma * invstd``, ``shift = beta - mean * scale``; zero outside
-    ``mask``. Computed where a tile needs them, so no per-layer scale/shift vector is ever launched for."""
+    """Per-channel ``(mean, scale, beta, invstd)`` (fp32) of the BN ``(x - mean) * scale + beta``
+    (:func:`bn_affine`): ``invstd = rsqrt(var + eps)``, ``scale = gamma * invstd``, ``beta`` 0 without affine;
+    zero outside ``mask``. Computed where a tile needs them, so no per-layer vector is ever launched for."""
     mu = tl.load(mean_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    rs = tl.math.rsqrt(tl.load(var_ptr + offs, mask=mask, other=1.0).to(tl.float32) + eps)
+    rs = tl.where(mask, tl.math.rsqrt(tl.load(var_ptr + offs, mask=mask, other=1.0).to(tl.float32) + eps), 0.0)
     if AFFINE:
         scale = tl.load(gamma_ptr + offs, mask=mask, other=0.0).to(tl.float32) * rs
-        shift = tl.load(beta_ptr + offs, mask=mask, other=0.0).to(tl.float32) - mu * scale
+        beta = tl.load(beta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     else:
         scale = rs
-        shift = -mu * rs
-    scale = tl.where(mask, scale, 0.0)
-    return scale, tl.where(mask, shift, 0.0), mu, tl.where(mask, rs, 0.0)
+        beta = tl.zeros_like(rs)
+    return mu, scale, beta, rs
 
 
 @triton.jit
-def bn_relu_tile(x, scale, shift, mask):
-    """``relu(x * scale + shift)`` of a ``[rows, channels]`` tile in fp32; zero where ``mask`` is off, so
+def relu(v):
+    """``max(v, 0)`` with NaN propagated (``torch.relu``'s NaN semantics): ``tl.maximum`` drops a NaN operand
+    unless told otherwise (``fmax`` in the interpreter, ``max.f32`` in PTX); this is ``max.NaN.f32``. Every ReLU
+    of the kernels is this one, so a NaN or Inf input reaches the outputs exactly where it reaches them in
+    PyTorch, and never only the statistics."""
+    return tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def bn_affine(x, mu, scale, beta):
+    """``(x - mu) * scale + beta`` of a ``[rows, channels]`` tile in fp32: the BN (the ReLU's input). Centred first:
+    ``x - mu`` is exact near the mean, so a channel with a mean of 1e4 and a std of 1 loses nothing, where the
+    folded ``x * scale + (beta - mu * scale)`` cancels two terms of 1e4 (an fp32 rounding of 1e-3 std, enough to
+    flip the ReLU of the pixels near 0)."""
+    return (x.to(tl.float32) - mu[None, :]) * scale[None, :] + beta[None, :]
+
+
+@triton.jit
+def bn_relu_tile(x, mu, scale, beta, mask):
+    """``relu((x - mu) * scale + beta)`` of a ``[rows, channels]`` tile in fp32; zero where ``mask`` is off, so
     padding, pad columns and out-of-range rows are zeros of the *activation* (after BN-ReLU), as the
     convolution sees them (``where``, not a multiply: the pad columns of a rows buffer are uninitialized)."""
-    return tl.where(mask, tl.maximum(x.to(tl.float32) * scale[None, :] + shift[None, :], 0.0), 0.0)
+    return tl.where(mask, relu(bn_affine(x, mu, scale, beta)), 0.0)
+
+
+@triton.jit
+def relu_grad(gy, x, mu, scale, beta, mask):
+    """The ReLU backward of ``relu(bn_affine(x))``: ``gy`` where the pre-activation is ``> 0`` or NaN (as
+    ``threshold_backward``, which zeroes where ``pre <= 0``), zero there and outside ``mask``. The same
+    :func:`bn_affine` as the forward's, so forward and backward agree on every pixel's side of 0."""
+    return tl.where(mask & ~(bn_affine(x, mu, scale, beta) <= 0.0), gy, 0.0)
+
+
+@triton.jit
+def bn_grad_sums(g, x, mu, rs, mask):
+    """Per channel of a tile, the BN backward's partial sums ``(sum g, sum g * xhat)`` with the centred
+    ``xhat = (x - mu) * rs`` (:func:`xhat_tile`), over the tile's rows where ``mask`` is on. A pixel whose
+    ``g`` is zero still adds ``0 * xhat`` (NaN where ``xhat`` is not finite, as in PyTorch's sums)."""
+    return tl.sum(g, axis=0), tl.sum(tl.where(mask, g * xhat_tile(x, mu, rs), 0.0), axis=0)
+
+
+@triton.jit
+def xhat_tile(x, mu, rs):
+    """``(x - mu) * rs`` of a ``[rows, channels]`` tile in fp32: the normalized input (``x - mu`` is exact where
+    ``x`` is near ``mu``, so a large mean costs no precision)."""
+    return (x.to(tl.float32) - mu[None, :]) * rs[None, :]
 
 
 @triton.jit
@@ -323,25 +388,67 @@ def dropout_scale(seed, offs_p, offs_c, C, drop_p, drop_scale):
 
 
 @triton.jit
-def tile_stats(v, row_mask, mask):
-    """Welford partials of one tile ``v`` ``[rows, C]`` (fp32): the tile's row count, and per column the tile
-    mean and the sum of squared deviations from it; merged by :func:`effdense.kernels.stats.bn_finalize`."""
-    cnt = tl.sum(row_mask.to(tl.float32), axis=0)
-    mean = tl.sum(tl.where(mask, v, 0.0), axis=0) / tl.maximum(cnt, 1.0)
+def finite(v):
+    """``v`` is neither infinite nor NaN."""
+    return tl.abs(v) <= FLT_MAX
+
+
+@triton.jit
+def at_least_one(n):
+    """``max(n, 1)``: a count to divide sums by (an empty group's sums are 0). NaN-propagating like :func:`relu`,
+    so that no kernel's PTX has a NaN-dropping float max at all (:mod:`effdense.tools.aot` counts them)."""
+    return tl.maximum(n, 1.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def tile_moments(v, w, mask):
+    """Per column of a ``[rows, C]`` tile of groups (fp32: group means ``v``, counts ``w`` ``[rows]``, zero
+    for rows not taken; ``mask`` marks the entries taken): the total count ``n`` (a scalar), the mean as a rounded
+    fp32 ``mean`` plus what its rounding lost, ``lo``, and ``M2 = sum_i w_i (v_i - mean)^2``. A tile of pixels is
+    groups of one (``w`` 0/1).
+
+    Two passes with a corrected mean: ``m0 = sum w v / n``, then ``mean = m0 + sum w (v - m0) / n`` (``v - m0`` is
+    exact near the mean, so the mean is as accurate as its last rounding whatever the mean/std ratio, and exact
+    for a constant column), then ``M2`` from ``v - mean`` (0 for a constant column). ``lo`` (Fast2Sum: the
+    correction is small against ``m0``) keeps a tile mean of 1e4 exact to ~1e-8 for the merge, which weighs the
+    tiles' means against each other. A non-finite ``m0`` is kept as it is (``lo`` 0): a column with +Inf has mean
+    +Inf (and M2 NaN), with both infinities NaN, as PyTorch's sums give."""
+    n = tl.sum(w, axis=0)
+    inv = 1.0 / at_least_one(n)
+    m0 = tl.sum(tl.where(mask, w[:, None] * v, 0.0), axis=0) * inv
+    c = tl.sum(tl.where(mask, w[:, None] * (v - m0[None, :]), 0.0), axis=0) * inv
+    ok = finite(m0)
+    mean = tl.where(ok, m0 + c, m0)
     d = tl.where(mask, v - mean[None, :], 0.0)
-    return cnt, mean, tl.sum(d * d, axis=0)
+    return n, mean, tl.where(ok, c - (mean - m0), 0.0), tl.sum(w[:, None] * d * d, axis=0)
+
+
+@triton.jit
+def merge_moments(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Chan et al.'s merge of the moments ``(n, mean, M2)`` of two groups: ``n = n_a + n_b``,
+    ``mean = mean_a + (mean_b - mean_a) n_b / n``, ``M2 = M2_a + M2_b + (mean_b - mean_a)^2 n_a n_b / n``. Where
+    a mean is not finite the merged mean is ``mean_a + mean_b`` (the plain sum's Inf or NaN, see
+    :func:`tile_moments`)."""
+    n = n_a + n_b
+    w_b = n_b / at_least_one(n)
+    delta = mean_b - mean_a
+    mean = tl.where(finite(mean_a) & finite(mean_b), mean_a + delta * w_b, mean_a + mean_b)
+    return n, mean, m2_a + m2_b + delta * delta * (n_a * w_b)
 
 
 @triton.jit
 def store_tile_stats(y, row_mask, mask, offs_c, c_mask, tile, stats_ptr, plane, ldp, first):
-    """Write one tile's Welford partials into row ``tile`` of the ``[3, T, ldp]`` partials (plane 0 mean,
-    plane 1 M2, plane 2 column 0 the row count, which only the ``first`` channel block writes)."""
-    cnt, mean, m2 = tile_stats(y, row_mask, mask)
+    """Write the Welford partials of one tile ``y`` ``[rows, C]`` (fp32; :func:`tile_moments` of its pixels) into
+    row ``tile`` of the ``[4, T, ldp]`` partials (:func:`effdense.kernels.stats.partials`: plane 0 the mean, 1 its
+    rounding residual, 2 M2, 3 column 0 the row count, which only the ``first`` channel block writes); merged by
+    :func:`effdense.kernels.stats.bn_finalize`."""
+    cnt, mean, lo, m2 = tile_moments(y, row_mask.to(tl.float32), mask)
     row = tile.to(tl.int64) * ldp
     tl.store(stats_ptr + row + offs_c, mean, mask=c_mask)
-    tl.store(stats_ptr + plane + row + offs_c, m2, mask=c_mask)
+    tl.store(stats_ptr + plane + row + offs_c, lo, mask=c_mask)
+    tl.store(stats_ptr + 2 * plane + row + offs_c, m2, mask=c_mask)
     if first:
-        tl.store(stats_ptr + 2 * plane + row, cnt)
+        tl.store(stats_ptr + 3 * plane + row, cnt)
 
 
 @triton.jit

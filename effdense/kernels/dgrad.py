@@ -4,7 +4,7 @@ For ``y = conv(relu(bn(x)), w)`` and the incoming ``gy``: ``gA = conv_transpose(
 ``[P, Cout] x [Cout, Cin]`` per tap, taps mirrored), then in the epilogue the ReLU mask and the per-tile partial
 sums of the BN backward (:func:`effdense.backends.bn.bn_relu_backward`)::
 
-    g = gA * [x * scale + shift > 0],   dbeta = sum_p g,   dgamma = sum_p g * (x - mean) * invstd
+    g = gA * [(x - mean) * scale + beta > 0], dbeta = sum_p g,   dgamma = sum_p g * (x - mean) * invstd
 
 ``g`` is stored (fp32 rows, a transient) for :func:`effdense.kernels.bn_bwd.bn_bwd_apply`, which needs the
 complete sums, reduced by :func:`effdense.kernels.bn_bwd.bn_bwd_finalize`. Sums partials are ``[2, T, ldp]``
@@ -22,14 +22,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (BN, bn_vectors, check_pixels, configs, dot_precision, dropout_scale, grad_rows_times_weight,
-                     halo_slots, halo_tile, halo_center, halo_tiles, jit, launch, ld16, pick, pow2, tap)
+from .common import (BN, bn_grad_sums, bn_vectors, check_pixels, configs, dot_precision, dropout_scale,
+                     grad_rows_times_weight, halo_slots, halo_tile, halo_center, halo_tiles, jit, launch, ld16, pick,
+                     pow2, relu_grad, tap)
 
 CONFIGS_1X1 = configs(("BLOCK_P", "BLOCK_N", "BLOCK_K"),
                       [(64, n, k, 4, 2) for n in (16, 32, 64) for k in (16, 32)] + [(64, 128, 32, 8, 2)])
 #: 8 warps, 1 stage (the channel loop has one or two iterations: pipelining it only costs registers); with 4
 #: warps, or with 64 fp32 output channels, the gathers and the dropout prologue spill (python -m
-#: effdense.kernels.aot [--no-tf32] [--drop-rate 0.2])
+#: effdense.tools.aot [--no-tf32] [--drop-rate 0.2])
 CONFIGS_3X3 = configs(("BH", "BW", "BLOCK_N", "BLOCK_K"),
                       [(bh, 64 // bh, n, k, 8, 1) for bh in (8, 16) for n in (16, 32, 64) for k in (16, 32)])
 
@@ -42,14 +43,13 @@ def _epilogue(acc, x_ptr, x_ld16, mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps, g
     out_mask = p_mask[:, None] & n_mask[None, :]
     x = tl.load(x_ptr + (pix.to(tl.int64) * (x_ld16 * 16))[:, None] + offs_n[None, :], mask=out_mask,
                 other=0.0).to(tl.float32)
-    scale, shift, mu, rs = bn_vectors(mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps, offs_n, n_mask, AFFINE)
-    pre = x * scale[None, :] + shift[None, :]
-    g = tl.where(out_mask & ~(pre <= 0.0), acc, 0.0)     # passes where pre > 0 or NaN, as threshold_backward
+    mu, scale, beta, rs = bn_vectors(mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps, offs_n, n_mask, AFFINE)
+    g = relu_grad(acc, x, mu, scale, beta, out_mask)
     tl.store(g_ptr + (pix.to(tl.int64) * (g_ld16 * 16))[:, None] + offs_n[None, :], g, mask=out_mask)
-    xhat = (x - mu[None, :]) * rs[None, :]
+    db, dg = bn_grad_sums(g, x, mu, rs, out_mask)
     row = tile.to(tl.int64) * ldp
-    tl.store(sums_ptr + row + offs_n, tl.sum(g, axis=0), mask=n_mask)
-    tl.store(sums_ptr + plane + row + offs_n, tl.sum(tl.where(out_mask, g * xhat, 0.0), axis=0), mask=n_mask)
+    tl.store(sums_ptr + row + offs_n, db, mask=n_mask)
+    tl.store(sums_ptr + plane + row + offs_n, dg, mask=n_mask)
 
 
 @jit

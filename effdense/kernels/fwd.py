@@ -1,9 +1,9 @@
 """Fused BN-ReLU-Conv forward, 1x1 (GEMM) and 3x3 (implicit GEMM over a staged halo tile), with the output's
 Welford partials in the epilogue.
 
-``y = conv_KSxKS(relu(x * scale + shift), w)`` (stride 1, zero padding applied to the activation *after*
+``y = conv_KSxKS(relu((x - mean) * scale + beta), w)`` (stride 1, zero padding applied to the activation *after*
 BN-ReLU), optionally dropout, stored into a column range of a rows buffer, and per-tile partials of the
-stored values for the next BatchNorm (:func:`effdense.kernels.stats.bn_finalize`). ``scale``/``shift`` are
+stored values for the next BatchNorm (:func:`effdense.kernels.stats.bn_finalize`). ``scale = gamma * invstd`` is
 formed in the prologue from the BN's mean/var/gamma/beta (:func:`~.common.bn_vectors`).
 
 * 1x1 (:func:`conv1x1_fwd_kernel`): ``[P, Cin] x [Cin, Cout]`` per pixel tile; the bottleneck conv1
@@ -43,7 +43,7 @@ def conv1x1_fwd_kernel(
     mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps,    # [Cin] BN of x (batch or running statistics)
     w_ptr,          # [Cout, Cin] conv weight in its own layout (strides swo, swi), any float dtype
     y_ptr,          # [P, ld_y] rows: output channels [0, Cout)
-    stats_ptr,      # [3, T, ldp] fp32 Welford partials of y (STATS)
+    stats_ptr,      # [4, T, ldp] fp32 Welford partials of y (STATS)
     P, Cin, Cout, x_ld16, y_ld16, plane, ldp, swo, swi,
     AFFINE: tl.constexpr, STATS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -63,8 +63,8 @@ def conv1x1_fwd_kernel(
         k_mask = offs_k < Cin
         # whole padded rows are loaded (vector loads); columns past Cin are dropped by the BN-ReLU's where
         x = tl.load(x_row[:, None] + offs_k[None, :], mask=p_mask[:, None] & (offs_k < x_ld)[None, :], other=0.0)
-        scale, shift, _, _ = bn_vectors(mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps, offs_k, k_mask, AFFINE)
-        a = bn_relu_tile(x, scale, shift, p_mask[:, None] & k_mask[None, :])
+        mu, scale, beta, _ = bn_vectors(mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps, offs_k, k_mask, AFFINE)
+        a = bn_relu_tile(x, mu, scale, beta, p_mask[:, None] & k_mask[None, :])
         wt = tl.load(w_ptr + offs_n[None, :] * swo + offs_k[:, None] * swi, mask=k_mask[:, None] & n_mask[None, :],
                      other=0.0)
         acc = tl.dot(a.to(cdt), wt.to(cdt), acc, input_precision=PRECISION)
@@ -82,7 +82,7 @@ def conv3x3_fwd_kernel(
     mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps,    # [Cin] BN of x
     w_ptr,          # [Cout, Cin, 3, 3] conv weight in its own layout (strides swo, swi, swh, sww), any float dtype
     y_ptr,          # [P, ld_y] rows: output channels [y_c0, y_c0 + Cout) (F[:, c:c+k])
-    stats_ptr,      # [3, T, ldp] fp32 Welford partials of y, one row per output tile (STATS)
+    stats_ptr,      # [4, T, ldp] fp32 Welford partials of y, one row per output tile (STATS)
     seed_ptr,       # [>= seed_idx + 1] int64 Philox seeds (HAS_DROPOUT): a device tensor, no host sync
     N, H, W, Cin, Cout, x_ld16, y_ld16, y_c0, plane, ldp, seed_idx, drop_p, drop_scale, swo, swi, swh, sww,
     AFFINE: tl.constexpr, HAS_DROPOUT: tl.constexpr, STATS: tl.constexpr, PRECISION: tl.constexpr,
@@ -101,8 +101,8 @@ def conv3x3_fwd_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < Cin
         x = tl.load(q_row[:, None] + offs_k[None, :], mask=q_valid[:, None] & (offs_k < x_ld)[None, :], other=0.0)
-        scale, shift, _, _ = bn_vectors(mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps, offs_k, k_mask, AFFINE)
-        halo = bn_relu_tile(x, scale, shift, q_valid[:, None] & k_mask[None, :]).to(cdt)    # once per chunk
+        mu, scale, beta, _ = bn_vectors(mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps, offs_k, k_mask, AFFINE)
+        halo = bn_relu_tile(x, mu, scale, beta, q_valid[:, None] & k_mask[None, :]).to(cdt)    # once per chunk
         w_k = offs_n[None, :] * swo + offs_k[:, None] * swi      # offsets shared by the taps (few registers)
         w_mask = k_mask[:, None] & n_mask[None, :]
         center = halo_center(tl.cast(k0 < 0, tl.int32), BH, BW, BLOCK_K)

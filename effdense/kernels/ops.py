@@ -79,8 +79,8 @@ def bn_bwd_finalize_op(part: Tensor, t: int, c: int, tot: Tensor, dgamma: Option
 @torch.library.custom_op(_OPS + "bn_bwd_apply", mutates_args=("g", "out"))
 def bn_bwd_apply_op(g: Tensor, x: Tensor, c: int, mean: Tensor, var: Tensor, gamma: Optional[Tensor],
                     beta: Optional[Tensor], eps: float, tot: Tensor, batch_stats: bool, out: Optional[Tensor],
-                    accumulate: bool, h_lim: int, w_lim: int) -> None:
-    bn_bwd.bn_bwd_apply(g, x, c, _bn(mean, var, gamma, beta, eps), tot, batch_stats, out, accumulate, (h_lim, w_lim))
+                    accumulate: bool) -> None:
+    bn_bwd.bn_bwd_apply(g, x, c, _bn(mean, var, gamma, beta, eps), tot, batch_stats, out, accumulate)
 
 
 # --------------------------------------------------------------------------------------------- transition
@@ -152,9 +152,8 @@ class Dispatch:
         torch.ops.effdense.bn_bwd_finalize(part, t, c, tot, dgamma, dbeta, dw_part, dw)
 
     @staticmethod
-    def bn_bwd_apply(g, x, c, bn, tot, batch_stats, out=None, accumulate=False, crop=None):
-        h_lim, w_lim = crop or (x.shape[1], x.shape[2])
-        torch.ops.effdense.bn_bwd_apply(g, x, c, *_unpack(bn), tot, batch_stats, out, accumulate, h_lim, w_lim)
+    def bn_bwd_apply(g, x, c, bn, tot, batch_stats, out=None, accumulate=False):
+        torch.ops.effdense.bn_bwd_apply(g, x, c, *_unpack(bn), tot, batch_stats, out, accumulate)
 
     @staticmethod
     def transition_fwd(x, cin, bn, w, out):

@@ -1,14 +1,17 @@
 """Channel statistics: the block entry (copy into the feature buffer + Welford partials) and the one-launch finalize
 (merge the partials, store mean/var, update a BatchNorm's running statistics exactly as ``nn.BatchNorm2d``).
 
-Partials are ``[3, T, ldp]`` fp32 (:func:`partials`): plane 0 the tile means, plane 1 the tiles' sums of squared
-deviations from their mean, plane 2 column 0 the tiles' row counts. A kernel that writes them writes every one of
-its ``T`` tiles and returns ``T``; :func:`bn_finalize` merges exactly those rows (Chan et al.: for tiles
+Partials are ``[4, T, ldp]`` fp32 (:func:`partials`): plane 0 the tile means, plane 1 what their fp32 rounding
+lost, plane 2 the tiles' sums of squared deviations from their mean, plane 3 column 0 the tiles' row counts
+(:func:`~.common.tile_moments` of the tile's pixels). A kernel that writes them writes every one of its ``T``
+tiles and returns ``T``; :func:`bn_finalize` merges exactly those rows (Chan et al.: for tiles
 ``(n_i, m_i, M2_i)``, ``n = sum n_i``, ``mean = sum n_i m_i / n``, ``M2 = sum M2_i + sum n_i (m_i - mean)^2``,
-``var = M2 / n``), so rows a previous launch with another tiling left behind are never read.
+``var = M2 / n``; the same :func:`~.common.tile_moments` over ``BLOCK_T`` rows at a time, folded with
+:func:`~.common.merge_moments`), so rows a previous launch with another tiling left behind are never read.
 
 The running-statistics update (``num_batches_tracked += 1``; factor ``momentum``, or ``1/num_batches_tracked`` for
-``momentum=None``; ``running_var`` from the unbiased ``var * n/(n-1)``; ``lerp`` as PyTorch's) runs in the same
+``momentum=None``; ``running_var`` from the unbiased ``var * n/(n-1)``; ``factor * new + (1 - factor) * old`` as
+``F.batch_norm`` computes it, so +Inf stays +Inf where a ``lerp`` would make it NaN) runs in the same
 single-program launch as the merge: one program, so it can read and write ``num_batches_tracked`` without a race.
 """
 from __future__ import annotations
@@ -18,22 +21,24 @@ import triton
 from torch.autograd.graph import increment_version
 import triton.language as tl
 
-from .common import check_pixels, configs, jit, launch, padded, pick, pow2, store_tile_stats
+from .common import (at_least_one, check_pixels, configs, finite, jit, launch, merge_moments, padded, pick, pow2,
+                     store_tile_stats, tile_moments)
 
 ENTRY_CONFIGS = configs(("BLOCK_P", "BLOCK_C"), [(64, 16, 4, 1), (64, 32, 4, 1), (64, 64, 4, 1)])
 FINALIZE_CONFIGS = configs(("BLOCK_T", "BLOCK_C"), [(32, 16, 4, 1), (64, 32, 4, 1), (64, 64, 4, 1)])
 
 
 def partials(rows: int, width: int, device) -> torch.Tensor:
-    """A workspace for the Welford partials of up to ``rows`` tiles of up to ``width`` channels."""
-    return torch.empty((3, max(rows, 1), padded(width)), dtype=torch.float32, device=device)
+    """A workspace for the Welford partials of up to ``rows`` tiles of up to ``width`` channels (the module
+    docstring; planes 0 and 1 also hold the BN backward's partial sums, :mod:`.dgrad`)."""
+    return torch.empty((4, max(rows, 1), padded(width)), dtype=torch.float32, device=device)
 
 
 @jit
 def block_entry_kernel(
     x_ptr,          # [N, C, H, W] any strides (NCHW, channels-last, a view), any float dtype
     f_ptr,          # [P, ld] rows buffer: x is stored into columns [0, C) in f's dtype (COPY)
-    stats_ptr,      # [3, T, ldp] Welford partials of the stored values (STATS)
+    stats_ptr,      # [4, T, ldp] Welford partials of the stored values (STATS)
     N, C, H, W, sxn, sxc, sxh, sxw, f_ld16, plane, ldp,
     COPY: tl.constexpr, STATS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -90,24 +95,20 @@ def block_entry(x: torch.Tensor, out: torch.Tensor | None, part: torch.Tensor | 
 
 
 @triton.jit
-def _lerp(a, b, w):
-    """``torch.lerp(a, b, w)`` as PyTorch computes it (two formulas, for accuracy near either end)."""
-    return tl.where(w < 0.5, a + w * (b - a), b - (b - a) * (1.0 - w))
-
-
-@triton.jit
 def _update_running(rmean_ptr, rvar_ptr, offs, mask, mean, var, factor, unbias):
+    """``running = factor * batch + (1 - factor) * running`` for the mean and the unbiased variance, as
+    ``F.batch_norm`` updates them (the module docstring)."""
     rm = tl.load(rmean_ptr + offs, mask=mask, other=0.0)
     rv = tl.load(rvar_ptr + offs, mask=mask, other=0.0)
-    new_m = _lerp(rm.to(tl.float32), mean, factor)
-    new_v = _lerp(rv.to(tl.float32), var * unbias, factor)
+    new_m = factor * mean + (1.0 - factor) * rm.to(tl.float32)
+    new_v = factor * (var * unbias) + (1.0 - factor) * rv.to(tl.float32)
     tl.store(rmean_ptr + offs, new_m.to(rm.dtype), mask=mask)
     tl.store(rvar_ptr + offs, new_v.to(rv.dtype), mask=mask)
 
 
 @jit
 def bn_finalize_kernel(
-    stats_ptr,      # [3, T, ldp] Welford partials of M channels
+    stats_ptr,      # [4, T, ldp] Welford partials of M channels
     mean_ptr,       # [>= c0 + M] fp32 out: merged means go to [c0, c0 + M)
     var_ptr,        # [>= c0 + M] fp32 out: merged biased variances
     rmean_ptr,      # [c_upd] the norm's running_mean (UPDATE), any float dtype
@@ -125,28 +126,27 @@ def bn_finalize_kernel(
     for j0 in range(0, M, BLOCK_C):
         offs = j0 + tl.arange(0, BLOCK_C)
         cm = offs < M
+        # the tile means (with their rounding residuals) are merged as offsets from tile 0's (a finite shift, Chan's
+        # merge being shift-invariant): every rounding then scales with the spread of the means, not their size,
+        # and the mean is rounded once
+        shift = tl.load(stats_ptr + offs, mask=cm, other=0.0)
+        shift = tl.where(finite(shift), shift, 0.0)
         n_a = 0.0
         mean_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
         m2_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
         for t0 in range(0, T, BLOCK_T):
             rows = t0 + tl.arange(0, BLOCK_T)
             rm = rows < T
-            cnt = tl.load(stats_ptr + 2 * plane + rows.to(tl.int64) * ldp, mask=rm, other=0.0)
+            cnt = tl.load(stats_ptr + 3 * plane + rows.to(tl.int64) * ldp, mask=rm, other=0.0)
             mk = rm[:, None] & cm[None, :]
             at = rows.to(tl.int64)[:, None] * ldp + offs[None, :]
-            mu = tl.load(stats_ptr + at, mask=mk, other=0.0)
-            m2 = tl.load(stats_ptr + plane + at, mask=mk, other=0.0)
-            n_b = tl.sum(cnt, axis=0)
-            mean_b = tl.sum(cnt[:, None] * mu, axis=0) / tl.maximum(n_b, 1.0)
-            d = tl.where(mk, mu - mean_b[None, :], 0.0)
-            m2_b = tl.sum(m2, axis=0) + tl.sum(cnt[:, None] * d * d, axis=0)
-            n = n_a + n_b
-            w_b = n_b / tl.maximum(n, 1.0)
-            delta = mean_b - mean_a
-            mean_a = mean_a + delta * w_b
-            m2_a = m2_a + m2_b + delta * delta * (n_a * w_b)
-            n_a = n
-        var = m2_a / tl.maximum(n_a, 1.0)
+            mu = (tl.load(stats_ptr + at, mask=mk, other=0.0) - shift[None, :]) + tl.load(stats_ptr + plane + at,
+                                                                                          mask=mk, other=0.0)
+            m2 = tl.load(stats_ptr + 2 * plane + at, mask=mk, other=0.0)
+            n_b, mean_b, _, m2_b = tile_moments(mu, cnt, mk)
+            n_a, mean_a, m2_a = merge_moments(n_a, mean_a, m2_a, n_b, mean_b, tl.sum(m2, axis=0) + m2_b)
+        mean_a += shift
+        var = m2_a / at_least_one(n_a)
         tl.store(mean_ptr + c0 + offs, mean_a, mask=cm)
         tl.store(var_ptr + c0 + offs, var, mask=cm)
         if UPDATE:

@@ -1,6 +1,6 @@
 """Conv weight gradient (1x1, or 3x3 over a staged halo tile) with the BN-ReLU activation recomputed in the prologue.
 
-``dw[co, ci, tap] = sum_p gy[p, co] * relu(x[p + d_tap, ci] * scale + shift)`` (zero padding on the activation):
+``dw[co, ci, tap] = sum_p gy[p, co] * relu(bn(x)[p + d_tap, ci])`` (zero padding on the activation):
 a GEMM ``[Cout, P] x [P, Cin]`` per tap whose reduction runs over the ``P`` pixels.
 
 The pixel reduction is split over ``S`` programs (per channel block), each summing a contiguous range of pixel
@@ -24,7 +24,7 @@ from .common import (BN, bn_relu_tile, bn_vectors, check_pixels, configs, dot_pr
                      halo_slots, halo_center, halo_tile, halo_tiles, jit, launch, ld16, pick, pow2, sm_count, tap)
 
 #: the pixel (reduction) tile is the dots' K: 64 for tensor cores; 16 with 8 warps for FMA dots (exact fp32:
-#: each thread holds a K slice of both operands; 64 spills kilobytes, python -m effdense.kernels.aot --no-tf32)
+#: each thread holds a K slice of both operands; 64 spills kilobytes, python -m effdense.tools.aot --no-tf32)
 CONFIGS_1X1 = configs(("BLOCK_CO", "BLOCK_CI", "BLOCK_P"),
                       [(co, ci, p, w, 2) for co in (16, 32, 64) for ci in (16, 32, 64) for p, w in ((64, 4), (16, 8))])
 CONFIGS_3X3 = configs(("BH", "BW", "BLOCK_CO", "BLOCK_CI"),
@@ -50,7 +50,7 @@ def conv1x1_wgrad_kernel(
     offs_ci = tl.program_id(1) * BLOCK_CI + tl.arange(0, BLOCK_CI)
     ci_mask = offs_ci < Cin
     split = tl.program_id(2)
-    sc, sh, _, _ = bn_vectors(mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps, offs_ci, ci_mask, AFFINE)
+    mu, sc, be, _ = bn_vectors(mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps, offs_ci, ci_mask, AFFINE)
     gy_ld = gy_ld16 * 16
     x_ld = x_ld16 * 16
     acc = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=tl.float32)
@@ -65,16 +65,19 @@ def conv1x1_wgrad_kernel(
         a_mask = p_mask[:, None] & ci_mask[None, :]
         x = tl.load(x_ptr + rows[:, None] * x_ld + offs_ci[None, :], mask=p_mask[:, None] & (offs_ci < x_ld)[None, :],
                     other=0.0)                                        # [BLOCK_P, BLOCK_CI]
-        a = bn_relu_tile(x, sc, sh, a_mask)
+        a = bn_relu_tile(x, mu, sc, be, a_mask)
         acc = tl.dot(gy.to(cdt), a.to(cdt), acc, input_precision=PRECISION)
     tl.store(dw_ptr + split.to(tl.int64) * Cout * Cin + offs_co[:, None] * Cin + offs_ci[None, :], acc,
              mask=co_mask[:, None] & ci_mask[None, :])
 
 
 @triton.jit
-def _tap(acc, gy, halo, center, dh, dw: tl.constexpr, BW: tl.constexpr, PRECISION: tl.constexpr):
-    """One tap's ``acc += gy^T-tile @ a[o + d]`` with the tap operand gathered from the staged halo."""
-    return tl.dot(gy, tap(halo, center, dh, dw, BW), acc, input_precision=PRECISION)
+def _tap(acc, gy, halo, center, o_valid, dh, dw: tl.constexpr, BW: tl.constexpr, PRECISION: tl.constexpr):
+    """One tap's ``acc += gy^T-tile @ a[o + d]`` with the tap operand gathered from the staged halo. Rows of
+    output pixels outside the image are zeroed in the operand as well as in ``gy``: the image pixel next to one
+    may hold a NaN or Inf activation, and ``0 * NaN`` would add a term PyTorch's weight gradient does not have."""
+    a = tl.where(o_valid[:, None], tap(halo, center, dh, dw, BW), 0.0)
+    return tl.dot(gy, a.to(gy.dtype), acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -95,7 +98,7 @@ def conv3x3_wgrad_kernel(
 ):
     # grid: (Cout blocks, Cin blocks * 3 tap rows, splits). A program owns one row of taps (dh fixed, dw =
     # -1, 0, 1): three accumulators. All nine in one program would stage the halo once instead of three times,
-    # but 9 accumulators plus the gathers' operands spill in fp32 even at 8 warps (python -m effdense.kernels.aot).
+    # but 9 accumulators plus the gathers' operands spill in fp32 even at 8 warps (python -m effdense.tools.aot).
     cdt = x_ptr.dtype.element_ty
     offs_co = tl.program_id(0) * BLOCK_CO + tl.arange(0, BLOCK_CO)
     co_mask = offs_co < Cout
@@ -103,7 +106,7 @@ def conv3x3_wgrad_kernel(
     ci_mask = offs_ci < Cin
     dh = tl.program_id(1) % 3 - 1
     split = tl.program_id(2)
-    sc, sh, _, _ = bn_vectors(mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps, offs_ci, ci_mask, AFFINE)
+    mu, sc, be, _ = bn_vectors(mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps, offs_ci, ci_mask, AFFINE)
     if HAS_DROPOUT:
         seed = tl.load(seed_ptr + seed_idx)
     gy_ld = gy_ld16 * 16
@@ -122,11 +125,11 @@ def conv3x3_wgrad_kernel(
         gy = gy.to(cdt)
         x = tl.load(x_ptr + q_pix.to(tl.int64)[:, None] * x_ld + offs_ci[None, :],
                     mask=q_valid[:, None] & (offs_ci < x_ld)[None, :], other=0.0)
-        halo = bn_relu_tile(x, sc, sh, q_valid[:, None] & ci_mask[None, :]).to(cdt)     # once per tile
+        halo = bn_relu_tile(x, mu, sc, be, q_valid[:, None] & ci_mask[None, :]).to(cdt)     # once per tile
         center = halo_center(tl.cast(tile < 0, tl.int32), BH, BW, BLOCK_CI)
-        acc0 = _tap(acc0, gy, halo, center, dh, -1, BW, PRECISION)
-        acc1 = _tap(acc1, gy, halo, center, dh, 0, BW, PRECISION)
-        acc2 = _tap(acc2, gy, halo, center, dh, 1, BW, PRECISION)
+        acc0 = _tap(acc0, gy, halo, center, o_valid, dh, -1, BW, PRECISION)
+        acc1 = _tap(acc1, gy, halo, center, o_valid, dh, 0, BW, PRECISION)
+        acc2 = _tap(acc2, gy, halo, center, o_valid, dh, 1, BW, PRECISION)
     base = split.to(tl.int64) * Cout * Cin * 9
     mask = co_mask[:, None] & ci_mask[None, :]
     _store_tap(dw_ptr, base, acc0, 3 * dh + 3, offs_co, offs_ci, Cin, mask)

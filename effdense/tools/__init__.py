@@ -5,4 +5,6 @@
 * :mod:`.demo` — ``python -m effdense.demo``: one training step per backend, peak memory and step time.
 * :mod:`.measure` — the memory a training step takes, counted from PyTorch's allocator (CPU) or CUDA's.
 * :mod:`.launches` — kernel launches and host syncs of a training step, counted on the profiler.
+* :mod:`.aot` — ``python -m effdense.tools.aot``: the Triton kernels a training step launches, compiled for a GPU
+  target without one (registers, spills, NaN-propagating max instructions).
 """

@@ -75,8 +75,8 @@ def test_transition_matches_module(hw, layout, train):
 def test_transition_kernels_every_config():
     """The three transition kernels in every config of their spaces, in order and shuffled, on the same output,
     ``g`` and partials buffers (NaN-filled), against BN-ReLU-AvgPool-Conv1x1 differentiated by autograd: odd H
-    and W (the floor crops a row and a column: their ``g`` is never written and the finish treats it as zero),
-    a channels-last-strided weight."""
+    and W (the floor crops a row and a column: dgrad writes their ``g`` as zero), a channels-last-strided
+    weight."""
     import random
 
     from effdense import kernels as K
@@ -118,13 +118,58 @@ def test_transition_kernels_every_config():
         _close(dgamma, dg_ref, f"gamma grad {cfg}")
         _close(dbeta, db_ref, f"beta grad {cfg}")
         dx = K.rows_buffer(n, h, w, cin, torch.float32, DEV).fill_(nan)
-        K.bn_bwd_apply(g, xb, cin, bn, tot, True, dx, crop=(h // 2 * 2, w // 2 * 2))
+        K.bn_bwd_apply(g, xb, cin, bn, tot, True, dx)
         _close(K.nchw(dx, 0, cin), dx_ref, f"input grad {cfg}")
     ws = torch.full((9 * cout * cin,), nan, device=DEV)
     for i, cfg in enumerate(orders(KT.WGRAD_CONFIGS)):
         dwp, _ = KT.transition_wgrad(gyb, xb, cin, bn, cout, ws, config=cfg,
                                      splits=None if i < len(KT.WGRAD_CONFIGS) else 9)
         _close(dwp.sum(0).view(cout, cin, 1, 1), wr.grad, f"weight grad {cfg}")
+
+
+@pytest.mark.parametrize("hw", [(7, 9), (6, 4)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_transition_nan_and_inf_propagate_as_in_pytorch(hw, train):
+    """NaN, +Inf and -Inf in the input, inside and (odd sizes) in the row and column the pool crops: the output,
+    the input gradient, the parameter gradients and the running statistics are NaN, +Inf and -Inf exactly where
+    the ``naive`` module's (float64, pool before conv) are. A cropped pixel adds ``0 * xhat`` to ``dgamma``, NaN
+    for a NaN input there, as PyTorch's BN backward does; the transition's kernels run in every config."""
+    import itertools
+
+    from effdense.kernels import transition as KT
+    from utils import assert_same_nonfinite
+    h, w = hw
+    ref, mod = _modules(20 + h)
+    ref.double().train(train)
+    mod.train(train)
+    x = torch.randn(2, CIN, h, w, device=DEV)
+    x[0, 1, 2, 3] = float("nan")
+    x[1, 2, 0, 1] = float("inf")
+    x[1, 3, 4, 0] = -float("inf")
+    x[0, 4, h - 1, w // 2] = float("nan")       # the cropped row when h is odd
+    x[1, 5, 1, w - 1] = float("inf")            # the cropped column when w is odd
+    xr = x.double().requires_grad_(True)
+    y_ref = ref.conv(ref.pool(ref.relu(ref.norm(xr))))
+    gy = torch.randn(y_ref.shape, device=DEV)
+    y_ref.backward(gy.double())
+    grads_ref = [xr.grad, ref.conv.weight.grad, ref.norm.weight.grad, ref.norm.bias.grad]
+    space = list(itertools.zip_longest(KT.FWD_CONFIGS, KT.DGRAD_CONFIGS, KT.WGRAD_CONFIGS))
+    heuristics = (KT.fwd_heuristic, KT.dgrad_heuristic, KT.wgrad_heuristic)
+    for configs in space:       # every config of each kernel, through the module's autograd function
+        picked = {f: (lambda *a, c=c, f=f: c or f(*a)) for f, c in zip(heuristics, configs)}
+        m = copy.deepcopy(mod)
+        xt = x.clone().requires_grad_(True)
+        with pytest.MonkeyPatch.context() as mp:
+            for f, new in picked.items():
+                mp.setattr(KT, f.__name__, new)
+            y = TB.transition_forward(xt, m.norm, m.conv)
+            y.backward(gy)
+        assert_same_nonfinite(y, y_ref, f"output {configs}")
+        for what, got, exp in zip(("input grad", "conv weight grad", "gamma grad", "beta grad"),
+                                  [xt.grad, m.conv.weight.grad, m.norm.weight.grad, m.norm.bias.grad], grads_ref):
+            assert_same_nonfinite(got, exp, f"{what} {configs}")
+        for name in ("running_mean", "running_var"):
+            assert_same_nonfinite(getattr(m.norm, name), getattr(ref.norm, name), f"{name} {configs}")
 
 
 def test_transition_strided_input_and_partial_grads():

@@ -8,6 +8,8 @@ backend replaying the mask the Triton forward drew. The CUDA tests (skipped else
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -141,6 +143,137 @@ def test_batch_size_one_fails_like_batchnorm_and_empty_batch_works():
     y.sum().backward()
 
 
+# ----------------------------------------------------------------------------- NaN, Inf, empty and constant
+def _float64(module):
+    return copy.deepcopy(module).double()
+
+
+def _poisoned(shape: tuple, value: float, channels_last: bool = False) -> torch.Tensor:
+    """An input with ``value`` (NaN or Inf; -Inf too for Inf) at an interior pixel, a border pixel and a corner."""
+    x = make_input(shape, {"channels_last": channels_last})
+    n, c, h, w = shape
+    x[0, 1 % c, h // 2, w - 1] = value
+    x[n - 1, 2 % c, 0, 0] = -value
+    x[n - 1, 0, h - 1, w // 2] = value
+    return x
+
+
+NONFINITE_CASES = {
+    "bc": dict(num_layers=3, num_input_features=5, bn_size=2, growth_rate=3),
+    "bc-dropout": dict(num_layers=2, num_input_features=5, bn_size=2, growth_rate=3, drop_rate=0.3),
+    "plain": dict(num_layers=3, num_input_features=5, growth_rate=3, bottleneck=False),
+}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("label", list(NONFINITE_CASES))
+def test_nan_and_inf_propagate_exactly_as_naive(label, train, value):
+    """NaN or +-Inf in the block input: outputs, input gradients, every parameter gradient and the running
+    statistics are NaN, +Inf and -Inf exactly where ``naive``'s (float64) are, over two steps: in training the
+    poisoned channels' statistics, and so every new channel, go NaN (never only the running statistics); in eval
+    the non-finite values stay where the convolutions carry them. A clean eval after a poisoned training step is
+    NaN as naive's is."""
+    block = make_block(NONFINITE_CASES[label], {})
+    x = _poisoned((2, 5, 5, 7), value, channels_last=label == "plain")
+    got = run_steps(block, "triton", x, steps=2, train=train)
+    ref = run_steps(_float64(block), "naive", x.double(), steps=2, train=train)
+    utils.assert_runs_same_nonfinite(got, ref)
+    if train:
+        assert got.outputs[0][:, 5:].isnan().all()
+        clean = make_input((2, 5, 5, 7), {})
+        evals = []
+        for backend, run, dtype in (("triton", got, torch.float32), ("naive", ref, torch.float64)):
+            m = make_block(NONFINITE_CASES[label], {}).to(dtype)
+            m.load_state_dict(run.state)
+            m.backend = backend
+            with torch.no_grad():
+                evals.append(m.eval()(clean.to(dtype)))
+        utils.assert_same_nonfinite(*evals, "clean eval after a poisoned step")
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_model_nan_and_inf_like_naive(train):
+    """The whole model (blocks and transitions, a 7-pixel map that the second transition crops) with NaN and Inf
+    inputs: the same non-finite masks as naive in float64."""
+    torch.manual_seed(0)
+    model = effdense.densenet_cifar(depth=10, growth_rate=4, num_classes=3)
+    x = _poisoned((2, 3, 14, 14), float("nan"))
+    x[1, 1, 3, 3] = float("inf")
+    got = run_steps(model, "triton", x, steps=1, train=train)
+    ref = run_steps(_float64(model), "naive", x.double(), steps=1, train=train)
+    utils.assert_runs_same_nonfinite(got, ref)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("label", ["bc", "plain"])
+def test_empty_batch_matches_naive(label, train):
+    """N = 0: the same (empty) outputs and input gradients as naive, zero parameter gradients, running statistics
+    untouched and ``num_batches_tracked`` counted as ``nn.BatchNorm2d`` counts it; the model (with its
+    transitions) too."""
+    block = make_block(NONFINITE_CASES[label], {})
+    x = make_input((0, 5, 4, 6), {})
+    got = run_steps(block, "triton", x, steps=2, train=train)
+    assert_runs_close(got, run_steps(_float64(block), "naive", x.double(), steps=2, train=train), 0.0)
+    torch.manual_seed(0)
+    model = effdense.densenet_cifar(depth=10, growth_rate=4, num_classes=3, bottleneck=label == "bc")
+    x = make_input((0, 3, 10, 10), {})
+    got = run_steps(model, "triton", x, steps=1, train=train)
+    assert_runs_close(got, run_steps(_float64(model), "naive", x.double(), steps=1, train=train), 0.0)
+
+
+def _errors(run, ref) -> dict:
+    """Errors of a run against a reference run: output, input gradient, each parameter gradient and running
+    statistic, each relative to its reference, or to 1e-3 of the largest parameter gradient where its own is smaller
+    (a gradient that is 0 in exact arithmetic, e.g. of a BN whose input has zero variance, is roundoff)."""
+    floor = 1e-3 * max(g.double().norm().item() for g in ref.param_grads[0].values())
+
+    def err(a, b):
+        return (a.double() - b.double()).norm().item() / max(b.double().norm().item(), floor, 1e-30)
+
+    errs = {"output": err(run.outputs[0], ref.outputs[0]), "input grad": err(run.input_grads[0], ref.input_grads[0])}
+    errs.update({name: err(g, ref.param_grads[0][name]) for name, g in run.param_grads[0].items()})
+    errs.update({name: err(v, ref.state[name]) for name, v in run.state.items() if "running" in name})
+    return errs
+
+
+def _no_worse_than_naive(block, x, factor: float, floor: float) -> None:
+    """Triton fp32 and naive fp32 against naive float64 on the same values: every error of triton at most
+    ``factor`` times naive's, plus ``floor``."""
+    ref = run_steps(_float64(block), "naive", x.double(), steps=1)
+    got = _errors(run_steps(block, "triton", x, steps=1), ref)
+    naive = _errors(run_steps(block, "naive", x, steps=1), ref)
+    for name, err in got.items():
+        assert err <= factor * naive[name] + floor, f"{name}: triton {err:.3g}, naive fp32 {naive[name]:.3g}"
+
+
+@pytest.mark.parametrize("label", ["bc", "plain"])
+def test_constant_batch_matches_naive(label):
+    """Every pixel of each input channel one value (zero variance): the statistics are exact (mean the value,
+    variance 0, so ``x - mean`` is exactly 0 as in float64), and triton is as close to naive in float64 as naive's
+    own fp32 run is; the transition and the model too."""
+    block = make_block(NONFINITE_CASES[label], {})
+    x = torch.linspace(-2.0, 3.0, 5).view(1, 5, 1, 1).expand(3, 5, 6, 7).contiguous()
+    _no_worse_than_naive(block, x, 2.0, 2e-5)
+    torch.manual_seed(0)
+    model = effdense.densenet_cifar(depth=10, growth_rate=4, num_classes=3, bottleneck=label == "bc")
+    _no_worse_than_naive(model, torch.full((3, 3, 10, 10), 0.7), 2.0, 2e-5)
+
+
+@pytest.mark.parametrize("m, s", [(1e4, 1.0), (1.0, 1e4), (-1e4, 1e2)])
+def test_large_mean_to_std_ratios_as_accurate_as_naive(m, s):
+    """Input channels ``randn * s + m`` with mean/std up to 1e4, fp32: outputs, input and parameter gradients and
+    running statistics of triton no further from naive in float64 than 2x naive's own fp32 error (plus fp32
+    roundoff): the statistics are Welford/Chan with a corrected mean in every kernel that makes them, and the BN is
+    applied centred, ``(x - mean) * scale + beta``."""
+    block = make_block(dict(num_layers=2, num_input_features=4, bn_size=2, growth_rate=3), {})
+    for norm in block.modules():    # pre-activations away from the ReLU's kink: any fp32 rounding of the mean
+        if isinstance(norm, torch.nn.BatchNorm2d):      # (1e-4 std here) flips the ReLU of pixels within it of 0,
+            norm.bias.data.fill_(3.0)                   # in naive as in triton, and that is not what this measures
+    x = (make_input((3, 4, 9, 11), {}) * s + m).float()
+    _no_worse_than_naive(block, x, 2.0, 2e-5)
+
+
 def test_unavailable_reasons():
     from effdense.backends import triton_backend
     assert triton_backend.unavailable(torch.device(DEVICE), torch.float32) is None
@@ -159,7 +292,6 @@ def test_unavailable_reasons():
 def test_fp16_autocast_error_matches_torch_backend(bottleneck):
     """The low-precision path (fp16 storage, fp32 statistics and accumulation; bf16 is broken in the
     interpreter): error against fp64 no worse than the "torch" backend's own fp16 error."""
-    import copy
     kwargs = dict(num_layers=3, num_input_features=4, bn_size=2, growth_rate=3, bottleneck=bottleneck)
     block, x = make_block(kwargs, {}), make_input((2, 4, 5, 3), {"channels_last": True})
 
@@ -226,7 +358,6 @@ def test_cuda_bf16_autocast_error_at_most_twice_pytorchs(bottleneck):
 def test_torch_compile_fullgraph_matches_eager():
     """Under torch.compile the backend calls the ``effdense::`` custom ops: one graph, no breaks, same numbers;
     dropout still draws a new mask per call."""
-    import copy
     kwargs = dict(num_layers=2, num_input_features=4, bn_size=2, growth_rate=3, drop_rate=0.3)
     block = make_block(kwargs, {})
     block.backend = "triton"

@@ -21,9 +21,10 @@ from torch import nn
 
 from effdense.backends.bn import bn_relu, bn_relu_backward, channel_stats, scale_shift, update_running_stats
 from effdense.backends.torch_backend import _conv_backward
+from utils import assert_same_nonfinite
 
 K = pytest.importorskip("effdense.kernels")
-from effdense.kernels import bn_bwd, common, dgrad, fwd, stats, wgrad  # noqa: E402
+from effdense.kernels import bn_bwd, common, dgrad, fwd, stats, transition, wgrad  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and not K.interpreting() else "cpu"
 #: fp32 tolerance (the interpreter's dots are exact fp32; on CUDA conftest.py switches TF32 off)
@@ -177,7 +178,7 @@ def test_wgrad_every_config_same_buffers(label):
 
 def test_bn_bwd_finalize_and_apply_every_config():
     """The finalize's two reductions (BN sums over tiles, weight-gradient splits) and the finish, training
-    (batch statistics) and eval (running statistics), accumulated or in place over ``g``, a cropped region."""
+    (batch statistics) and eval (running statistics), in place over ``g``."""
     torch.manual_seed(3)
     n, h, w, c, rows, splits, m = 2, 5, 3, 21, 70, 5, 600
     part = K.partials(80, c, DEVICE).normal_()
@@ -195,7 +196,6 @@ def test_bn_bwd_finalize_and_apply_every_config():
     col = lambda v: v.view(1, -1, 1, 1)     # noqa: E731
     xhat = (K.nchw(x, 0, c) - col(bn.mean)) * col(torch.rsqrt(bn.var + bn.eps))
     g_ref = torch.randn(n, c, h, w, device=DEVICE)
-    g_ref[:, :, h - 1] = 0          # the crop below: rows past it count as zero whatever g holds there
     dbeta, dgamma = g_ref.sum((0, 2, 3)), (g_ref * xhat).sum((0, 2, 3))
     tot = torch.cat([dbeta, dgamma])
     refs = {True: col(scale) * (g_ref - col(dbeta / (n * h * w)) - xhat * col(dgamma / (n * h * w))),   # batch
@@ -203,8 +203,8 @@ def test_bn_bwd_finalize_and_apply_every_config():
     for cfg in every_config(bn_bwd.APPLY_CONFIGS):
         for batch_stats, ref in refs.items():
             g = _rows(n, h, w, c, NAN)
-            K.nchw(g, 0, c)[:, :, :h - 1].copy_(g_ref[:, :, :h - 1])
-            K.bn_bwd_apply(g, x, c, bn, tot, batch_stats, crop=(h - 1, w), config=cfg)     # in place
+            K.nchw(g, 0, c).copy_(g_ref)
+            K.bn_bwd_apply(g, x, c, bn, tot, batch_stats, config=cfg)     # in place
             assert rel(K.nchw(g, 0, c), ref) < RTOL, (cfg, batch_stats)
 
 
@@ -241,20 +241,157 @@ def test_block_entry_and_finalize_every_config():
             assert rel(norm.running_mean, ref.running_mean) < RTOL and rel(norm.running_var, ref.running_var) < RTOL
 
 
-def test_statistics_are_stable_for_large_means():
-    """Welford tile partials + Chan's merge: a raw sum of squares would lose the variance at mean 1e4."""
+def _ref_stats(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of ``y`` in float64 as ``F.batch_norm`` computes them on CPU (a sum,
+    then the squared deviations): the mean of a channel with +Inf is +Inf, not NaN (``torch.var_mean``'s Welford
+    update would give NaN)."""
+    y = y.double()
+    mean = y.mean((0, 2, 3))
+    return mean, (y - mean.view(1, -1, 1, 1)).square().mean((0, 2, 3))
+
+
+@pytest.mark.parametrize("m, s", [(1e4, 1.0), (-1e4, 1e4), (1.0, 1e4), (3e3, 0.25)])
+def test_statistics_are_accurate_for_large_mean_to_std_ratios(m, s):
+    """Welford tile partials (corrected two-pass) merged with Chan's formula as offsets from a tile mean: the
+    mean rounded about once, the variance to fp32 precision, for mean/std ratios up to 1e4; several merge chunks
+    (72 tiles: 2 or 3 chunks of ``BLOCK_T`` rows). Errors against float64 on the same fp32 values no worse than
+    ``F.batch_norm``'s fp32 statistics (the ``naive`` backend's) by more than 2x plus one fp32 rounding of the
+    values' size; a raw fp32 sum of squares is off by ~100% at the large ratios."""
     torch.manual_seed(5)
-    n, h, w, c = 2, 9, 7, 6
-    x = torch.randn(n, c, h, w, device=DEVICE) + 1e4
+    x = (torch.randn(2, 5, 48, 48, device=DEVICE) * s + m).float()
+    rm, rv = _ref_stats(x)
+    run_mean, run_var = torch.zeros(5, device=DEVICE), torch.ones(5, device=DEVICE)
+    F.batch_norm(x, run_mean, run_var, training=True, momentum=1.0)     # naive's statistics, in fp32
+    n = x.numel() // 5
+    naive = ((run_mean.double() - rm).abs().max().item(), rel(run_var.double() * (n - 1) / n, rv))
+    ulp = torch.finfo(torch.float32).eps * (abs(m) + s)      # one fp32 rounding of the values' size
+    part = K.partials(80, 5, DEVICE)
+    t = K.block_entry(x, None, part)
+    assert t == 72
+    for cfg in stats.FINALIZE_CONFIGS:
+        mean, var = torch.empty(5, device=DEVICE), torch.empty(5, device=DEVICE)
+        K.bn_finalize(part, t, 5, mean, var, config=cfg)
+        assert (mean.double() - rm).abs().max().item() <= 2 * naive[0] + ulp, (cfg, naive)
+        assert rel(var, rv) <= 2 * naive[1] + 1e-6, (cfg, naive)
+    if m / s >= 1e3:
+        raw = (x.double() ** 2).float().mean((0, 2, 3)) - x.float().mean((0, 2, 3)) ** 2
+        assert rel(raw, rv) > 1e-2
+
+
+def test_constant_channels_have_exact_statistics_every_config():
+    """A channel whose pixels are all one value: mean exactly that value and variance exactly 0 from the entry's
+    and the finalize's every config (the corrected two-pass removes the rounding of the tile sums), so BN's
+    ``x - mean`` is exactly 0 as in float64, not an ulp times ``1/sqrt(eps)``."""
+    n, h, w = 2, 9, 15          # 270 pixels: partial 64-pixel tiles, tile counts that do not divide
+    values = torch.tensor([1.0, 0.1, -3.7e3, 1e4 + 0.5, 1 / 3, 0.0, 6.1e-5], device=DEVICE)
+    x = values.view(1, -1, 1, 1).expand(n, -1, h, w).contiguous()
+    part = K.partials(64, values.numel(), DEVICE)
+    for cfg in every_config(stats.ENTRY_CONFIGS):
+        t = K.block_entry(x, None, part, config=cfg)
+        for fcfg in stats.FINALIZE_CONFIGS:
+            mean, var = torch.full_like(values, NAN), torch.full_like(values, NAN)
+            K.bn_finalize(part, t, values.numel(), mean, var, config=fcfg)
+            assert torch.equal(mean, values) and torch.equal(var, torch.zeros_like(var)), (cfg, fcfg, mean, var)
+
+
+# ---------------------------------------------------------------------------------------------- NaN and Inf
+INF = float("inf")
+
+
+def _poison(buf: torch.Tensor, c: int, channel: int = 0) -> torch.Tensor:
+    """NaN, +Inf and -Inf written into channels ``[channel, channel + 3)`` (mod ``c``) of the rows buffer ``buf``:
+    NaN at an image's last column (whose right neighbours are out-of-image rows of a partial halo tile), +Inf
+    inside, -Inf at a corner."""
+    n, h, w, _ = buf.shape
+    buf[1, h // 2, w - 1, channel % c] = NAN
+    buf[0, 2, 3, (channel + 1) % c] = INF
+    buf[n - 1, h - 1, 0, (channel + 2) % c] = -INF
+    return buf
+
+
+def _ref_layer(x: torch.Tensor, cin: int, bn: K.BN, wt: torch.Tensor, gy: torch.Tensor, batch_stats: bool) -> dict:
+    """The layer's forward and BN-ReLU-Conv backward in float64 PyTorch ops (``bn`` as given: running statistics
+    or batch ones, for ``batch_stats``' finish)."""
+    d = lambda t: t.double()      # noqa: E731
+    xs = d(x)
+    scale, shift, mu, invstd = scale_shift(nn.BatchNorm2d(cin, eps=bn.eps), d(bn.mean), d(bn.var), torch.float64,
+                                           (d(bn.gamma), d(bn.beta)))
+    a = bn_relu(xs, scale, shift)
+    y = F.conv2d(a, d(wt), padding=wt.shape[-1] // 2)
+    ga, dw = _conv_backward(d(gy), a, d(wt), True)
+    pre = xs * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    dx, dgamma, dbeta = bn_relu_backward(xs, ga, scale, shift, mu, invstd, batch_stats)
+    return dict(y=y, stats=_ref_stats(y), g=ga.masked_fill(pre <= 0, 0), dx=dx, dgamma=dgamma, dbeta=dbeta, dw=dw)
+
+
+@pytest.mark.parametrize("batch_stats", [False, True], ids=["running", "batch"])
+@pytest.mark.parametrize("label", list(SHAPES))
+def test_nan_and_inf_propagate_as_in_pytorch_every_config(label, batch_stats):
+    """NaN, +Inf and -Inf in the layer input (and a NaN in the incoming gradient) reach exactly the outputs, the
+    statistics, ``g``, the BN sums, the input gradient and the weight gradient they reach in float64 PyTorch, in
+    every config of the forward, dgrad and wgrad (the ReLUs are NaN-propagating; rows of out-of-image pixels are
+    kept out of every sum). With running statistics the masks are local; with batch statistics of a poisoned
+    input (NaN) every channel's normalization is NaN, as in PyTorch."""
+    n, h, w, cin, cout = SHAPES[label]
+    ks = KS[label]
+    torch.manual_seed(11)
+    x = _poison(_rows(n, h, w, cin), cin)
+    bn, _, _ = _bn(cin)
+    if batch_stats:
+        bn.mean[1] = NAN
+    wt = _weight(cout, cin, ks)
+    gy = _rows(n, h, w, cout)
+    gy[0, 1, 1, 2] = NAN
+    ref = _ref_layer(K.nchw(x, 0, cin), cin, bn, wt, K.nchw(gy, 0, cout), batch_stats)
+    out, g = _rows(n, h, w, cout, NAN), _rows(n, h, w, cin, NAN)
+    part, tot = K.partials(64, max(cin, cout), DEVICE), torch.empty(2 * cin, device=DEVICE)
+    for cfg in FWD_SPACE[label]:
+        t = K.bn_relu_conv_fwd(x, cin, bn, wt, out, 0, part, config=cfg)
+        assert_same_nonfinite(K.nchw(out, 0, cout), ref["y"], f"output {cfg}")
+        mean, var = torch.empty(cout, device=DEVICE), torch.empty(cout, device=DEVICE)
+        K.bn_finalize(part, t, cout, mean, var)
+        assert_same_nonfinite(mean, ref["stats"][0], f"mean {cfg}")
+        assert_same_nonfinite(var, ref["stats"][1], f"var {cfg}")
+    for cfg in DGRAD_SPACE[label]:
+        t = K.conv_dgrad_bn_relu(gy, 0, wt, x, bn, g, part, config=cfg)
+        assert_same_nonfinite(K.nchw(g, 0, cin), ref["g"], f"g {cfg}")
+        dgamma, dbeta = torch.empty_like(bn.gamma), torch.empty_like(bn.beta)
+        K.bn_bwd_finalize(part, t, cin, tot, dgamma, dbeta)
+        assert_same_nonfinite(dgamma, ref["dgamma"], f"dgamma {cfg}")
+        assert_same_nonfinite(dbeta, ref["dbeta"], f"dbeta {cfg}")
+        dx = _rows(n, h, w, cin, NAN)
+        K.bn_bwd_apply(g, x, cin, bn, tot, batch_stats, dx)
+        assert_same_nonfinite(K.nchw(dx, 0, cin), ref["dx"], f"dx {cfg}")
+    ws = torch.empty(9 * cout * cin * ks * ks, device=DEVICE)
+    for cfg in WGRAD_SPACE[label]:
+        dw, _ = K.conv_wgrad(gy, 0, x, cin, bn, ks, cout, ws, config=cfg)
+        assert_same_nonfinite(dw.sum(0).view_as(ref["dw"]), ref["dw"], f"dw {cfg}")
+
+
+def test_nan_and_inf_statistics_of_the_block_entry_every_config():
+    """The entry's partials and the finalize: a channel with +Inf has mean +Inf and variance NaN, with +Inf and
+    -Inf or a NaN both NaN, as ``F.batch_norm`` computes them; the running statistics follow (``lerp``)."""
+    n, h, w, c = 2, 9, 8, 7
+    x = torch.randn(n, c, h, w, device=DEVICE)
+    x[0, 1, 2, 3] = INF
+    x[1, 2, 0, 0] = INF
+    x[1, 2, 5, 5] = -INF
+    x[0, 3, 8, 7] = NAN
+    x[1, 4, 3, 3] = -INF
+    ref = _ref_stats(x)
     part = K.partials(64, c, DEVICE)
-    mean, var = torch.empty(c, device=DEVICE), torch.empty(c, device=DEVICE)
-    K.bn_finalize(part, K.block_entry(x, None, part), c, mean, var)
-    rm, rv = channel_stats(x.double())
-    assert rel(mean, rm) < 1e-6
-    # fp32 resolves 1e4 + x to ~1e-3, so ~1e-4 relative is the floor; a raw fp32 sum of squares is off by ~100%
-    assert rel(var, rv) < 1e-3
-    raw = (x.double() ** 2).float().mean((0, 2, 3)) - x.float().mean((0, 2, 3)) ** 2
-    assert rel(raw, rv) > 1e-2
+    for cfg in every_config(stats.ENTRY_CONFIGS):
+        t = K.block_entry(x, None, part, config=cfg)
+        for fcfg in stats.FINALIZE_CONFIGS:
+            norm = nn.BatchNorm2d(c).to(DEVICE)
+            mean, var = torch.empty(c, device=DEVICE), torch.empty(c, device=DEVICE)
+            K.bn_finalize(part, t, c, mean, var, 0, K.running_args(norm), c, n * h * w, config=fcfg)
+            assert_same_nonfinite(mean, ref[0], f"mean {cfg} {fcfg}")
+            assert_same_nonfinite(var, ref[1], f"var {cfg} {fcfg}")
+            expect = nn.BatchNorm2d(c).to(DEVICE)
+            F.batch_norm(x, expect.running_mean, expect.running_var, training=True, momentum=0.1)
+            assert_same_nonfinite(norm.running_mean, expect.running_mean, f"running_mean {cfg} {fcfg}")
+            assert_same_nonfinite(norm.running_var, expect.running_var, f"running_var {cfg} {fcfg}")
 
 
 DROP_P = 0.3
@@ -302,7 +439,8 @@ def test_dropout_mask_statistics_and_regeneration():
 
 
 def test_heuristics_pick_from_their_spaces():
-    """Over DenseNet layer shapes (bf16, tf32 and exact fp32) every heuristic answers a member of its space."""
+    """Over DenseNet layer shapes (bf16, tf32 and exact fp32) every heuristic answers a member of its space (the
+    transition's too)."""
     for dtype, tf32 in ((torch.bfloat16, True), (torch.float32, True), (torch.float32, False)):
         with common.dry_run(), _tf32(tf32):
             for n, hw in ((2, 5), (64, 32), (64, 8), (64, 56)):
@@ -311,6 +449,9 @@ def test_heuristics_pick_from_their_spaces():
                         assert fwd.heuristic(ks, n, hw, hw, cin, cout, dtype) in FWD_SPACE[f"{ks}x{ks}"]
                         assert dgrad.heuristic(ks, n, hw, hw, cout, cin, dtype) in DGRAD_SPACE[f"{ks}x{ks}"]
                         assert wgrad.heuristic(ks, hw, cout, cin, dtype) in WGRAD_SPACE[f"{ks}x{ks}"]
+                    assert transition.fwd_heuristic(cin, cout) in transition.FWD_CONFIGS
+                    assert transition.dgrad_heuristic(cout, cin, dtype) in transition.DGRAD_CONFIGS
+                    assert transition.wgrad_heuristic(cout, cin) in transition.WGRAD_CONFIGS
 
 
 class _tf32:
@@ -389,7 +530,7 @@ def test_custom_ops_opcheck():
                                      torch.empty(cin, device=DEVICE), torch.randn(2, 7, device=DEVICE),
                                      torch.empty(7, device=DEVICE))),
         (e.bn_bwd_apply.default, (_rows(n, h, w, cin), x, cin, *args, torch.randn(2 * cin, device=DEVICE), True,
-                                  _rows(n, h, w, cin), True, h, w)),
+                                  _rows(n, h, w, cin), True)),
     ]
     for op, a in cases:
         torch.library.opcheck(op, a)
