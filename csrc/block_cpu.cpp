@@ -169,7 +169,7 @@ std::pair<std::vector<double>, std::vector<double>> batch_norm_relu_backward_imp
           for (int64_t r = 0; r < n; ++r) {
             const A* __restrict__ xr = xt + r * c;
             A* __restrict__ gr = gt + r * c;
-            for (int64_t ch = 0; ch < c; ++ch) gr[ch] += a[ch] + b[ch] * (xr[ch] - mu[ch]);
+            for (int64_t ch = 0; ch < c; ++ch) gr[ch] = bnmath::corrected(gr[ch], xr[ch], mu[ch], a[ch], b[ch]);
           }
         } else {
           sums.add(grp, sg, sgx);
@@ -180,7 +180,7 @@ std::pair<std::vector<double>, std::vector<double>> batch_norm_relu_backward_imp
     });
   };
   sweep(two_sweeps);
-  auto [dg, db] = sums.finish(bn.invstd);
+  auto [dg, db] = sums.finish(bn.invstd, P);
   if (two_sweeps) {
     std::tie(al, be) = correction(dg, db, bn, P);
     sweep(false);
@@ -281,7 +281,7 @@ std::tuple<std::vector<acc_t<T>>, std::vector<double>, std::vector<double>> line
   std::vector<A> dW(static_cast<size_t>(B * c), A(0));
   for (int64_t g = 0; g < groups; ++g)
     for (int64_t i = 0; i < B * c; ++i) dW[i] += dwp[g * B * c + i];
-  auto [dg, db] = sums.finish(bn.invstd);
+  auto [dg, db] = sums.finish(bn.invstd, P);
   if (batch_stats) apply_correction<T, O>(x, gx, bn, coef, dg, db);
   return {dW, dg, db};
 }
@@ -324,16 +324,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_linear_backward_cpu(
 
 // ---------------------------------------------------------------------------------- bottleneck backward
 
-// One row of the BN2-ReLU backward into out: scale * g + alpha + beta * (z - mean), g = ga where relu's input is
-// positive (restrict-qualified arguments: the loop vectorizes).
-template <typename T, typename A>
+// One row of the BN2-ReLU backward into out: scale * g + alpha + beta * (z - mean) with the batch's statistics
+// (BATCH), scale * g with running ones (z not read beyond relu's mask: a NaN of z stays out of the gradient, as in
+// PyTorch), g = ga where relu's input is positive (restrict-qualified arguments: the loop vectorizes).
+template <typename T, bool BATCH, typename A>
 inline void bn2_grad_row(const A* __restrict__ zr, const A* __restrict__ gr, A* __restrict__ out, int64_t n,
                          const A* __restrict__ s, const A* __restrict__ t, const A* __restrict__ mu,
                          const A* __restrict__ al, const A* __restrict__ be) {
   for (int64_t ch = 0; ch < n; ++ch) {
-    const A za = zr[ch], ga = gr[ch];
-    const A g = za * s[ch] + t[ch] <= A(0) ? A(0) : ga;
-    out[ch] = round_to<T>(s[ch] * g + al[ch] + be[ch] * (za - mu[ch]));
+    const A za = zr[ch], g = bnmath::relu_grad(za, gr[ch], s[ch], t[ch]);
+    if constexpr (BATCH) out[ch] = round_to<T>(bnmath::corrected(s[ch] * g, za, mu[ch], al[ch], be[ch]));
+    else out[ch] = round_to<T>(s[ch] * g);
   }
 }
 
@@ -374,7 +375,7 @@ std::pair<std::vector<double>, std::vector<double>> relu_grad_sums(const at::Ten
       sums.add(grp, sg, sgx);
     }
   });
-  return sums.finish(bn.invstd);
+  return sums.finish(bn.invstd, P);
 }
 
 // The backward of a bottleneck's conv1 side, z = conv1x1(relu(bn1(x)), W1) and a = relu(bn2(z)), from the
@@ -425,9 +426,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bottlenec
         gather(vz, pz, p0, p1, buf + n * B, B);
         gather(vg, pg, p0, p1, buf + 2 * n * B, B);
       }
-      for (int64_t r = 0; r < n; ++r)
-        bn2_grad_row<T>(zs + r * ldz, gs + r * ldg, buf + r * B, B, bn2.scale.data(), bn2.shift.data(),
-                        bn2.mean.data(), al.data(), be.data());
+      for (int64_t r = 0; r < n; ++r) {
+        const A *zr = zs + r * ldz, *gr = gs + r * ldg;
+        if (batch_stats2)
+          bn2_grad_row<T, true>(zr, gr, buf + r * B, B, bn2.scale.data(), bn2.shift.data(), bn2.mean.data(),
+                                al.data(), be.data());
+        else
+          bn2_grad_row<T, false>(zr, gr, buf + r * B, B, bn2.scale.data(), bn2.shift.data(), bn2.mean.data(),
+                                 al.data(), be.data());
+      }
       return {buf, B};
     };
     auto r = same ? linear_backward_tiles<T, T>(x, w, bn1, batch_stats1, gx, true, coef, gz_of)
@@ -509,7 +516,8 @@ void gather_grad_impl(const at::Tensor& g, const OptTensor& mask, double p, cons
       if (px != nullptr) {
         gather(*vx, px, p0, p1, mt, c);
         for (int64_t r = 0; r < n; ++r)
-          for (int64_t ch = 0; ch < c; ++ch) gt[r * c + ch] += c0[ch] + c1[ch] * (mt[r * c + ch] - mu[ch]);
+          for (int64_t ch = 0; ch < c; ++ch)
+            gt[r * c + ch] = bnmath::corrected(gt[r * c + ch], mt[r * c + ch], mu[ch], c0[ch], c1[ch]);
       }
       if (pm != nullptr) {
         gather(*vm, pm, p0, p1, mt, c);

@@ -125,6 +125,32 @@ void im2col(const A* g, A* G, int64_t h0, int64_t r, int64_t H, int64_t W, int64
   with_width(k, [&](auto K) { im2col_k<A, decltype(K)::value>(g, G, h0, r, H, W, k); });
 }
 
+// The weight-gradient GEMM (grad_Wcat += a^T G over a tile of image rows) multiplies every a[p] with G's entries of
+// all 9 taps, those whose grad_y pixel is outside the image being 0: exact for a finite a[p], but a non-finite one
+// (an Inf or NaN that reached a) would add Inf * 0 = NaN where the convolution has no term at all (the pairs of p
+// with padding). If the tile holds one (a sum of a * 0 is 0 only for finite values: one vectorized pass, against the
+// GEMM's 18k multiply-adds per value), those entries are taken out of the GEMM (zeroed in the tile) and added here
+// over the taps inside the image: the NaN and Inf of PyTorch's, no others.
+template <typename A>
+void wgrad_nonfinite(A* u, const A* G, A* dw, int64_t h0, int64_t r, int64_t H, int64_t W, int64_t C, int64_t k) {
+  const int64_t n = r * W * C, K9 = kTaps * k;
+  A z = 0;
+#pragma omp simd reduction(+ : z)
+  for (int64_t i = 0; i < n; ++i) z += u[i] * A(0);
+  if (z == A(0)) return;
+  for (int64_t q = 0; q < r * W; ++q)
+    for (int64_t c = 0; c < C; ++c) {
+      const A v = u[q * C + c];
+      if (v - v == A(0)) continue;  // finite
+      u[q * C + c] = A(0);
+      for (int64_t t = 0; t < kTaps; ++t) {
+        const int64_t sh = h0 + q / W - t / 3 + 1, sw = q % W - t % 3 + 1;  // tap t's grad_y pixel
+        if (sh < 0 || sh >= H || sw < 0 || sw >= W) continue;
+        for (int64_t o = 0; o < k; ++o) dw[c * K9 + t * k + o] += v * G[q * K9 + t * k + o];
+      }
+    }
+}
+
 // With out_mean/out_var, also the per-channel batch statistics of out (each image one TileMoments tile).
 template <typename T>
 void bn_relu_conv3x3_impl(const at::Tensor& x, const BN<acc_t<T>>& bn, const at::Tensor& w, const at::Tensor& out,
@@ -190,6 +216,7 @@ at::Tensor bn_relu_conv3x3_backward_impl(const at::Tensor& x, const at::Tensor& 
         gemm<A>(false, false, r * W, C, K9, G, K9, wd.data(), C, A(0), dst, direct ? lda : C);
         if (!direct) scatter<false>(va, pa, p0, p0 + r * W, gat, C);
         gather(vx, px, p0, p0 + r * W, u, C, f);
+        wgrad_nonfinite(u, G, dw, h0, r, H, W, C, k);
         gemm<A>(true, false, C, K9, r * W, u, C, G, K9, A(1), dw, K9);
       }
     }

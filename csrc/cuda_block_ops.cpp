@@ -210,10 +210,11 @@ void gather_grad_cuda(const at::Tensor& g, const OptTensor& mask, double p, cons
   check_gather_grad_args(g, mask, p, out, x, coef, mean);
   const c10::cuda::CUDAGuard guard(out.device());
   at::Tensor v = g;
-  if (x) {
+  if (x) {  // bnmath::corrected: no beta * (x - mean) where beta is 0, so a NaN of x stays out
     const auto a = coef->scalar_type();
+    const at::Tensor beta = coef->select(0, 1).view({1, -1, 1, 1});
     v = v.to(a) + coef->select(0, 0).view({1, -1, 1, 1}) +
-        coef->select(0, 1).view({1, -1, 1, 1}) * (x->to(a) - mean->to(a).view({1, -1, 1, 1}));
+        at::where(beta != 0, beta * (x->to(a) - mean->to(a).view({1, -1, 1, 1})), 0);
   }
   if (mask) v = v * mask->to(out.scalar_type()).div(1.0 - p);
   const_cast<at::Tensor&>(out).copy_(v);

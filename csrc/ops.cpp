@@ -19,6 +19,7 @@
 #include <string>
 #include <type_traits>
 
+#include "bn_math.h"
 #include "common.h"
 
 namespace effdense {
@@ -217,18 +218,6 @@ bool channels_inner(const at::Tensor& x) { return out_format(x) == at::MemoryFor
 
 constexpr int64_t kChunk = 256;  // pixels per task of the channels-innermost loops
 
-// Chan et al.'s merge of (count, mean, M2) triples.
-struct Moments {
-  double n = 0, mean = 0, m2 = 0;
-  void merge(double nb, double meanb, double m2b) {
-    if (nb == 0) return;
-    const double tot = n + nb, delta = meanb - mean;
-    mean += delta * nb / tot;
-    m2 += m2b + delta * delta * n * nb / tot;
-    n = tot;
-  }
-};
-
 // ---------------------------------------------------------------------------------------------- statistics
 
 template <typename T>
@@ -251,42 +240,48 @@ void stats_cpu_impl(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
         const int64_t p0 = k * kChunk, p1 = std::min(P, p0 + kChunk);
         // two-pass within the chunk in the accumulation type (exact enough over kChunk pixels), unit-stride
         // channel loops when channels are contiguous (they vectorize); chunks merge in double below
-        thread_local std::vector<O> sm, sq;
+        // (shifted by the chunk's first row: bnmath::stat_shift, see cpu_tiles.h TileMoments)
+        thread_local std::vector<O> sk, sm, sq;
+        sk.resize(static_cast<size_t>(C));
         sm.assign(static_cast<size_t>(C), O(0));
         sq.assign(static_cast<size_t>(C), O(0));
+        O* __restrict__ kk = sk.data();
         O* __restrict__ a = sm.data();
         O* __restrict__ q = sq.data();
         const int64_t sc = C == 1 ? 1 : g.sC;
+        const T* first = px + g.pix(p0);
+        for (int64_t c = 0; c < C; ++c) kk[c] = bnmath::stat_shift(static_cast<O>(first[c * sc]));
         for (int64_t p = p0; p < p1; ++p) {
           const T* __restrict__ row = px + g.pix(p);
           if (sc == 1)
-            for (int64_t c = 0; c < C; ++c) a[c] += static_cast<O>(row[c]);
+            for (int64_t c = 0; c < C; ++c) a[c] += static_cast<O>(row[c]) - kk[c];
           else
-            for (int64_t c = 0; c < C; ++c) a[c] += static_cast<O>(row[c * sc]);
+            for (int64_t c = 0; c < C; ++c) a[c] += static_cast<O>(row[c * sc]) - kk[c];
         }
         const O inv = O(1) / static_cast<O>(p1 - p0);
         for (int64_t c = 0; c < C; ++c) a[c] *= inv;
         for (int64_t p = p0; p < p1; ++p) {
           const T* __restrict__ row = px + g.pix(p);
           for (int64_t c = 0; c < C; ++c) {
-            const O d = static_cast<O>(row[c * sc]) - a[c];
+            const O d = (static_cast<O>(row[c * sc]) - kk[c]) - a[c];
             q[c] += d * d;
           }
         }
         double* m = cm.data() + k * C;
         double* m2 = cm2.data() + k * C;
-        for (int64_t c = 0; c < C; ++c) m[c] = static_cast<double>(a[c]), m2[c] = static_cast<double>(q[c]);
+        for (int64_t c = 0; c < C; ++c)
+          m[c] = static_cast<double>(kk[c]) + static_cast<double>(a[c]), m2[c] = static_cast<double>(q[c]);
       }
     });
     at::parallel_for(0, C, 16, [&](int64_t b, int64_t e) {
       for (int64_t c = b; c < e; ++c) {
-        Moments acc;
+        bnmath::Moments acc;
         for (int64_t k = 0; k < nchunks; ++k) {
           const int64_t cnt = std::min(P, (k + 1) * kChunk) - k * kChunk;
           acc.merge(static_cast<double>(cnt), cm[k * C + c], cm2[k * C + c]);
         }
-        pm[c] = static_cast<O>(acc.mean);
-        pv[c] = static_cast<O>(acc.m2 / acc.n);
+        pm[c] = static_cast<O>(acc.mean_or_nan());
+        pv[c] = static_cast<O>(acc.var());
       }
     });
     return;
@@ -294,21 +289,22 @@ void stats_cpu_impl(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
   const int64_t HW = g.H * g.W;
   at::parallel_for(0, C, 1, [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c) {
-      Moments acc;
+      bnmath::Moments acc;
       for (int64_t n = 0; n < g.N; ++n) {
         const T* plane = px + n * g.sN + c * g.sC;
         double m = 0, m2 = 0;
-        if ((g.W == 1 || g.sW == 1) && (g.H == 1 || g.sH == g.W)) {  // a contiguous plane: two-pass, SIMD
+        if ((g.W == 1 || g.sW == 1) && (g.H == 1 || g.sH == g.W)) {  // a contiguous plane: two-pass, SIMD, shifted
+          const O kk = bnmath::stat_shift(static_cast<O>(plane[0]));
           O s = 0, q = 0;
 #pragma omp simd reduction(+ : s)
-          for (int64_t i = 0; i < HW; ++i) s += static_cast<O>(plane[i]);
+          for (int64_t i = 0; i < HW; ++i) s += static_cast<O>(plane[i]) - kk;
           const O mo = s / static_cast<O>(HW);
 #pragma omp simd reduction(+ : q)
           for (int64_t i = 0; i < HW; ++i) {
-            const O d = static_cast<O>(plane[i]) - mo;
+            const O d = (static_cast<O>(plane[i]) - kk) - mo;
             q += d * d;
           }
-          m = static_cast<double>(mo), m2 = static_cast<double>(q);
+          m = static_cast<double>(kk) + static_cast<double>(mo), m2 = static_cast<double>(q);
         } else {
           double s = 0;
           for (int64_t h = 0; h < g.H; ++h)
@@ -322,8 +318,8 @@ void stats_cpu_impl(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
         }
         acc.merge(static_cast<double>(HW), m, m2);
       }
-      pm[c] = static_cast<O>(acc.mean);
-      pv[c] = static_cast<O>(acc.m2 / acc.n);
+      pm[c] = static_cast<O>(acc.mean_or_nan());
+      pv[c] = static_cast<O>(acc.var());
     }
   });
 }
@@ -690,13 +686,12 @@ void running_update_cpu(const at::Tensor& rm, const at::Tensor& rv, const M* m, 
   R* pv = rv.data_ptr<R>();
   const int64_t c = rm.numel(), s0 = rm.stride(0), s1 = rv.stride(0);
   const O w = static_cast<O>(factor);
-  const M unb = static_cast<M>(count > 1 ? static_cast<double>(count) / static_cast<double>(count - 1) : 1.0);
-  auto lerp = [w](O a, O b) { return w < O(0.5) ? a + w * (b - a) : b - (b - a) * (O(1) - w); };
+  const M unb = static_cast<M>(bnmath::unbiased_factor(count));
   for (int64_t j = 0; j < c; ++j) {
     const O mb = static_cast<O>(static_cast<R>(m[j * sm]));
     const O vb = static_cast<O>(static_cast<R>(static_cast<M>(v[j * sm] * unb)));
-    pm[j * s0] = static_cast<R>(lerp(static_cast<O>(pm[j * s0]), mb));
-    pv[j * s1] = static_cast<R>(lerp(static_cast<O>(pv[j * s1]), vb));
+    pm[j * s0] = static_cast<R>(bnmath::lerp(static_cast<O>(pm[j * s0]), mb, w));
+    pv[j * s1] = static_cast<R>(bnmath::lerp(static_cast<O>(pv[j * s1]), vb, w));
   }
 }
 
@@ -710,7 +705,7 @@ void update_running_stats_cpu(at::TensorList running_mean, at::TensorList runnin
     int64_t& tracked = *nbt[i].data_ptr<int64_t>();
     tracked += 1;
     if (count == 0) continue;  // an empty batch only counts, as nn.BatchNorm2d
-    const double factor = momentum[i] < 0 ? 1.0 / static_cast<double>(tracked) : momentum[i];
+    const double factor = bnmath::running_factor(momentum[i], tracked);
     const int64_t off = mean.dim() == 1 ? 0 : rows[i] * mean.stride(0);
     const int64_t sm = mean.stride(mean.dim() - 1);
     AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "effdense_running_stats_m", [&] {

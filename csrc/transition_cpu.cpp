@@ -204,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transition_backward_i
   std::vector<A> dW(static_cast<size_t>(B * C), A(0));
   for (int64_t g = 0; g < groups; ++g)
     for (int64_t i = 0; i < B * C; ++i) dW[i] += dwp[g * B * C + i];
-  auto [dg, db] = sums.finish(bn.invstd);
+  auto [dg, db] = sums.finish(bn.invstd, vx.pixels());
   if (batch_stats) apply_correction<T, T>(x, gx, bn, std::nullopt, dg, db);
   at::Tensor dw = at::empty_like(w);
   write_weight<T>(dW, dw);

@@ -467,3 +467,108 @@ def test_bottleneck_plan_keeps_where_the_peak_does_not_rise():
     assert [b.keep_bottleneck for b in plain.blocks()] == [False] * 3, "no bottleneck, nothing to keep"
     with pytest.raises(ValueError, match="keep_bottleneck must be True, False or 'auto'"):
         effdense.densenet_cifar(depth=40, growth_rate=12, keep_bottleneck="yes")
+
+
+# --------------------------------------------------------------------------- issue 25: silent errors, cpp vs naive
+
+def _one_step(module, backend, x, train=True):
+    """One forward/backward of a copy of ``module`` on ``backend`` with a fixed weighted-sum loss: output, input
+    gradient, parameter gradients and buffers (running statistics)."""
+    m = copy.deepcopy(module)
+    m.set_backend(backend) if hasattr(m, "set_backend") else setattr(m, "backend", backend)
+    m.train(train)
+    xs = x.detach().clone().requires_grad_()
+    y = m(xs)
+    (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+    grads = {n: p.grad for n, p in m.named_parameters()}
+    return y.detach(), xs.grad, grads, dict(m.named_buffers())
+
+
+def _nonfinite_masks(t):
+    return torch.isnan(t), torch.isinf(t)
+
+
+def _assert_same_nonfinite(got, ref, what):
+    for g, r, kind in zip(_nonfinite_masks(got), _nonfinite_masks(ref), ("NaN", "Inf")):
+        assert torch.equal(g, r), f"{what}: {kind} at {int(g.sum())} places, naive at {int(r.sum())} " \
+                                  f"({int((g != r).sum())} differ)"
+
+
+def _assert_same_step(got, ref, rtol=RTOL64):
+    """Equal non-finite masks everywhere and the finite values within rtol (relative to naive's finite values)."""
+    for what, a, b in (("output", got[0], ref[0]), ("input gradient", got[1], ref[1]),
+                       *((f"gradient of {n}", got[2][n], ref[2][n]) for n in ref[2]),
+                       *((f"buffer {n}", got[3][n], ref[3][n]) for n in ref[3])):
+        assert (a is None) == (b is None), what
+        if b is None:
+            continue
+        if b.dtype == torch.int64:
+            assert torch.equal(a, b), what
+            continue
+        _assert_same_nonfinite(a, b, what)
+        fin = torch.isfinite(b)
+        assert rel_err(a[fin], b[fin]) <= rtol, f"{what}: finite values rel err {rel_err(a[fin], b[fin]):.3g}"
+
+
+@pytest.mark.parametrize("bottleneck", [True, False], ids=["bc", "plain"])
+def test_cpp_empty_training_batch_gives_naive_zero_gradients(bottleneck):
+    """Issue 25.3: N = 0 in training: zero gradients (not NaN), running statistics unchanged, counted once; the
+    whole model (blocks and transitions), as naive."""
+    torch.manual_seed(0)
+    model = effdense.densenet_cifar(depth=10 if bottleneck else 7, growth_rate=4, bottleneck=bottleneck,
+                                    num_classes=5).double()
+    x = torch.zeros(0, 3, 32, 32, dtype=torch.float64)
+    got, ref = _one_step(model, "cpp", x), _one_step(model, "naive", x)
+    _assert_same_step(got, ref)
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in got[2].values())
+    for name, b in model.named_buffers():
+        assert torch.equal(got[3][name], b + 1 if name.endswith("num_batches_tracked") else b), name
+
+
+@pytest.mark.parametrize("bottleneck", [True, False], ids=["bc", "plain"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_cpp_constant_batch_matches_naive(train, bottleneck):
+    """Issue 25.3: every pixel of the batch one value (zero variance) in float64, as naive."""
+    torch.manual_seed(0)
+    model = effdense.densenet_cifar(depth=10 if bottleneck else 7, growth_rate=4, bottleneck=bottleneck,
+                                    num_classes=5).double()
+    x = torch.full((2, 3, 8, 8), 0.7, dtype=torch.float64)
+    _assert_same_step(_one_step(model, "cpp", x, train), _one_step(model, "naive", x, train), rtol=1e-8)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("kind", ["bc", "plain", "model"])
+def test_cpp_propagates_nan_and_inf_as_naive(kind, train, value):
+    """Issue 25.5: a NaN or Inf in the input reaches exactly the outputs, input and parameter gradients and
+    running statistics it reaches in naive (float64; their masks compared), in training and eval. ``model``: a
+    whole DenseNet-BC (the transitions' kernels too)."""
+    torch.manual_seed(0)
+    if kind == "model":
+        module = effdense.densenet_cifar(depth=10, growth_rate=4, num_classes=5).double()
+        x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    else:
+        module = make_block(dict(num_layers=3, num_input_features=8, bn_size=2, growth_rate=4,
+                                 bottleneck=kind == "bc"), {})
+        x = torch.randn(4, 8, 8, 8, dtype=torch.float64)
+    x[0, 2, 3, 3] = value
+    _assert_same_step(_one_step(module, "cpp", x, train), _one_step(module, "naive", x, train))
+
+
+@pytest.mark.parametrize("mean,std", [(100.0, 0.01), (1e4, 1.0)], ids=["100+-0.01", "1e4+-1"])
+@pytest.mark.parametrize("layout", [{}, {"channels_last": True}], ids=["nchw", "channels_last"])
+def test_cpp_batch_statistics_of_large_means_are_as_accurate_as_naive(layout, mean, std):
+    """Issue 25.6: a float32 block on channels of mean/std 1e4 against naive in float64 on the centred input (the
+    same function: BN removes the mean), its output's new channels, input and parameter gradients: cpp's errors at
+    most twice naive float32's (with a raw sum of squares or unshifted float sums they were 7 to 10 times)."""
+    torch.manual_seed(0)
+    block = make_block(dict(num_layers=3, num_input_features=8, bn_size=2, growth_rate=4), {})
+    x = make_input((8, 8, 16, 16), layout, dtype=torch.float32) * std + mean
+    ref = _one_step(block, "naive", (x.double() - mean))
+    errors = {}
+    for backend in ("naive", "cpp"):
+        y, gx, grads, _ = _one_step(block.float(), backend, x)
+        errors[backend] = [rel_err(y[:, 8:], ref[0][:, 8:]), rel_err(gx, ref[1]),
+                           max(rel_err(grads[n], ref[2][n]) for n in ref[2])]
+    for what, got, base in zip(("output", "input gradient", "parameter gradients"), errors["cpp"], errors["naive"]):
+        assert got <= 2 * base + 1e-6, f"{what}: cpp {got:.3g}, naive float32 {base:.3g}"

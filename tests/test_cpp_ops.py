@@ -749,3 +749,25 @@ def test_cuda_bad_device_mix():
     s, t = vecs(8, "cpu", torch.float32)
     with pytest.raises(RuntimeError, match=r"expected scale of shape \[8\] .* on cuda"):
         ops.bn_relu(x, s, t)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("where", [(0, 0), (2, 3), (4, 5)], ids=["corner", "interior", "edge"])
+def test_bn_relu_conv3x3_backward_nonfinite_as_aten(where, value):
+    """A NaN or Inf of a = relu(bn(x)) reaches exactly the grad_w entries it reaches in ATen's convolution: not the
+    taps of a border pixel that meet only padding (issue 25.5; the tile GEMM would add Inf * 0 there)."""
+    x = make_x("channels_last", shape=(2, 5, 5, 6))
+    x[1, 2, where[0], where[1]] = value
+    params = bn_vecs(5, "cpu", torch.float64)
+    scale, shift, _, _ = ref_affine(*params)
+    a = bn.bn_relu(x, scale, shift, torch.float64)
+    w = torch.randn(4, 5, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    gy = make_x("channels_last", shape=(2, 4, 5, 6), seed=4)
+    ref_ga, ref_gw, _ = torch.ops.aten.convolution_backward(gy, a, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0],
+                                                            1, [True, True, False])
+    ga = cl_empty(x.shape, "cpu", torch.float64)
+    gw = ops.bn_relu_conv3x3_backward(x, gy, *params, 1e-5, w, ga)
+    for got, ref in ((gw, ref_gw), (ga, ref_ga)):
+        assert torch.equal(torch.isnan(got), torch.isnan(ref)) and torch.equal(torch.isinf(got), torch.isinf(ref))
+        fin = torch.isfinite(ref)
+        assert rel(got[fin], ref[fin]) < 1e-12
