@@ -1,7 +1,8 @@
 // CPU kernels of the bottleneck layers' 3x3 convolution (stride 1, zero padding 1), with BN2-ReLU fused into
 // their input: y = conv3x3(a, w), a = relu(bn(x)), w [k, C, 3, 3], and its backward, grad_a and grad_w.
-// Schemas and argument checks in ops.cpp; the block driver (block.cpp) calls them on CPU instead of
-// batch_norm_relu_into + the ATen (oneDNN) convolution, so a = BN2-ReLU(z) is never written to memory.
+// The steps bn_relu_conv3x3_into / bn_relu_conv3x3_backward of ops.h (arguments checked by steps.cpp); the block
+// driver (block.cpp) calls them on CPU instead of batch_norm_relu_into + the ATen (oneDNN) convolution, so
+// a = BN2-ReLU(z) is never written to memory.
 //
 // Each of the 9 taps t = (dy, dx) is a GEMM over channels. With tap weights Wt[c, o] = w[o, c, dy, dx]:
 //   forward   y[h, w] = sum_t a[h + dy - 1, w + dx - 1] Wt                   (terms outside the image are 0)
@@ -16,7 +17,7 @@
 // Tiles are image rows (about 64 KiB of T or G each), images are split in contiguous groups over the threads
 // (one image is one thread's, so the shifted adds need no synchronization), and grad_w's per-thread partial
 // sums are merged in group order: results do not depend on scheduling (for a given thread count). GEMMs are
-// cpu_gemm.h's kernel (the BLAS without AVX2, or with EFFDENSE_CPU_GEMM=blas).
+// gemm.h's kernel (the BLAS without AVX2, or with EFFDENSE_CPU_GEMM=blas).
 //
 // Why not oneDNN: a DenseNet-BC's 3x3 (C = 4k input channels, only k output channels) is a skinny convolution;
 // as one GEMM onto 9k columns it runs at the register-tile kernel's rate, and fusing BN2-ReLU saves a write and
@@ -25,7 +26,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -33,8 +33,9 @@
 #include <string>
 #include <vector>
 
-#include "common.h"
-#include "cpu_tiles.h"
+#include "../ops.h"
+#include "kernels.h"
+#include "tiles.h"
 
 namespace effdense {
 
@@ -46,9 +47,8 @@ bool cpu_conv3x3_enabled() {
   return v;
 }
 
+namespace cpu {
 namespace {
-
-using namespace cpu;  // NOLINT(build/namespaces)
 
 constexpr int64_t kTaps = 9;
 
@@ -233,20 +233,20 @@ at::Tensor bn_relu_conv3x3_backward_impl(const at::Tensor& x, const at::Tensor& 
   return gw;
 }
 
-void bn_relu_conv3x3_into_cpu(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
-                              const at::Tensor& mean, const at::Tensor& var, double eps, const at::Tensor& w,
-                              const at::Tensor& out, const OptTensor& out_mean, const OptTensor& out_var) {
-  check_conv3x3_into_args(x, gamma, beta, mean, var, w, out, out_mean, out_var);
+}  // namespace
+
+void bn_relu_conv3x3_into(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
+                          const at::Tensor& mean, const at::Tensor& var, double eps, const at::Tensor& w,
+                          const at::Tensor& out, const OptTensor& out_mean, const OptTensor& out_var) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "effdense_bn_relu_conv3x3", [&] {
     bn_relu_conv3x3_impl<scalar_t>(x, bn_params<acc_t<scalar_t>>(gamma, beta, mean, var, eps), w, out, out_mean,
                                    out_var);
   });
 }
 
-at::Tensor bn_relu_conv3x3_backward_cpu(const at::Tensor& x, const at::Tensor& gy, const at::Tensor& gamma,
-                                        const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& var,
-                                        double eps, const at::Tensor& w, const at::Tensor& ga) {
-  check_conv3x3_backward_args(x, gy, gamma, beta, mean, var, w, ga);
+at::Tensor bn_relu_conv3x3_backward(const at::Tensor& x, const at::Tensor& gy, const at::Tensor& gamma,
+                                    const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& var,
+                                    double eps, const at::Tensor& w, const at::Tensor& ga) {
   at::Tensor gw;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "effdense_bn_relu_conv3x3_bwd", [&] {
     gw = bn_relu_conv3x3_backward_impl<scalar_t>(x, gy, bn_params<acc_t<scalar_t>>(gamma, beta, mean, var, eps), w,
@@ -255,10 +255,5 @@ at::Tensor bn_relu_conv3x3_backward_cpu(const at::Tensor& x, const at::Tensor& g
   return gw;
 }
 
-}  // namespace
+}  // namespace cpu
 }  // namespace effdense
-
-TORCH_LIBRARY_IMPL(effdense, CPU, m) {
-  m.impl("bn_relu_conv3x3_into", &effdense::bn_relu_conv3x3_into_cpu);
-  m.impl("bn_relu_conv3x3_backward", &effdense::bn_relu_conv3x3_backward_cpu);
-}

@@ -1,7 +1,7 @@
-// CPU tile machinery shared by the block (block_cpu.cpp) and transition (transition_cpu.cpp) kernels: strided
+// CPU tile machinery shared by the CPU kernels (bn.cpp, linear.cpp, conv3x3.cpp, transition.cpp): strided
 // [N, C, H, W] views gathered into / scattered from row-major [pixels, channels] tiles, per-thread tile groups,
-// GEMMs on tiles (the BLAS PyTorch's CPU library exports), BN arithmetic, statistics and the BN-ReLU backward
-// pieces. block_cpu.cpp says why tiles.
+// GEMMs on tiles (gemm.h's kernels, or the BLAS PyTorch's CPU library exports), BN parameters, statistics and the
+// BN-ReLU backward pieces (the arithmetic itself is ../bn_math.h's). linear.cpp says why tiles.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -18,9 +18,10 @@
 #include <utility>
 #include <vector>
 
-#include "bn_math.h"
-#include "common.h"
-#include "cpu_gemm.h"
+#include "../bn_math.h"
+#include "../common.h"
+#include "../sync.h"
+#include "gemm.h"
 
 extern "C" {
 // The BLAS GEMMs PyTorch's CPU library exports (MKL in the x86 wheels). Weak: a PyTorch without them falls back
@@ -52,7 +53,7 @@ inline GemmRoute gemm_route() {
 
 // Row-major C[m, n] = op(A)[m, k] op(B)[k, n] + beta * C, op(A) = A stored [m, k] (ld lda) or, with ta, A^T
 // of A stored [k, m]. Untransposed B with beta 0 or 1 (every tile product of the channels-last paths) goes to
-// cpu_gemm.h's kernels where the build has AVX2/FMA (AVX-512: the wider one); the rest to the BLAS, which is
+// gemm.h's kernels where the build has AVX2/FMA (AVX-512: the wider one); the rest to the BLAS, which is
 // column-major, where a row-major matrix is its transpose: C^T = op(B)^T op(A)^T.
 template <typename A>
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const A* a, int64_t lda, const A* b, int64_t ldb,
@@ -547,10 +548,16 @@ void relu_grad_planes(const A* xt, const A* gt, A* out, int64_t n, int64_t c, in
 }
 
 // The batch-statistics part of the BN backward, -scale * (dbeta/P + xhat * dgamma/P), is affine in x per
-// channel: alpha + beta * (x - mean) (bnmath::correction), from the sums over P pixels.
+// channel: alpha + beta * (x - mean) (bnmath::correction), from the sums over P pixels: this process's, or with
+// sync (--sync-bn) every process's sums over their pixels.
 template <typename A>
 std::pair<std::vector<A>, std::vector<A>> correction(const std::vector<double>& dg, const std::vector<double>& db,
-                                                     const BN<A>& bn, int64_t P) {
+                                                     const BN<A>& bn, int64_t P, const Sync* sync = nullptr) {
+  if (sync != nullptr) {
+    std::vector<double> dg_all = dg, db_all = db;
+    sum_over_processes(*sync, dg_all, db_all);
+    return correction(dg_all, db_all, bn, sync->count);
+  }
   std::vector<A> al(db.size()), be(db.size());
   for (size_t ch = 0; ch < db.size(); ++ch)
     bnmath::correction(bn.scale[ch], bn.invstd[ch], static_cast<A>(db[ch]), static_cast<A>(dg[ch]), P, al[ch],
@@ -565,10 +572,10 @@ std::pair<std::vector<A>, std::vector<A>> correction(const std::vector<double>& 
 // x and the gradient buffer.
 template <typename T, typename O>
 void apply_correction(const at::Tensor& x, const at::Tensor& gx, const BN<acc_t<T>>& bn, const OptTensor& coef,
-                      const std::vector<double>& dg, const std::vector<double>& db) {
+                      const std::vector<double>& dg, const std::vector<double>& db, const Sync* sync) {
   using A = acc_t<T>;
   const View vx(x), vo(gx);
-  const auto [al, be] = correction(dg, db, bn, vx.pixels());
+  const auto [al, be] = correction(dg, db, bn, vx.pixels(), sync);
   if (coef) {
     A* pc = coef->data_ptr<A>();
     const int64_t s0 = coef->stride(0), s1 = coef->stride(1);
@@ -610,14 +617,6 @@ void apply_correction(const at::Tensor& x, const at::Tensor& gx, const BN<acc_t<
       scatter<false>(vo, po, p0, p1, gt, c);
     }
   });
-}
-
-inline void check_coef(const OptTensor& coef, const at::Tensor& x, const char* op) {
-  TORCH_CHECK(!coef || (coef->dim() == 2 && coef->size(0) == 2 && coef->size(1) == x.size(1) &&
-                        coef->scalar_type() == acc_type(x.scalar_type()) && coef->device() == x.device()),
-              "effdense::", op, ": expected grad_coef of shape [2, ", x.size(1), "] with dtype ",
-              acc_type(x.scalar_type()), " on ", x.device(), ", got ",
-              coef ? shape_str(*coef) + " with dtype " + c10::toString(coef->scalar_type()) : std::string());
 }
 
 }  // namespace cpu

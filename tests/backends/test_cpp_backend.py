@@ -82,7 +82,7 @@ def test_cpp_block_matches_naive_and_torch_float64(label, keep):
 
 
 def test_cpp_block_fused_conv1x1_path(monkeypatch):
-    """EFFDENSE_FUSED_CONV1X1=1 routes conv1 through effdense::bn_relu_conv1x1 (on CPU: BN-ReLU + ATen conv)."""
+    """EFFDENSE_FUSED_CONV1X1=1 routes conv1 through the bn_relu_conv1x1 step (on CPU: BN-ReLU + ATen conv)."""
     kwargs, shape, options = CONFIGS["bc-5x3-channels_last"]
     block, x = make_block(kwargs, options), make_input(shape, options)
     ref = run_steps(block, "torch", x, steps=2)
@@ -231,7 +231,7 @@ def test_cpp_cuda_kernels_built_but_no_gpu_is_unavailable(monkeypatch):
                          ids=["nchw", "channels_last", "noncontiguous"])
 def test_cpp_block_many_tiles_two_threads_float64(options):
     """Images large enough for the CPU kernels' tiles to span several images and split into one group per
-    thread (2 threads), against naive: the block_cpu.cpp tile paths the small configurations do not reach."""
+    thread (2 threads), against naive: the cpu/ kernels' tile paths the small configurations do not reach."""
     kwargs = dict(num_layers=3, num_input_features=6, bn_size=4, growth_rate=5, drop_rate=0.2)
     block, x = make_block(kwargs, options), make_input((3, 6, 17, 19), options)
     threads = torch.get_num_threads()
@@ -558,17 +558,27 @@ def test_cpp_propagates_nan_and_inf_as_naive(kind, train, value):
 @pytest.mark.parametrize("mean,std", [(100.0, 0.01), (1e4, 1.0)], ids=["100+-0.01", "1e4+-1"])
 @pytest.mark.parametrize("layout", [{}, {"channels_last": True}], ids=["nchw", "channels_last"])
 def test_cpp_batch_statistics_of_large_means_are_as_accurate_as_naive(layout, mean, std):
-    """Issue 25.6: a float32 block on channels of mean/std 1e4 against naive in float64 on the centred input (the
-    same function: BN removes the mean), its output's new channels, input and parameter gradients: cpp's errors at
-    most twice naive float32's (with a raw sum of squares or unshifted float sums they were 7 to 10 times)."""
+    """Issue 25.6: a float32 block on channels of mean/std 1e4 against naive in float64. The batch statistics every BN
+    normalized with (its running statistics after one step of momentum 1), relative to the spread: cpp's worst error
+    at most twice naive float32's (unshifted float sums of the values made it 9 to 15 times, x0's mean 6e-3 of its
+    spread); against naive float64 on the centred input (the same function: BN removes the mean), the output's new
+    channels at most twice, the input and parameter gradients at most three times naive's errors (6 to 10 times
+    with the unshifted statistics; both formulations' gradients here are ill-conditioned, hence the margin)."""
     torch.manual_seed(0)
     block = make_block(dict(num_layers=3, num_input_features=8, bn_size=2, growth_rate=4), {})
+    for m in block.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = 1.0
     x = make_input((8, 8, 16, 16), layout, dtype=torch.float32) * std + mean
-    ref = _one_step(block, "naive", (x.double() - mean))
+    ref = _one_step(block, "naive", x.double())
+    centred = _one_step(block, "naive", (x.double() - mean))
     errors = {}
     for backend in ("naive", "cpp"):
-        y, gx, grads, _ = _one_step(block.float(), backend, x)
-        errors[backend] = [rel_err(y[:, 8:], ref[0][:, 8:]), rel_err(gx, ref[1]),
-                           max(rel_err(grads[n], ref[2][n]) for n in ref[2])]
-    for what, got, base in zip(("output", "input gradient", "parameter gradients"), errors["cpp"], errors["naive"]):
-        assert got <= 2 * base + 1e-6, f"{what}: cpp {got:.3g}, naive float32 {base:.3g}"
+        y, gx, grads, buffers = _one_step(block.float(), backend, x)
+        stats = max((buffers[n].double() - ref[3][n]).abs().max().item() / (std if "layer1.norm1" in n else 1.0)
+                    for n in ref[3] if "running" in n)
+        errors[backend] = [stats, rel_err(y[:, 8:], centred[0][:, 8:]), rel_err(gx, centred[1]),
+                           max(rel_err(grads[n], centred[2][n]) for n in centred[2])]
+    for what, got, base, factor in zip(("statistics", "output", "input gradient", "parameter gradients"),
+                                       errors["cpp"], errors["naive"], (2, 2, 3, 3)):
+        assert got <= factor * base + 1e-6, f"{what}: cpp {got:.3g}, naive float32 {base:.3g}"
