@@ -6,7 +6,9 @@ backward (``dense_block_backward``): per layer a fixed handful of C++ steps (csr
 (on CPU with AVX2 effdense's own with BN2-ReLU fused in, csrc/cpu/conv3x3.cpp; else ATen's: oneDNN, cuDNN),
 no host synchronization. The algorithm and storage are those of
 :mod:`effdense.backends.torch_backend`, its executable specification. Running statistics are updated once per
-forward by one ``effdense::update_running_stats`` call per BN kind.
+forward by one ``effdense::update_running_stats`` call per BN kind. Under ``--sync-bn``
+(:func:`effdense.backends.bn.enable_sync_stats`, CPU tensors) the ops merge the batch statistics over the process
+group themselves (csrc/sync.h).
 
 On CPU the block's transients (the gradient buffer, the bottleneck) live in one workspace kept across layers,
 blocks and steps (no fresh large allocation, hence no page faults, per step); :func:`workspace_bytes` says how
@@ -26,7 +28,7 @@ from torch import Tensor, nn
 
 from .. import _ext
 from .base import FLOAT_DTYPES, Backend
-from .bn import acc_dtype, check_batch_size, sync_stats_enabled, uses_batch_stats
+from .bn import acc_dtype, check_batch_size, sync_group, sync_stats_enabled, uses_batch_stats
 from .torch_backend import compute_dtype, memory_format
 
 NAME = "cpp"
@@ -251,7 +253,7 @@ def block_forward(x: Tensor, layers: Sequence[nn.Module], keep_bottleneck: bool 
         keep = bool(keep_bottleneck) and bottleneck and backward
         # with a backward to come, the CPU workspace is taken at the backward's size now (block.cpp, workspace)
         feat, mean, var, mean2, var2, _, _, count = torch.ops.effdense.dense_block_forward(
-            x.to(cdt), w1, w2, g1, b1, g2, b2, rm1, rv1, rm2, rv2, eps1, eps2, drop, keep, backward)
+            x.to(cdt), w1, w2, g1, b1, g2, b2, rm1, rv1, rm2, rv2, eps1, eps2, drop, keep, backward, *sync_group())
         count = _pixels(x, count)
         _update_running(norm1, mean, var, count)
         if bottleneck:
@@ -272,11 +274,11 @@ def _plain_conv1x1(conv: nn.Conv2d) -> bool:
 def transition_forward(x: Tensor, norm: nn.BatchNorm2d, conv: nn.Conv2d) -> Tensor:
     """The DenseNet transition ``conv1x1(avgpool2x2(relu(norm(x))))`` (``effdense.models.Transition``, pooling
     first) in two ops, ``effdense::transition_forward``/``transition_backward``: with ``norm``'s batch statistics
-    (its running ones updated once) in training mode, its running statistics in eval mode; nothing of ``x``'s size
-    is kept for backward beyond ``x``. Cases the ops do not cover (H or W below 2, a conv other than a plain 1x1, a
-    norm other than a plain ``nn.BatchNorm2d``, cross-process statistics) run in PyTorch."""
-    if (x.shape[2] < 2 or x.shape[3] < 2 or not _plain_conv1x1(conv) or type(norm) is not nn.BatchNorm2d
-            or sync_stats_enabled()):
+    (its running ones updated once; under --sync-bn over every process) in training mode, its running statistics in
+    eval mode; nothing of ``x``'s size is kept for backward beyond ``x``. Cases the ops do not cover (H or W below 2,
+    a conv other than a plain 1x1, a norm other than a plain ``nn.BatchNorm2d``, e.g. a synchronized one) run in
+    PyTorch."""
+    if x.shape[2] < 2 or x.shape[3] < 2 or not _plain_conv1x1(conv) or type(norm) is not nn.BatchNorm2d:
         return conv(nn.functional.avg_pool2d(nn.functional.relu(norm(x)), 2))
     batch = uses_batch_stats(norm)
     if batch:
@@ -285,7 +287,7 @@ def transition_forward(x: Tensor, norm: nn.BatchNorm2d, conv: nn.Conv2d) -> Tens
     with torch.autocast(x.device.type, enabled=False):
         gamma, beta, rm, rv, eps = _norm_args([norm], x)
         y, mean, var, count = torch.ops.effdense.transition_forward(x.to(cdt), gamma[0], beta[0], rm[0], rv[0],
-                                                                    eps[0], conv.weight.to(cdt))
+                                                                    eps[0], conv.weight.to(cdt), *sync_group())
         if batch:
             _update_running([norm], mean, var, _pixels(x, count))
     if conv.bias is not None:
@@ -300,6 +302,9 @@ def unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
     if dtype not in FLOAT_DTYPES:
         return f"dtype {dtype} is not a floating-point dtype"
     if device.type == "cuda":
+        if sync_stats_enabled():
+            return ("effdense._C's cross-process batch statistics (--sync-bn) run on CPU (gloo) only; on CUDA the "
+                    "triton and torch backends have them")
         if not _ext.has_cuda_kernels():
             return ("effdense._C was built without its CUDA kernels (PyTorch without CUDA, or no nvcc, at "
                     "build time)")
@@ -313,4 +318,5 @@ def unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
 
 BACKEND = Backend(NAME, "shared feature buffer, shared statistics, recomputation; whole block in C++ "
                   "(effdense._C: tiled BN-ReLU-GEMM and 3x3 CPU kernels, CUDA BN kernels, cuDNN 3x3 convolutions)", True,
-                  block_forward, unavailable, transition=transition_forward, options=("keep_bottleneck",))
+                  block_forward, unavailable, sync_stats=True, transition=transition_forward,
+                  options=("keep_bottleneck",))

@@ -218,6 +218,22 @@ def test_cpp_backend_registered_and_reasons():
         assert unavailable_reason("cpp", "cuda", torch.float32) is not None
 
 
+def test_cpp_sync_stats_on_cpu_only(monkeypatch):
+    """--sync-bn: cpp has cross-process statistics on CPU, so "auto" keeps it there (tests/backends/test_sync_stats.py
+    checks them); on CUDA it says it has none (its CUDA steps take no part in collectives)."""
+    from effdense.backends import bn, resolve
+    monkeypatch.setattr(_ext, "has_cuda_kernels", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("EFFDENSE_BACKEND", raising=False)
+    bn.enable_sync_stats()
+    try:
+        assert BACKENDS["cpp"].sync_stats and unavailable_reason("cpp", "cpu", torch.float32) is None
+        assert resolve("auto", "cpu", torch.float32).name == "cpp"
+        assert "(--sync-bn) run on CPU (gloo) only" in unavailable_reason("cpp", "cuda", torch.float32)
+    finally:
+        bn.disable_sync_stats()
+
+
 def test_cpp_cuda_kernels_built_but_no_gpu_is_unavailable(monkeypatch):
     """Issue 12: an extension built with its CUDA kernels on a machine without a GPU must not claim CUDA."""
     monkeypatch.setattr(_ext, "has_cuda_kernels", lambda: True)
