@@ -19,11 +19,7 @@
 #include <cstdint>
 #include <limits>
 
-#if defined(__CUDACC__)
-#define EFFDENSE_HD __host__ __device__ __forceinline__
-#else
-#define EFFDENSE_HD inline
-#endif
+#include "hd.h"
 
 namespace effdense {
 namespace bnmath {

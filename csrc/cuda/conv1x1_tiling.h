@@ -10,11 +10,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define EFFDENSE_HD __host__ __device__ __forceinline__
-#else
-#define EFFDENSE_HD inline
-#endif
+#include "../hd.h"
 
 namespace effdense {
 namespace cuda {

@@ -59,24 +59,39 @@ def _step(block, x: torch.Tensor, rows: slice, total: int):
     return y.detach(), x.grad.detach(), grads, running
 
 
-def _worker(rank: int, world: int, port: int, backend: str, label: str, batches: tuple, out_dir: str) -> None:
+def _spawn(worker, tmp_path, batches, *args):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    mp.spawn(_run, args=(len(batches), _free_port(), worker, batches, str(tmp_path), *args), nprocs=len(batches))
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(len(batches))]
+
+
+def _run(rank, world, port, worker, batches, out_dir, *args):
+    """A worker process: its gloo group, ``worker(rank, batches, *args)``'s result saved for the parent."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))   # a missed collective fails, not hangs
     try:
-        kwargs, image = CONFIGS[label]
-        dtype = DTYPES[backend]
-        block = make_block({**kwargs, "backend": backend}, {}, dtype).train()
-        x = make_input((sum(batches), *image), {}, dtype)
-        rows = slice(sum(batches[:rank]), sum(batches[:rank + 1]))
-        bn.enable_sync_stats()
-        try:
-            result = _step(block, x[rows], rows, sum(batches))
-        finally:
-            bn.disable_sync_stats()
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(worker(rank, batches, *args), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _synced_step(module, x, rank, batches, sync):
+    """_step of ``module`` on this process's rows of ``x``, with --sync-bn's statistics if ``sync``."""
+    rows = slice(sum(batches[:rank]), sum(batches[:rank + 1]))
+    if sync:
+        bn.enable_sync_stats()
+    try:
+        return _step(module, x[rows], rows, sum(batches))
+    finally:
+        bn.disable_sync_stats()
+
+
+def _block_step(rank, batches, backend, label):
+    kwargs, image = CONFIGS[label]
+    dtype = DTYPES[backend]
+    block = make_block({**kwargs, "backend": backend}, {}, dtype).train()
+    return _synced_step(block, make_input((sum(batches), *image), {}, dtype), rank, batches, True)
 
 
 @pytest.mark.parametrize("split", list(SPLITS))
@@ -87,16 +102,24 @@ def test_sync_stats_block_equals_one_process(tmp_path, backend, label, split):
     if why is not None:
         pytest.skip(f"backend {backend!r} unavailable on CPU: {why}")
     batches = SPLITS[split]
-    mp.spawn(_worker, args=(len(batches), _free_port(), backend, label, batches, str(tmp_path)),
-             nprocs=len(batches))
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(len(batches))]
+    ranks = _spawn(_block_step, tmp_path, batches, backend, label)
 
     kwargs, image = CONFIGS[label]
     dtype = DTYPES[backend]
     shape = (sum(batches), *image)
     ref = _step(make_block({**kwargs, "backend": "torch"}, {}, dtype).train(), make_input(shape, {}, dtype),
                 slice(None), sum(batches))
-    tol = RTOL[dtype]
+    local = None
+    if batches[0] > 1:    # the test can tell: process 0's own statistics give a different output
+        local = _step(make_block({**kwargs, "backend": "torch"}, {}, dtype).train(),
+                      make_input(shape, {}, dtype)[:batches[0]], slice(0, batches[0]), sum(batches))
+    _assert_equals_one_process(ranks, ref, batches, RTOL[dtype], local)
+
+
+def _assert_equals_one_process(ranks, ref, batches, tol, local=None):
+    """Each process's slice of the output and of the input gradient, its running statistics, and the parameter
+    gradients summed over the processes equal one process's on the whole batch (``ref``); ``local``, process 0's
+    step on its own images without synchronization, differs (so the comparison can tell)."""
     y_ref, gx_ref, grads_ref, running_ref = ref
     start = 0
     for r, (y, gx, _, running) in enumerate(ranks):
@@ -109,30 +132,11 @@ def test_sync_stats_block_equals_one_process(tmp_path, backend, label, split):
     for name, g in grads_ref.items():
         total = sum(rank[2][name] for rank in ranks)
         assert rel_err(total, g) < tol, f"gradient of {name} summed over the processes"
-    if batches[0] > 1:    # the test can tell: process 0's own statistics give a different output
-        local = _step(make_block({**kwargs, "backend": "torch"}, {}, dtype).train(),
-                      make_input(shape, {}, dtype)[:batches[0]], slice(0, batches[0]), sum(batches))
+    if local is not None:
         assert rel_err(local[0], y_ref[:batches[0]]) > 1e-3
 
 
 # ------------------------------------------------------------------------------------------------ cpp extras
-
-def _spawn(worker, tmp_path, batches, *args):
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    mp.spawn(_run, args=(len(batches), _free_port(), worker, batches, str(tmp_path), *args), nprocs=len(batches))
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(len(batches))]
-
-
-def _run(rank, world, port, worker, batches, out_dir, *args):
-    """A worker process: its gloo group, ``worker(rank, batches, *args)``'s result saved for the parent."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
-        torch.save(worker(rank, batches, *args), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
 
 def _transition_step(rank, batches, backend, sync):
     from effdense.models import Transition
@@ -141,14 +145,7 @@ def _transition_step(rank, batches, backend, sync):
     t = Transition(6, 4, backend=backend).double().train()
     t.norm.weight.data.uniform_(0.5, 1.5)
     t.norm.bias.data.uniform_(-0.3, 0.3)
-    x = make_input((sum(batches), 6, 6, 5), {}).double()
-    rows = slice(sum(batches[:rank]), sum(batches[:rank + 1]))
-    if sync:
-        bn.enable_sync_stats()
-    try:
-        return _step(t, x[rows], rows, sum(batches))
-    finally:
-        bn.disable_sync_stats()
+    return _synced_step(t, make_input((sum(batches), 6, 6, 5), {}).double(), rank, batches, sync)
 
 
 @pytest.mark.parametrize("split", list(SPLITS))
@@ -159,16 +156,8 @@ def test_sync_stats_cpp_transition_equals_one_process(tmp_path, split):
         pytest.skip(f"backend 'cpp' unavailable on CPU: {why}")
     batches = SPLITS[split]
     ranks = _spawn(_transition_step, tmp_path, batches, "cpp", True)
-    y_ref, gx_ref, grads_ref, running_ref = _transition_step(0, (sum(batches),), "naive", False)
-    start = 0
-    for r, (y, gx, _, running) in enumerate(ranks):
-        rows = slice(start, start + batches[r])
-        start += batches[r]
-        assert rel_err(y, y_ref[rows]) < 1e-10 and rel_err(gx, gx_ref[rows]) < 1e-10, f"process {r}"
-        for name, value in running.items():
-            assert rel_err(value, running_ref[name]) < 1e-10, f"process {r}: buffer {name}"
-    for name, g in grads_ref.items():
-        assert rel_err(sum(rank[2][name] for rank in ranks), g) < 1e-10, f"gradient of {name}"
+    local = _transition_step(0, (batches[0],), "naive", False) if batches[0] > 1 else None
+    _assert_equals_one_process(ranks, _transition_step(0, (sum(batches),), "naive", False), batches, 1e-10, local)
 
 
 def _model_step(rank, batches, backend, sync=True):
@@ -181,14 +170,7 @@ def _model_step(rank, batches, backend, sync=True):
     torch.manual_seed(0)
     model = effdense.densenet_cifar(depth=10, growth_rate=4, num_classes=5, backend=backend).double().train()
     model.features.norm5.eval()
-    x = make_input((sum(batches), 3, 8, 8), {}).double()
-    rows = slice(sum(batches[:rank]), sum(batches[:rank + 1]))
-    if sync:
-        bn.enable_sync_stats()
-    try:
-        return _step(model, x[rows], rows, sum(batches))
-    finally:
-        bn.disable_sync_stats()
+    return _synced_step(model, make_input((sum(batches), 3, 8, 8), {}).double(), rank, batches, sync)
 
 
 @pytest.mark.parametrize("split", list(SPLITS))
@@ -201,16 +183,5 @@ def test_sync_stats_cpp_model_equals_one_naive_process(tmp_path, split):
         pytest.skip(f"backend 'cpp' unavailable on CPU: {why}")
     batches = SPLITS[split]
     ranks = _spawn(_model_step, tmp_path, batches, "cpp")
-    y_ref, gx_ref, grads_ref, running_ref = _model_step(0, (sum(batches),), "naive", False)
-    start = 0
-    for r, (y, gx, _, running) in enumerate(ranks):
-        rows = slice(start, start + batches[r])
-        start += batches[r]
-        assert rel_err(y, y_ref[rows]) < 1e-10 and rel_err(gx, gx_ref[rows]) < 1e-10, f"process {r}"
-        for name, value in running.items():
-            assert rel_err(value, running_ref[name]) < 1e-10, f"process {r}: buffer {name}"
-    for name, g in grads_ref.items():
-        assert rel_err(sum(rank[2][name] for rank in ranks), g) < 1e-10, f"gradient of {name}"
-    if batches[0] > 1:
-        local = _model_step(0, (batches[0],), "naive", False)
-        assert rel_err(local[0], y_ref[:batches[0]]) > 1e-3
+    local = _model_step(0, (batches[0],), "naive", False) if batches[0] > 1 else None
+    _assert_equals_one_process(ranks, _model_step(0, (sum(batches),), "naive", False), batches, 1e-10, local)
