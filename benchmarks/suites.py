@@ -331,6 +331,12 @@ def _triton_conv1x1_factory(x, scale, shift, w):
     return lambda: K.bn_relu_conv_fwd(xb, c, bn, w, out, 0, part)
 
 
+def _ext_steps():
+    """The cpp backend's C++ steps (csrc/ops.h) through effdense._C._testing: not operators, not an API."""
+    from effdense import _ext
+    return _ext.C._testing
+
+
 def _cpp_conv1x1_factory(x, scale, shift, w):
     """The block driver's bottleneck op (csrc/block.cpp linear_forward): BN-ReLU-GEMM into a channels-last z with
     z's statistics, BN given as (gamma ``scale``, beta ``shift``, mean 0, var 1, eps 0)."""
@@ -338,7 +344,8 @@ def _cpp_conv1x1_factory(x, scale, shift, w):
     z = torch.empty(n, w.shape[0], h, wd, device=x.device, dtype=x.dtype).contiguous(memory_format=torch.channels_last)
     zero, one = torch.zeros_like(scale), torch.ones_like(scale)
     mean, var = (torch.empty(w.shape[0], device=x.device, dtype=scale.dtype) for _ in range(2))
-    return lambda: torch.ops.effdense.bn_relu_linear_into(x, scale, shift, zero, one, 0.0, w, z, mean, var)
+    steps = _ext_steps()
+    return lambda: steps.bn_relu_linear_into(x, scale, shift, zero, one, 0.0, w, z, mean, var)
 
 
 #: fused BN-ReLU-Conv1x1 implementations to compare against the unfused sequence: ``name -> (availability(device)
@@ -391,7 +398,7 @@ def _conv1x1_rows(cfg: dict, device: torch.device) -> list[dict]:
 def _conv3x3_impls(z, gamma, beta, mean, var, w, gy) -> dict[str, tuple[Callable, Callable]]:
     """``impl -> (forward, backward)`` of a bottleneck's BN2-ReLU-Conv3x3 on z: PyTorch's (BN-ReLU, then ATen's
     convolution and its backward, as the naive model and the cpp backend's fallback run them) and, on CPU, the
-    cpp backend's fused ops (csrc/conv3x3_cpu.cpp)."""
+    cpp backend's fused steps (csrc/cpu/conv3x3.cpp)."""
     from effdense import backends as B
     aten = torch.ops.aten
     scale = gamma * torch.rsqrt(var + 1e-5)
@@ -405,7 +412,7 @@ def _conv3x3_impls(z, gamma, beta, mean, var, w, gy) -> dict[str, tuple[Callable
                                                                  [0, 0], 1, [True, True, False]))}
     why = B.unavailable_reason("cpp", z.device, z.dtype) or (None if z.device.type == "cpu" else "a CPU op")
     if why is None:
-        ops, out, ga = torch.ops.effdense, torch.empty_like(gy), torch.empty_like(z)
+        ops, out, ga = _ext_steps(), torch.empty_like(gy), torch.empty_like(z)
         impls["cpp-fused"] = (lambda: ops.bn_relu_conv3x3_into(z, gamma, beta, mean, var, 1e-5, w, out),
                               lambda: ops.bn_relu_conv3x3_backward(z, gy, gamma, beta, mean, var, 1e-5, w, ga))
     return impls

@@ -1,9 +1,9 @@
 // The memory-efficient dense block of ../shared/DESIGN.md, forward and backward, driven from C++.
 //
-// Device generic: every step is an effdense op (CPU kernels in block_cpu.cpp/ops.cpp, CUDA in cuda_*.cpp and
-// cuda/) or an ATen convolution (oneDNN on CPU, cuDNN on GPU). Each op takes a BN as (gamma, beta, mean, var,
-// eps) and derives scale/shift itself, writes its statistics straight into the block's statistics buffers and
-// its results into caller-given buffers, so a layer is a fixed handful of launches and no host sync:
+// Device generic: every step is a plain call of ops.h (which checks its arguments and runs the CPU kernel of cpu/ or
+// the CUDA one of cuda/) or an ATen convolution (oneDNN on CPU, cuDNN on GPU). Each step takes a BN as (gamma,
+// beta, mean, var, eps) and derives scale/shift itself, writes its statistics straight into the block's statistics
+// buffers and its results into caller-given buffers, so a layer is a fixed handful of launches and no host sync:
 //   forward   bn_relu_linear_into (BN1-ReLU-conv1x1, with the statistics of z) | batch_norm_relu_into (plain)
 //             -> batch_norm_relu_into (BN2-ReLU, in place) -> conv3x3 -> [bernoulli_] -> store_channels
 //             (dropout, the store into F, the new channels' statistics)
@@ -11,7 +11,7 @@
 //             -> bottleneck_backward (BN2-ReLU backward, then conv1's wgrad and dgrad and the BN1-ReLU backward
 //             added into G)
 // On CPU, BN2-ReLU and the 3x3 convolution (forward, and its backward) are one op each instead
-// (bn_relu_conv3x3_into, bn_relu_conv3x3_backward: conv3x3_cpu.cpp), unless EFFDENSE_CPU_CONV=onednn; without
+// (bn_relu_conv3x3_into, bn_relu_conv3x3_backward: cpu/conv3x3.cpp), unless EFFDENSE_CPU_CONV=onednn; without
 // dropout the forward op also stores into F and takes the new channels' statistics (no store_channels).
 //
 // Storage, as in effdense/backends/torch_backend.py (the executable specification):
@@ -33,9 +33,12 @@
 //    is the one F.dropout makes (same generator, shape and layout), so masks agree with naive's.
 // Running statistics are not touched here (the op is functional): effdense::update_running_stats does that
 // once per forward, called by the Python backend.
+// --sync-bn (sync_group given; sync.h): every batch statistic a step writes is merged over the processes before a
+// later step reads it (the forward returns the pixel count they span), and the backward's BN sums are summed over
+// them inside the steps that apply the batch-statistics correction.
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 #include <c10/core/DeviceGuard.h>
-#include <torch/library.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -43,12 +46,12 @@
 #include <optional>
 #include <vector>
 
-#include "common.h"
+#include "checks.h"
+#include "ops.h"
+#include "sync.h"
 
 namespace effdense {
 namespace {
-
-using OptList = c10::List<std::optional<at::Tensor>>;
 
 at::Tensor conv(const at::Tensor& x, const at::Tensor& w) {
   return at::convolution(x, w, std::nullopt, {1, 1}, {w.size(2) / 2, w.size(3) / 2}, {1, 1}, false, {0, 0}, 1);
@@ -63,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor> conv_backward(const at::Tensor& gy, const at:
   return {gx, gw};
 }
 
-// Whether a bottleneck's 3x3 convolution runs on the CPU kernels that take z and BN2 (conv3x3_cpu.cpp: BN2-ReLU
+// Whether a bottleneck's 3x3 convolution runs on the CPU kernels that take z and BN2 (cpu/conv3x3.cpp: BN2-ReLU
 // fused into the convolution's input, a never stored) rather than on batch_norm_relu_into + ATen's.
 bool own_conv3x3(const at::Tensor& z, const at::Tensor& w) {
   return z.is_cpu() && w.size(2) == 3 && w.size(3) == 3 && cpu_conv3x3_enabled();
@@ -267,13 +270,13 @@ void linear_forward(const at::Tensor& x, const at::Tensor& g, const at::Tensor& 
                     const std::pair<at::Tensor, at::Tensor>& st, double eps, const at::Tensor& w, const at::Tensor& z,
                     const OptTensor& out_mean, const OptTensor& out_var) {
   if (!fused_conv1x1_enabled()) {
-    call_bn_relu_linear_into(x, g, bt, st.first, st.second, eps, w, z, out_mean, out_var);
+    bn_relu_linear_into(x, g, bt, st.first, st.second, eps, w, z, out_mean, out_var);
     return;
   }
-  auto [scale, shift, invstd] = call_bn_scale_shift(g, bt, st.first, st.second, eps, acc_type(x.scalar_type()));
-  z.copy_(call_bn_relu_conv1x1(x, scale, shift, w));
+  auto [scale, shift, invstd] = bn_scale_shift(g, bt, st.first, st.second, eps, acc_type(x.scalar_type()));
+  z.copy_(bn_relu_conv1x1(x, scale, shift, w));
   if (out_mean) {
-    auto [m, v] = call_channel_stats(z);
+    auto [m, v] = channel_stats(z);
     const_cast<at::Tensor&>(*out_mean).copy_(m);
     const_cast<at::Tensor&>(*out_var).copy_(v);
   }
@@ -282,14 +285,21 @@ void linear_forward(const at::Tensor& x, const at::Tensor& g, const at::Tensor& 
 // Layer i's bottleneck in the kept [L, N, H, W, B] buffer: a channels-last [N, B, H, W] view.
 at::Tensor kept_bottleneck(const at::Tensor& kept, int64_t i) { return kept.select(0, i).permute({0, 3, 1, 2}); }
 
-using Tensors7 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+}  // namespace
 
-Tensors7 dense_block_forward(
-    const at::Tensor& x, at::TensorList w1, at::TensorList w2, at::TensorList g1, at::TensorList b1,
-    at::TensorList g2, at::TensorList b2, const OptList& rm1, const OptList& rv1, const OptList& rm2,
-    const OptList& rv2, at::ArrayRef<double> eps1, at::ArrayRef<double> eps2, at::ArrayRef<double> drop,
-    bool keep_bottleneck, bool reserve_backward) {
-  const Block b = parse(x, -1, w1, w2, g1, b1, g2, b2, rm1, rv1, rm2, rv2, eps1, eps2, drop, "dense_block_forward");
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+dense_block_forward(const at::Tensor& x, at::TensorList w1, at::TensorList w2, at::TensorList g1, at::TensorList b1,
+                    at::TensorList g2, at::TensorList b2, const OptList& rm1, const OptList& rv1, const OptList& rm2,
+                    const OptList& rv2, at::ArrayRef<double> eps1, at::ArrayRef<double> eps2,
+                    at::ArrayRef<double> drop, bool keep_bottleneck, bool reserve_backward,
+                    const OptString& sync_group, int64_t sync_size) {
+  const char* op = "dense_block_forward";
+  const Block b = parse(x, -1, w1, w2, g1, b1, g2, b2, rm1, rv1, rm2, rv2, eps1, eps2, drop, op);
+  const std::optional<Sync> sync = make_sync(sync_group, sync_size, 0, x, op);
+  int64_t count = b.pixels();  // the pixels the batch statistics span: every process's with sync
+  auto merged = [&](const OptTensor& m, const OptTensor& v) {  // statistics a step wrote, over every process
+    if (sync && m) count = merge_stats(*sync, *m, *v, b.pixels());
+  };
   const c10::DeviceGuard guard(x.device());
   at::NoGradGuard no_grad;
   const auto opts = x.options(), aopts = x.options().dtype(b.acc);
@@ -312,7 +322,8 @@ Tensors7 dense_block_forward(
   };
   {
     auto [m, v] = stats_of(0, b.C0);
-    call_store_channels(x, std::nullopt, 0.0, feat.narrow(1, 0, b.C0), std::nullopt, m, v);
+    store_channels(x, std::nullopt, 0.0, feat.narrow(1, 0, b.C0), std::nullopt, m, v);
+    merged(m, v);
   }
   const bool keep = keep_bottleneck && b.bottleneck;
   at::Tensor kept = at::empty({keep ? b.L : 0, b.N, b.H, b.W, b.B}, opts);
@@ -333,47 +344,52 @@ Tensors7 dense_block_forward(
     if (b.bottleneck) {
       const bool bs2 = b.bs2[li];
       const at::Tensor z = keep ? kept_bottleneck(kept, i) : a;
-      linear_forward(xin, g1[li], b1[li], st1, eps1[li], w1[li], z, bs2 ? OptTensor(mean2.select(0, i)) : OptTensor(),
-                     bs2 ? OptTensor(var2.select(0, i)) : OptTensor());
+      const OptTensor m2 = bs2 ? OptTensor(mean2.select(0, i)) : OptTensor();
+      const OptTensor v2 = bs2 ? OptTensor(var2.select(0, i)) : OptTensor();
+      linear_forward(xin, g1[li], b1[li], st1, eps1[li], w1[li], z, m2, v2);
+      merged(m2, v2);
       const auto st2 = bn_stats(bs2, mean2, var2, i, b.B, rm2.get(li), rv2.get(li));
       const bool own = own_conv3x3(z, w2[li]);
       if (own && p == 0) {  // no dropout: straight into F, with the new channels' statistics
-        call_bn_relu_conv3x3_into(z, g2[li], b2[li], st2.first, st2.second, eps2[li], w2[li], fresh, m, v);
+        bn_relu_conv3x3_into(z, g2[li], b2[li], st2.first, st2.second, eps2[li], w2[li], fresh, m, v);
+        merged(m, v);
         continue;
       }
       if (own) {
         y = at::empty({b.N, b.k, b.H, b.W}, opts, at::MemoryFormat::ChannelsLast);
-        call_bn_relu_conv3x3_into(z, g2[li], b2[li], st2.first, st2.second, eps2[li], w2[li], y, std::nullopt,
-                                  std::nullopt);
+        bn_relu_conv3x3_into(z, g2[li], b2[li], st2.first, st2.second, eps2[li], w2[li], y, std::nullopt,
+                             std::nullopt);
       } else {
-        call_batch_norm_relu_into(z, g2[li], b2[li], st2.first, st2.second, eps2[li], a);
+        batch_norm_relu_into(z, g2[li], b2[li], st2.first, st2.second, eps2[li], a);
         y = conv(a, w2[li]);
       }
     } else {
       const at::Tensor u = Scratch::cl_view(u_all, b.N, c, b.H, b.W);
-      call_batch_norm_relu_into(xin, g1[li], b1[li], st1.first, st1.second, eps1[li], u);
+      batch_norm_relu_into(xin, g1[li], b1[li], st1.first, st1.second, eps1[li], u);
       y = conv(u, w1[li]);
     }
     // the draw F.dropout makes on a tensor shaped and laid out as naive's conv output (empty_like + bernoulli_)
     const OptTensor noise = p > 0 ? OptTensor(at::empty({b.N, b.k, b.H, b.W}, opts, b.mf).bernoulli_(1.0 - p))
                                   : OptTensor();
-    call_store_channels(y, noise, p, fresh, p > 0 ? OptTensor(mask.narrow(1, i * b.k, b.k)) : OptTensor(), m, v);
+    store_channels(y, noise, p, fresh, p > 0 ? OptTensor(mask.narrow(1, i * b.k, b.k)) : OptTensor(), m, v);
+    merged(m, v);
   }
-  return {feat, mean, var, mean2, var2, mask, kept};
+  return {feat, mean, var, mean2, var2, mask, kept, count_tensor(sync ? &*sync : nullptr, count)};
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
-           std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
-dense_block_backward(const at::Tensor& grad_out, const at::Tensor& feat, const at::Tensor& mean, const at::Tensor& var,
-                     const at::Tensor& mean2, const at::Tensor& var2, const at::Tensor& mask,
-                     const at::Tensor& kept, at::TensorList w1,
-                     at::TensorList w2, at::TensorList g1, at::TensorList b1, at::TensorList g2, at::TensorList b2,
-                     const OptList& rm1, const OptList& rv1, const OptList& rm2, const OptList& rv2,
-                     at::ArrayRef<double> eps1, at::ArrayRef<double> eps2, at::ArrayRef<double> drop) {
+BlockGrads dense_block_backward(const at::Tensor& grad_out, const at::Tensor& feat, const at::Tensor& mean,
+                                const at::Tensor& var, const at::Tensor& mean2, const at::Tensor& var2,
+                                const at::Tensor& mask, const at::Tensor& kept, at::TensorList w1, at::TensorList w2,
+                                at::TensorList g1, at::TensorList b1, at::TensorList g2, at::TensorList b2,
+                                const OptList& rm1, const OptList& rv1, const OptList& rm2, const OptList& rv2,
+                                at::ArrayRef<double> eps1, at::ArrayRef<double> eps2, at::ArrayRef<double> drop,
+                                const OptString& sync_group, int64_t sync_size, int64_t sync_count) {
   const char* op = "dense_block_backward";
   const Block b = parse(feat, feat.dim() == 4 ? feat.size(1) : 0, w1, w2, g1, b1, g2, b2, rm1, rv1, rm2, rv2, eps1,
                         eps2, drop, op);
   check_same_shape(grad_out, feat, op, "grad_out");
+  const std::optional<Sync> sync = make_sync(sync_group, sync_size, sync_count, feat, op);
+  const Sync* s = sync ? &*sync : nullptr;
   const bool stats1 = any_of(b.bs1);
   TORCH_CHECK(!stats1 || (mean.dim() == 1 && mean.size(0) == b.C && var.sizes() == mean.sizes()),
               "effdense::", op, ": expected mean and var of shape [", b.C, "] (the forward's channel statistics), "
@@ -404,7 +420,7 @@ dense_block_backward(const at::Tensor& grad_out, const at::Tensor& feat, const a
   at::Tensor a = b.bottleneck ? ws.take(N, b.B, H, W, b.cdt) : at::Tensor();
   at::Tensor u_all = b.bottleneck ? at::Tensor() : ws.take_flat(N, b.C - b.k, H, W, b.cdt);
   G.copy_(grad_out);
-  // the BN1 backward's batch-statistics corrections, deferred per channel (block_cpu.cpp apply_correction) and
+  // the BN1 backward's batch-statistics corrections, deferred per channel (cpu/tiles.h apply_correction) and
   // applied when a channel's gradient is read: by gather_grad for a layer's new channels, at the end for x0's
   const OptTensor coef = stats1 ? OptTensor(at::zeros({2, b.C}, feat.options().dtype(b.acc))) : OptTensor();
   auto deferred = [&](int64_t c0, int64_t n) {
@@ -423,8 +439,8 @@ dense_block_backward(const at::Tensor& grad_out, const at::Tensor& feat, const a
     const double p = drop[li];
     {
       auto [xs, cs, ms] = deferred(c, b.k);
-      call_gather_grad(G.narrow(1, c, b.k), p > 0 ? OptTensor(mask.narrow(1, i * b.k, b.k)) : OptTensor(), p, gy,
-                       xs, cs, ms);
+      gather_grad(G.narrow(1, c, b.k), p > 0 ? OptTensor(mask.narrow(1, i * b.k, b.k)) : OptTensor(), p, gy, xs,
+                  cs, ms);
     }
     const at::Tensor gx = G.narrow(1, 0, c);
     const OptTensor cf = coef ? OptTensor(coef->narrow(1, 0, c)) : OptTensor();
@@ -435,31 +451,29 @@ dense_block_backward(const at::Tensor& grad_out, const at::Tensor& feat, const a
       const auto st2 = bn_stats(bs2, mean2, var2, i, b.B, rm2.get(li), rv2.get(li));
       at::Tensor ga = a, gw2;  // grad_a into a's buffer on CPU (a itself is recomputed inside the op)
       if (own_conv3x3(z, w2[li])) {
-        gw2 = call_bn_relu_conv3x3_backward(z, gy, g2[li], b2[li], st2.first, st2.second, eps2[li], w2[li], a);
+        gw2 = bn_relu_conv3x3_backward(z, gy, g2[li], b2[li], st2.first, st2.second, eps2[li], w2[li], a);
       } else {
-        call_batch_norm_relu_into(z, g2[li], b2[li], st2.first, st2.second, eps2[li], a);
+        batch_norm_relu_into(z, g2[li], b2[li], st2.first, st2.second, eps2[li], a);
         std::tie(ga, gw2) = conv_backward(gy, a, w2[li]);
       }
       std::tie(dw1[li], dg1[li], db1[li], dg2[li], db2[li]) =
-          call_bottleneck_backward(x, z, ga, w1[li], g1[li], b1[li], st1.first, st1.second, eps1[li], b.bs1[li],
-                                   g2[li], b2[li], st2.first, st2.second, eps2[li], bs2, gx, cf);
+          bottleneck_backward(x, z, ga, w1[li], g1[li], b1[li], st1.first, st1.second, eps1[li], b.bs1[li], g2[li],
+                              b2[li], st2.first, st2.second, eps2[li], bs2, gx, cf, s);
       dw2[li] = gw2;
     } else {
       const at::Tensor u = Scratch::cl_view(u_all, N, c, H, W);
-      call_batch_norm_relu_into(x, g1[li], b1[li], st1.first, st1.second, eps1[li], u);
+      batch_norm_relu_into(x, g1[li], b1[li], st1.first, st1.second, eps1[li], u);
       auto [gu, gw1] = conv_backward(gy, u, w1[li]);
-      std::tie(dg1[li], db1[li]) = call_batch_norm_relu_backward_into(x, gu, g1[li], b1[li], st1.first, st1.second,
-                                                                      eps1[li], b.bs1[li], gx, true, cf);
+      std::tie(dg1[li], db1[li]) = batch_norm_relu_backward_into(x, gu, g1[li], b1[li], st1.first, st1.second,
+                                                                 eps1[li], b.bs1[li], gx, true, cf, s);
       dw1[li] = gw1;
     }
   }
   at::Tensor gx = at::empty({b.N, b.C0, b.H, b.W}, feat.options(), b.mf);
   auto [xs, cs, ms] = deferred(0, b.C0);
-  call_gather_grad(G.narrow(1, 0, b.C0), std::nullopt, 0.0, gx, xs, cs, ms);
+  gather_grad(G.narrow(1, 0, b.C0), std::nullopt, 0.0, gx, xs, cs, ms);
   return {gx, dw1, dw2, dg1, db1, dg2, db2};
 }
-
-}  // namespace
 
 int64_t workspace_bytes() {
   CpuWorkspace& ws = cpu_workspace();
@@ -474,15 +488,3 @@ void release_workspace() {
 }
 
 }  // namespace effdense
-
-TORCH_LIBRARY_IMPL(effdense, CPU, m) {
-  m.impl("dense_block_forward", &effdense::dense_block_forward);
-  m.impl("dense_block_backward", &effdense::dense_block_backward);
-}
-
-#ifdef WITH_CUDA
-TORCH_LIBRARY_IMPL(effdense, CUDA, m) {
-  m.impl("dense_block_forward", &effdense::dense_block_forward);
-  m.impl("dense_block_backward", &effdense::dense_block_backward);
-}
-#endif

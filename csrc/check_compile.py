@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """Compile check of effdense's CUDA sources on a machine with nvcc but no GPU (run by CI and by
-tests/test_cuda_compile.py).
+tests/csrc/test_cuda_compile.py).
 
 1. Every ``csrc/cuda/*.cu`` is compiled with plain nvcc (no torch headers) for each architecture (default
    sm_80 and sm_90) with warnings as errors (``-Werror all-warnings``, host ``-Wall -Wextra -Werror``) and
    ``--resource-usage``; the report lists, per kernel and architecture, registers, spill stores/loads,
    stack frame and static shared memory.
-2. The torch glue ``csrc/cuda_*.cpp`` (with ``--all-glue`` also every other ``csrc/*.cpp``, for its CUDA
-   registrations) is syntax-checked with ``-DWITH_CUDA -fopenmp`` against the installed PyTorch's headers
+2. The torch glue ``csrc/cuda/*.cpp`` (with ``--all-glue`` also ``csrc/*.cpp`` and ``csrc/cpu/*.cpp``, for their
+   CUDA branches and registrations) is syntax-checked with ``-DWITH_CUDA -fopenmp`` against the installed PyTorch's headers
    (the CUDA build check, csrc/cuda_build_check.sh, compiles it for real). A CPU-only PyTorch wheel
    lacks the generated ``c10/cuda/impl/cuda_cmake_macros.h``; a stand-in is generated in a temporary
    directory for this check only. Skipped with ``--no-glue`` or when PyTorch is not importable.
@@ -120,7 +120,7 @@ def glue_check(sources: list[str], outdir: str) -> tuple[int, str]:
     cxx = os.environ.get("CXX", "c++")
     logs, rc = [], 0
     for src in sources:
-        # -fopenmp as setup.py builds them: ops.cpp's `#pragma omp simd` is an unknown pragma (-Werror) without it
+        # -fopenmp as setup.py builds them: cpu/bn.cpp's `#pragma omp simd` is an unknown pragma (-Werror) without it
         cmd = [cxx, "-std=c++20", "-fsyntax-only", "-fopenmp", "-DWITH_CUDA", "-Wall", "-Wextra", "-Werror", "-I",
                stub, "-I", HERE]
         for inc in incs + ([cuda_inc] if cuda_inc else []) + [sysconfig.get_paths()["include"]]:
@@ -136,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", action="append", help="SM architecture, e.g. 80 (repeatable; default 80 and 90)")
     ap.add_argument("--nvcc")
     ap.add_argument("--json", help="write the report to this JSON file")
-    ap.add_argument("--no-glue", action="store_true", help="skip the syntax check of csrc/cuda_*.cpp")
-    ap.add_argument("--all-glue", action="store_true", help="also syntax-check the other csrc/*.cpp with WITH_CUDA")
+    ap.add_argument("--no-glue", action="store_true", help="skip the syntax check of csrc/cuda/*.cpp")
+    ap.add_argument("--all-glue", action="store_true",
+                    help="also syntax-check csrc/*.cpp and csrc/cpu/*.cpp with WITH_CUDA")
     args = ap.parse_args(argv)
     archs = [a.removeprefix("sm_") for a in (args.arch or ["80", "90"])]
     nvcc = find_nvcc(args.nvcc)
@@ -151,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     with tempfile.TemporaryDirectory() as tmp, futures.ThreadPoolExecutor(int(os.environ.get("MAX_JOBS", "2"))) as ex:
         jobs = {src: ex.submit(compile_cu, nvcc, src, archs, tmp) for src in sources}
-        cpp = sorted(f for f in os.listdir(HERE) if f.endswith(".cpp"))  # as setup.py globs them
-        glue = [os.path.join(HERE, f) for f in cpp if f.startswith("cuda_") or args.all_glue]
+        def cpp(folder):  # as effdense/_build.py's sources() takes them
+            return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".cpp"))
+        glue = cpp(os.path.join(HERE, "cuda")) + (cpp(HERE) + cpp(os.path.join(HERE, "cpu")) if args.all_glue else [])
         glue_job = None if args.no_glue else ex.submit(glue_check, glue, tmp)
         for src, job in jobs.items():
             rc, log = job.result()

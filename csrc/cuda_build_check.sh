@@ -14,7 +14,7 @@
 # cpp backend against the installed wheel; prints where the time went.
 #
 # Usage: csrc/cuda_build_check.sh [--python 3.11] [--torch 2.11.0] [--archs "90"] [--repo DIR] [--rev REV]
-#                                 [--tests "tests/test_cpp_ops.py tests/test_cpp_backend.py"] [--no-tests]
+#                                 [--tests "tests/csrc/test_cpp_ops.py tests/backends/test_cpp_backend.py"] [--no-tests]
 #                                 [--prebuild | --no-prebuild] [--out DIR] [--offline] [--download-only] [--keep]
 #   --python 3.12      build for the GPU machine's Python; implies --prebuild
 #   --prebuild         also copy the library and its manifest into the checkout's effdense/ (git-ignored), e.g.
@@ -35,7 +35,7 @@ set -uo pipefail
 
 PYVER=3.11 PYVER_GIVEN=0 TORCH=2.11.0 ARCHS=90 REV="" KEEP=0 OFFLINE=0 RUN_TESTS=1 PREBUILD=auto DOWNLOAD_ONLY=0
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
-TESTS="tests/test_cpp_ops.py tests/test_cpp_backend.py"
+TESTS="tests/csrc/test_cpp_ops.py tests/backends/test_cpp_backend.py"
 CACHE="${EFFDENSE_CUDABUILD_CACHE:-$HOME/.cache/effdense-cudabuild}"
 CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 OUT=""

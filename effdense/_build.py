@@ -52,13 +52,12 @@ def source_files(csrc: str) -> list[str]:
 
 
 def sources(csrc: str, with_cuda: bool) -> tuple[list[str], list[str]]:
-    """(compiled sources, other dependencies) relative to ``csrc``: ``*.cpp`` of the CPU part, plus the CUDA
-    glue ``cuda_*.cpp`` and kernels ``cuda/*.cu`` with CUDA. Headers (and CUDA files in a CPU build) are
-    dependencies: a change rebuilds, and an sdist ships them."""
+    """(compiled sources, other dependencies) relative to ``csrc``: the op boundary ``*.cpp`` and the CPU kernels
+    ``cpu/*.cpp``, plus with CUDA the kernels ``cuda/*.cu`` and their torch glue ``cuda/*.cpp``. Headers (and CUDA
+    files in a CPU build) are dependencies: a change rebuilds, and an sdist ships them."""
     files = source_files(csrc)
-    cpu = [f for f in files if "/" not in f and f.endswith(".cpp") and not f.startswith("cuda_")]
-    cuda = [f for f in files if (f.startswith("cuda_") and f.endswith(".cpp")) or
-            (f.startswith("cuda/") and f.endswith(".cu"))]
+    cpu = [f for f in files if f.endswith(".cpp") and ("/" not in f or f.startswith("cpu/"))]
+    cuda = [f for f in files if f.startswith("cuda/") and f.endswith((".cpp", ".cu"))]
     compiled = cpu + (cuda if with_cuda else [])
     return compiled, [f for f in files if f not in compiled]
 
@@ -150,7 +149,7 @@ def max_jobs(with_cuda: bool) -> str:
 #: (its CPU ops use the building machine's SIMD width); the manifest records the choice and a CPU without it gets
 #: a clear refusal instead of an illegal instruction. ``-ffp-contract=fast`` lets a*b+c become one FMA (ISO C++
 #: modes turn that off): the tiled BN-ReLU and statistics loops are mostly that. ``avx512`` (AVX-512F on top) gives
-#: the tile GEMMs 512-bit register tiles (csrc/cpu_gemm.h); the README's CPU speed figures are from such a build.
+#: the tile GEMMs 512-bit register tiles (csrc/cpu/gemm.h); the README's CPU speed figures are from such a build.
 CPU_ISAS = {"baseline": ([], ()),
             "avx2": (["-mavx2", "-mfma", "-mf16c", "-ffp-contract=fast"], ("avx2", "fma", "f16c")),
             "avx512": (["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-ffp-contract=fast"],
@@ -191,7 +190,7 @@ def compile_args(with_cuda: bool, archs: list[str], isa: str | None = None) -> d
     cxx = ["-O3", "-Wall", "-Wno-unused-function", *CPU_ISAS[isa or cpu_isa()][0]]
     link = []
     if sys.platform.startswith("linux"):
-        cxx.append("-fopenmp")  # at::parallel_for is OpenMP-backed in PyTorch's Linux wheels; ops.cpp: omp simd
+        cxx.append("-fopenmp")  # at::parallel_for is OpenMP-backed in PyTorch's Linux wheels; cpu/bn.cpp: omp simd
         link.append("-fopenmp")
     extra = {"cxx": cxx}
     macros = []

@@ -137,4 +137,4 @@ def status() -> str:
 
 def has_cuda_kernels() -> bool:
     """True when the extension was built with its CUDA kernels."""
-    return C is not None and torch._C._dispatch_has_kernel_for_dispatch_key("effdense::channel_stats", "CUDA")
+    return C is not None and torch._C._dispatch_has_kernel_for_dispatch_key("effdense::dense_block_forward", "CUDA")

@@ -4,6 +4,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "../bn_math.h"
 #include "block_kernels.h"
 
 namespace effdense {
@@ -26,17 +27,14 @@ __device__ __forceinline__ A load_as(const Vec& v, int64_t i) {
   return static_cast<A>(load(v.data, v.type, i * v.stride));
 }
 
-// One thread per channel; the arithmetic in A, as the CPU version and effdense.backends.bn.scale_shift.
+// One thread per channel; the arithmetic in A (bn_math.h, as the CPU kernels and effdense.backends.bn.scale_shift).
 template <typename A>
 __global__ void scale_shift_kernel(Vec gamma, Vec beta, Vec mean, Vec var, A eps, int64_t n, A* scale, A* shift,
                                    A* invstd) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
-  const A inv = A(1) / sqrt(load_as<A>(var, i) + eps);
-  const A s = load_as<A>(gamma, i) * inv;
-  scale[i] = s;
-  shift[i] = load_as<A>(beta, i) - load_as<A>(mean, i) * s;
-  invstd[i] = inv;
+  bnmath::scale_shift(load_as<A>(gamma, i), load_as<A>(beta, i), load_as<A>(mean, i), load_as<A>(var, i), eps,
+                      scale[i], shift[i], invstd[i]);
 }
 
 // The running type's opmath: float for float/half/bfloat16, double for double.
@@ -80,7 +78,7 @@ struct RunningBatch {
 };
 
 // One block per layer: every thread reads num_batches_tracked before thread 0 increments it (a barrier between),
-// then the block sweeps the layer's channels. lerp as torch's: weight < 0.5 ? a + w (b - a) : b - (b - a)(1 - w).
+// then the block sweeps the layer's channels (bn_math.h: factor, unbiased variance, torch's lerp).
 template <typename R, typename M>
 __global__ void running_stats_kernel(RunningBatch batch, int64_t count) {
   using O = typename Op<R>::type;
@@ -89,8 +87,8 @@ __global__ void running_stats_kernel(RunningBatch batch, int64_t count) {
   __syncthreads();
   if (threadIdx.x == 0) *L.tracked = tracked;
   if (count == 0) return;  // an empty batch only counts, as nn.BatchNorm2d
-  const O w = static_cast<O>(L.momentum < 0 ? 1.0 / static_cast<double>(tracked) : L.momentum);
-  const M unb = static_cast<M>(count > 1 ? static_cast<double>(count) / static_cast<double>(count - 1) : 1.0);
+  const O w = static_cast<O>(bnmath::running_factor(L.momentum, tracked));
+  const M unb = static_cast<M>(bnmath::unbiased_factor(count));
   R* rm = static_cast<R*>(L.running_mean);
   R* rv = static_cast<R*>(L.running_var);
   const M* m = static_cast<const M*>(L.mean);
@@ -99,8 +97,8 @@ __global__ void running_stats_kernel(RunningBatch batch, int64_t count) {
     const O mb = to_op<R>(from_op<R>(static_cast<O>(m[j * L.stat_stride])));
     const O vb = to_op<R>(from_op<R>(static_cast<O>(v[j * L.stat_stride] * unb)));
     const O a = to_op<R>(rm[j * L.rm_stride]), b = to_op<R>(rv[j * L.rv_stride]);
-    rm[j * L.rm_stride] = from_op<R>(w < O(0.5) ? a + w * (mb - a) : mb - (mb - a) * (O(1) - w));
-    rv[j * L.rv_stride] = from_op<R>(w < O(0.5) ? b + w * (vb - b) : vb - (vb - b) * (O(1) - w));
+    rm[j * L.rm_stride] = from_op<R>(bnmath::lerp(a, mb, w));
+    rv[j * L.rv_stride] = from_op<R>(bnmath::lerp(b, vb, w));
   }
 }
 

@@ -1,5 +1,5 @@
 // Raw-pointer launchers of the cpp block driver's small CUDA kernels (csrc/cuda/block_kernels.cu). No torch
-// headers: the file compiles with plain nvcc (csrc/check_compile.py); the torch glue is csrc/cuda_block_ops.cpp.
+// headers: the file compiles with plain nvcc (csrc/check_compile.py); the torch glue is csrc/cuda/block_ops.cpp.
 //
 // Every launcher returns the first CUDA error of its launches (cudaSuccess otherwise).
 #pragma once
@@ -26,7 +26,7 @@ struct Vec {
 cudaError_t bn_scale_shift(Vec gamma, Vec beta, Vec mean, Vec var, double eps, int64_t n, VType out, void* scale,
                            void* shift, void* invstd, cudaStream_t stream);
 
-// One layer of a running-statistics update (nn.BatchNorm2d's, see ops.cpp update_running_stats).
+// One layer of a running-statistics update (nn.BatchNorm2d's: ../bn_math.h, ../ops.h update_running_stats).
 struct RunningLayer {
   void* running_mean;   // [c], stride rm_stride
   void* running_var;    // [c], stride rv_stride

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <atomic>
 
+#include "../bn_math.h"
 #include "kernels.h"
 
 namespace effdense {
@@ -78,22 +79,17 @@ __device__ __forceinline__ void store(T* p, const Vec<T, V>& v) {
   *reinterpret_cast<Vec<T, V>*>(p) = v;
 }
 
-// relu that lets NaN through, as torch.relu
-template <typename A>
-__device__ __forceinline__ A relu(A v) {
-  return v <= A(0) ? A(0) : v;
-}
 
 // ------------------------------------------------------------------------------------------- functors
 // accumulate(a, b, j): the two per-element quantities summed per channel.
 
 template <typename T>
-struct StatsOp {  // s1 = sum (x - k), s2 = sum (x - k)^2 with k = the channel's first value
+struct StatsOp {  // s1 = sum (x - k), s2 = sum (x - k)^2 with k = the channel's first value (if finite)
   using A = Acc<T>;
   const T* x;
   int64_t ld, sC;  // first value of channel c at c * (cl ? 1 : sC)
   bool cl;
-  __device__ __forceinline__ A shift(int64_t c) const { return to_acc(x[cl ? c : c * sC]); }
+  __device__ __forceinline__ A shift(int64_t c) const { return bnmath::stat_shift(to_acc(x[cl ? c : c * sC])); }
 };
 
 template <typename T>
@@ -138,7 +134,7 @@ __global__ void __launch_bounds__(32 * kRows, 1) reduce_cl_kernel(StatsOp<T> st,
         for (int j = 0; j < V; ++j) {
           const int64_t c = c0 + j;
           const A xa = to_acc(xv.v[j]);
-          const A g = xa * bw.scale[c] + bw.shift[c] <= A(0) ? A(0) : to_acc(gv.v[j]);
+          const A g = bnmath::relu_grad(xa, to_acc(gv.v[j]), bw.scale[c], bw.shift[c]);
           s1[j] += g;
           s2[j] += g * ((xa - bw.mean[c]) * bw.invstd[c]);
         }
@@ -210,7 +206,7 @@ __global__ void __launch_bounds__(kThreads) reduce_planar_kernel(StatsOp<T> st, 
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         const A xa = to_acc(xv.v[j]);
-        const A g = xa * sc + sh <= A(0) ? A(0) : to_acc(gv.v[j]);
+        const A g = bnmath::relu_grad(xa, to_acc(gv.v[j]), sc, sh);
         s1 += g;
         s2 += g * ((xa - mu) * is);
       }
@@ -253,7 +249,7 @@ __global__ void __launch_bounds__(32 * kFinRows) finalize_kernel(StatsOp<T> st, 
     const A m = a / static_cast<A>(P);
     const A v = b / static_cast<A>(P) - m * m;
     out1[c] = st.shift(c) + m;
-    out2[c] = v > A(0) ? v : A(0);
+    out2[c] = v < A(0) ? A(0) : v;  // rounding may leave a tiny negative; a NaN (an Inf among the values) stays
   } else {
     out1[c] = a;  // dbeta
     out2[c] = b;  // dgamma
@@ -266,7 +262,7 @@ template <typename T, typename O, int V, bool BWD>
 __global__ void __launch_bounds__(kThreads) elementwise_kernel(const T* x, Out out, Feat xf, const T* gy, Feat gf,
                                                               const Acc<T>* scale, const Acc<T>* shift,
                                                               const Acc<T>* mean, const Acc<T>* invstd,
-                                                              const Acc<T>* dgamma, const Acc<T>* dbeta, Acc<T> invP,
+                                                              const Acc<T>* dgamma, const Acc<T>* dbeta, int64_t count,
                                                               bool batch_stats, bool accumulate) {
   using A = Acc<T>;
   O* o = static_cast<O*>(out.data);
@@ -298,10 +294,12 @@ __global__ void __launch_bounds__(kThreads) elementwise_kernel(const T* x, Out o
       for (int j = 0; j < V; ++j) {
         const int64_t c = c0 + j * cstep;
         const A xa = to_acc(xv.v[j]), s = scale[c];
-        const A g = xa * s + shift[c] <= A(0) ? A(0) : to_acc(gv.v[j]);
-        A d = g;
-        if (batch_stats) d = g - dbeta[c] * invP - (xa - mean[c]) * invstd[c] * (dgamma[c] * invP);
-        d *= s;
+        A d = s * bnmath::relu_grad(xa, to_acc(gv.v[j]), s, shift[c]);
+        if (batch_stats) {
+          A alpha, beta;
+          bnmath::correction(s, invstd[c], dbeta[c], dgamma[c], count, alpha, beta);
+          d = bnmath::corrected(d, xa, mean[c], alpha, beta);
+        }
         if (accumulate) d += to_acc(prev.v[j]);
         ov.v[j] = from_acc<O>(d);
       }
@@ -309,7 +307,7 @@ __global__ void __launch_bounds__(kThreads) elementwise_kernel(const T* x, Out o
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         const int64_t c = c0 + j * cstep;
-        ov.v[j] = from_acc<O>(relu(to_acc(xv.v[j]) * scale[c] + shift[c]));
+        ov.v[j] = from_acc<O>(bnmath::relu(to_acc(xv.v[j]) * scale[c] + shift[c]));
       }
     }
     store<O, V>(o + oo, ov);
@@ -415,7 +413,7 @@ cudaError_t elementwise(const Feat& x, const Feat& g, const Out& o, const void* 
   const DType dt = sizeof(T) == 8 ? DType::F64 : sizeof(T) == 4 ? DType::F32 : DType::F16;
   const int V = pick_vec(x, BWD ? &g : nullptr, &o, sizeof(O), dt);
   const int64_t items = x.N * x.C * x.HW / V;
-  const A invP = A(1) / static_cast<A>(x.N * x.HW);
+  const int64_t count = x.N * x.HW;
   const auto* sc = static_cast<const A*>(scale);
   const auto* sh = static_cast<const A*>(shift);
   const auto* mu = static_cast<const A*>(mean);
@@ -427,10 +425,10 @@ cudaError_t elementwise(const Feat& x, const Feat& g, const Out& o, const void* 
   constexpr int VV = static_cast<int>(16 / sizeof(T));
   const unsigned blocks = elementwise_blocks(items);
   if (V == VV)
-    elementwise_kernel<T, O, VV, BWD><<<blocks, kThreads, 0, s>>>(xp, o, x, gp, g, sc, sh, mu, is, dg, db, invP,
+    elementwise_kernel<T, O, VV, BWD><<<blocks, kThreads, 0, s>>>(xp, o, x, gp, g, sc, sh, mu, is, dg, db, count,
                                                                   batch_stats, accumulate);
   else
-    elementwise_kernel<T, O, 1, BWD><<<blocks, kThreads, 0, s>>>(xp, o, x, gp, g, sc, sh, mu, is, dg, db, invP,
+    elementwise_kernel<T, O, 1, BWD><<<blocks, kThreads, 0, s>>>(xp, o, x, gp, g, sc, sh, mu, is, dg, db, count,
                                                                  batch_stats, accumulate);
   return cudaGetLastError();
 }

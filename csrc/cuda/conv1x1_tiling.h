@@ -1,5 +1,5 @@
 // Tiling and index math of the fused BN-ReLU-Conv1x1 kernel (conv1x1.cu), shared with its host-side test
-// (tests/cuda_tiling_check.cpp, compiled with a plain C++ compiler): which thread stages which part of which
+// (tests/csrc/cuda_tiling_check.cpp, compiled with a plain C++ compiler): which thread stages which part of which
 // tile, and how much of it lies inside the matrices. No CUDA headers.
 //
 // The kernel computes z[P, B] = relu(x[P, C] * scale + shift) @ w[B, C]^T; a block owns a BM x BN tile of z
@@ -10,11 +10,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define EFFDENSE_HD __host__ __device__ __forceinline__
-#else
-#define EFFDENSE_HD inline
-#endif
+#include "../hd.h"
 
 namespace effdense {
 namespace cuda {

@@ -1,5 +1,5 @@
 // Raw-pointer launchers of effdense's CUDA kernels. No torch headers: these files compile with plain nvcc
-// (csrc/check_compile.py), and the torch glue (csrc/cuda_ops.cpp) calls them with the current stream.
+// (csrc/check_compile.py), and the torch glue (csrc/cuda/bn_ops.cpp) calls them with the current stream.
 //
 // Every launcher checks its launches and returns the first error (cudaSuccess otherwise); the glue turns
 // an error into a TORCH_CHECK failure. Indexing is int64 throughout. Half and bfloat16 inputs accumulate in

@@ -56,7 +56,7 @@ def unavailable_reason(name: str, device: torch.device | str, dtype: torch.dtype
     if name not in BACKENDS:
         return f"unknown backend {name!r}; known: {', '.join(names())}"
     if bn.sync_stats_enabled() and not BACKENDS[name].sync_stats:
-        return ("cross-process batch statistics (--sync-bn) are not implemented here; the torch and triton "
+        return ("cross-process batch statistics (--sync-bn) are not implemented here; the torch, triton and cpp "
                 "backends have them")
     return BACKENDS[name].unavailable(torch.device(device), dtype)
 

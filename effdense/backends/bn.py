@@ -35,6 +35,15 @@ def sync_stats_enabled() -> bool:
     return _SYNC["on"]
 
 
+def sync_group() -> tuple[str | None, int]:
+    """``(name, size)`` of the process group the batch statistics span under ``--sync-bn`` (the name c10d registered
+    it under, by which the ``cpp`` backend's C++ ops call the functional collectives), ``(None, 0)`` when off."""
+    if not _SYNC["on"]:
+        return None, 0
+    group = _SYNC["group"] if _SYNC["group"] is not None else dist.group.WORLD
+    return group.group_name, dist.get_world_size(group)
+
+
 def _world_sum(*tensors: Tensor) -> list[Tensor]:
     flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat, group=_SYNC["group"])

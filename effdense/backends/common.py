@@ -136,15 +136,15 @@ def torch_transition(x: Tensor, norm: nn.Module, conv: nn.Conv2d) -> Tensor:
 
 def fused_transition(x: Tensor, norm: nn.Module, conv: nn.Conv2d,
                      fused: Callable[[Tensor, nn.BatchNorm2d, nn.Conv2d, torch.dtype], Tensor],
-                     sync_ok: bool = False, fallback: bool = False) -> Tensor:
+                     sync_ok: bool = False, empty_ok: bool = False, fallback: bool = False) -> Tensor:
     """The transition through a backend's ``fused(x, norm, conv, compute_dtype)`` (autocast off, bias added here),
-    or in PyTorch (:func:`torch_transition`) where fused kernels do not apply: an empty batch, H or W below 2, a
-    convolution other than :func:`plain_conv1x1`, a norm other than a plain ``nn.BatchNorm2d`` (a
-    ``SyncBatchNorm``'s statistics are its own), cross-process statistics unless the backend has them
-    (``sync_ok``), or whatever else the backend says (``fallback``)."""
+    or in PyTorch (:func:`torch_transition`) where fused kernels do not apply: an empty batch (unless the backend
+    takes one: ``empty_ok``), H or W below 2, a convolution other than :func:`plain_conv1x1`, a norm other than a
+    plain ``nn.BatchNorm2d`` (a ``SyncBatchNorm``'s statistics are its own), cross-process statistics unless the
+    backend has them (``sync_ok``), or whatever else the backend says (``fallback``)."""
     if uses_batch_stats(norm):
         check_batch_size(x.shape)
-    if (fallback or x.numel() == 0 or x.shape[2] < 2 or x.shape[3] < 2 or not plain_conv1x1(conv)
+    if (fallback or (x.numel() == 0 and not empty_ok) or x.shape[2] < 2 or x.shape[3] < 2 or not plain_conv1x1(conv)
             or type(norm) is not nn.BatchNorm2d or (sync_stats_enabled() and not sync_ok)):
         return torch_transition(x, norm, conv)
     with no_autocast(x):

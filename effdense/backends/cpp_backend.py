@@ -1,20 +1,23 @@
 """``"cpp"``: the memory-efficient dense block of docs/DESIGN.md run from C++ (csrc/, ``effdense._C``).
 
 One operator call runs the whole block forward (``torch.ops.effdense.dense_block_forward``) and one the whole
-backward (``dense_block_backward``): per layer a fixed handful of effdense ops (BN-ReLU and the bottleneck
-1x1 convolution as tiled GEMMs on CPU, csrc/block_cpu.cpp; the CUDA kernels on GPU) and 3x3 convolutions
-(on CPU with AVX2 effdense's own with BN2-ReLU fused in, csrc/conv3x3_cpu.cpp; else ATen's: oneDNN, cuDNN),
+backward (``dense_block_backward``): per layer a fixed handful of C++ steps (csrc/ops.h: BN-ReLU and the bottleneck
+1x1 convolution as tiled GEMMs on CPU, csrc/cpu/; the CUDA kernels on GPU, csrc/cuda/) and 3x3 convolutions
+(on CPU with AVX2 effdense's own with BN2-ReLU fused in, csrc/cpu/conv3x3.cpp; else ATen's: oneDNN, cuDNN),
 no host synchronization. The algorithm and storage are those of
 :mod:`effdense.backends.torch_backend`, its executable specification. Running statistics are updated once per
-forward by one ``effdense::update_running_stats`` call per BN kind.
+forward by one ``effdense::update_running_stats`` call per BN kind. Under ``--sync-bn``
+(:func:`effdense.backends.bn.enable_sync_stats`, CPU tensors) the ops merge the batch statistics over the process
+group themselves (csrc/sync.h).
 
 On CPU the block's transients (the gradient buffer, the bottleneck) live in one workspace kept across layers,
 blocks and steps (no fresh large allocation, hence no page faults, per step); :func:`workspace_bytes` says how
 large it is and :func:`release_workspace` frees it.
 
-This module also registers, for every ``effdense`` op, a fake (meta) implementation and, where the op is
-differentiable, its autograd formula, so ``torch.compile`` traces through the ops and
-``torch.library.opcheck`` passes.
+This module also registers, for each of the five ``effdense`` operators of csrc/ops.cpp, a fake (meta)
+implementation and, where the op is differentiable, its autograd formula, so ``torch.compile`` traces through the
+ops and ``torch.library.opcheck`` passes. (The block driver's steps are C++ functions, not operators;
+``effdense._C._testing`` exposes them to the tests.)
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from torch import Tensor, nn
 
 from .. import _ext
 from .base import FLOAT_DTYPES, Backend
-from .bn import acc_dtype, uses_batch_stats
+from .bn import acc_dtype, sync_group, sync_stats_enabled, uses_batch_stats
 from .common import BlockSetup, fused_transition, memory_format, no_autocast, refuse_double_backward
 
 NAME = "cpp"
@@ -43,70 +46,24 @@ def _vec(x: Tensor, n) -> Tensor:
     return x.new_empty((n,), dtype=acc_dtype(x.dtype))
 
 
-def _fake_channel_stats(x):
-    return _vec(x, x.shape[1]), _vec(x, x.shape[1])
-
-
-def _fake_bn_relu(x, scale, shift):
-    return _empty_fmt(x.shape, x)
-
-
-def _fake_bn_relu_into(x, scale, shift, out):
-    return None
-
-
-def _fake_bn_relu_backward(x, grad_y, scale, shift, mean, invstd, batch_stats):
-    return _empty_fmt(x.shape, x), _vec(x, x.shape[1]), _vec(x, x.shape[1])
-
-
-def _fake_bn_relu_backward_into(x, grad_y, scale, shift, mean, invstd, batch_stats, grad_x, accumulate):
-    return _vec(x, x.shape[1]), _vec(x, x.shape[1])
-
-
-def _fake_bn_relu_conv1x1(x, scale, shift, weight):
-    return _empty_fmt((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]), x, fmt=x)
-
-
-def _fake_bn_relu_conv3x3_backward(x, grad_y, gamma, beta, mean, var, eps, weight, grad_a):
-    return torch.empty_like(weight)
+def _count(sync_group) -> Tensor:
+    """The forward ops' ``count``: the pixels their statistics span over every process, with ``sync_group``."""
+    return torch.empty((1 if sync_group is not None else 0,), dtype=torch.int64)
 
 
 def _fake_update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, rows, momentum, count):
     return None
 
 
-def _fake_bn_scale_shift(gamma, beta, mean, var, eps, dtype):
-    return tuple(mean.new_empty((mean.shape[0],), dtype=dtype) for _ in range(3))
-
-
-def _fake_into(*args):   # the ops writing into caller-given tensors return nothing
-    return None
-
-
-def _fake_batch_norm_relu_backward_into(x, grad_y, gamma, beta, mean, var, eps, batch_stats, grad_x, accumulate,
-                                        grad_coef=None):
-    return gamma.new_empty(gamma.shape), beta.new_empty(beta.shape)
-
-
-def _fake_bn_relu_linear_backward(x, grad_z, weight, gamma, beta, mean, var, eps, batch_stats, grad_x, accumulate,
-                                  grad_coef=None):
-    return torch.empty_like(weight), gamma.new_empty(gamma.shape), beta.new_empty(beta.shape)
-
-
-def _fake_bottleneck_backward(x, z, grad_a, weight, gamma1, beta1, mean1, var1, eps1, batch_stats1, gamma2, beta2,
-                              mean2, var2, eps2, batch_stats2, grad_x, grad_coef=None):
-    return (torch.empty_like(weight), gamma1.new_empty(gamma1.shape), beta1.new_empty(beta1.shape),
-            gamma2.new_empty(gamma2.shape), beta2.new_empty(beta2.shape))
-
-
-def _fake_transition_forward(x, gamma, beta, running_mean, running_var, eps, weight):
+def _fake_transition_forward(x, gamma, beta, running_mean, running_var, eps, weight, sync_group=None, sync_size=0):
     n, c, h, w = x.shape
     y = _empty_fmt((n, weight.shape[0], h // 2, w // 2), x, fmt=x)
-    stats = 0 if running_mean is not None else c
-    return y, _vec(x, stats), _vec(x, stats)
+    batch = running_mean is None
+    return y, _vec(x, c if batch else 0), _vec(x, c if batch else 0), _count(sync_group if batch else None)
 
 
-def _fake_transition_backward(grad_y, x, gamma, beta, mean, var, eps, batch_stats, weight):
+def _fake_transition_backward(grad_y, x, gamma, beta, mean, var, eps, batch_stats, weight, sync_group=None,
+                              sync_size=0, sync_count=0):
     return _empty_fmt(x.shape, x), gamma.new_empty(gamma.shape), beta.new_empty(beta.shape), torch.empty_like(weight)
 
 
@@ -117,7 +74,8 @@ def _block_dims(w1, w2):
 
 
 def _fake_block_forward(x, w1, w2, gamma1, beta1, gamma2, beta2, running_mean1, running_var1, running_mean2,
-                        running_var2, eps1, eps2, drop_rate, keep_bottleneck, reserve_backward):
+                        running_var2, eps1, eps2, drop_rate, keep_bottleneck, reserve_backward, sync_group=None,
+                        sync_size=0):
     L, bottleneck, k, B = _block_dims(w1, w2)
     n, c0, h, w = x.shape
     c = c0 + L * k
@@ -131,12 +89,12 @@ def _fake_block_forward(x, w1, w2, gamma1, beta1, gamma2, beta2, running_mean1, 
         mask = x.new_empty((0,), dtype=torch.bool)
     kept = x.new_empty((L if keep_bottleneck and bottleneck else 0, n, h, w, B))
     return (feat, _vec(x, c if stats1 else 0), _vec(x, c if stats1 else 0), mean2, torch.empty_like(mean2), mask,
-            kept)
+            kept, _count(sync_group))
 
 
 def _fake_block_backward(grad_out, feat, mean, var, mean2, var2, drop_mask, bottleneck, w1, w2, gamma1, beta1,
                          gamma2, beta2, running_mean1, running_var1, running_mean2, running_var2, eps1, eps2,
-                         drop_rate):
+                         drop_rate, sync_group=None, sync_size=0, sync_count=0):
     L, _, k, _ = _block_dims(w1, w2)
     n, c, h, w = feat.shape
     gx = _empty_fmt((n, c - L * k, h, w), feat, fmt=feat)
@@ -146,64 +104,32 @@ def _fake_block_backward(grad_out, feat, mean, var, mean2, var2, drop_mask, bott
 
 # ------------------------------------------------------------------------------------------------ autograd
 
-def _setup_bn_relu(ctx, inputs, output):
-    x, scale, shift = inputs
-    ctx.save_for_backward(x, scale, shift)
-
-
-def _backward_bn_relu(ctx, grad):
-    x, scale, shift = ctx.saved_tensors
-    zero, one = torch.zeros_like(scale), torch.ones_like(scale)
-    # y = relu(x * scale + shift) is BN-ReLU with mean 0, invstd 1, gamma = scale, beta = shift
-    gx, gscale, gshift = torch.ops.effdense.bn_relu_backward(x, grad.to(x.dtype), scale, shift, zero, one, False)
-    return gx, gscale, gshift
-
-
-def _setup_channel_stats(ctx, inputs, output):
-    (x,) = inputs
-    ctx.save_for_backward(x, output[0])
-
-
-def _backward_channel_stats(ctx, grad_mean, grad_var):
-    x, mean = ctx.saved_tensors
-    n = x.shape[0] * x.shape[2] * x.shape[3]
-    a = mean.dtype
-    gx = torch.zeros(x.shape, dtype=a, device=x.device)
-    if grad_mean is not None:
-        gx = gx + (grad_mean / n).view(1, -1, 1, 1)
-    if grad_var is not None:
-        gx = gx + (x.to(a) - mean.view(1, -1, 1, 1)) * (2 * grad_var / n).view(1, -1, 1, 1)
-    return gx.to(x.dtype)
-
-
-def _setup_conv1x1(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _backward_conv1x1(ctx, grad):
-    x, scale, shift, w = ctx.saved_tensors
-    u = torch.ops.effdense.bn_relu(x, scale, shift)
-    gu, gw, _ = torch.ops.aten.convolution_backward(grad.to(x.dtype), u, w, None, [1, 1], [0, 0], [1, 1], False,
-                                                    [0, 0], 1, [True, True, False])
-    zero, one = torch.zeros_like(scale), torch.ones_like(scale)
-    gx, gscale, gshift = torch.ops.effdense.bn_relu_backward(x, gu, scale, shift, zero, one, False)
-    return gx, gscale, gshift, gw
-
-
 _BLOCK_LISTS = ("w1", "w2", "gamma1", "beta1", "gamma2", "beta2", "running_mean1", "running_var1",
                 "running_mean2", "running_var2")
 
 
+def _as_passed(ctx, grads: tuple) -> tuple:
+    """The gradients of the arguments the op was called with: the trailing --sync-bn arguments may have been left
+    to their defaults (setup_context sees them filled in; autograd wants one gradient per argument passed)."""
+    return grads[:len(ctx.needs_input_grad)]
+
+
+def _sync_of(ctx, group, size, count) -> None:
+    """Keep --sync-bn's group for the backward, with the pixels the forward's statistics spanned over it."""
+    ctx.sync = (group, size, int(count) if group is not None else 0)
+
+
 def _setup_block(ctx, inputs, output):
-    x, *lists, eps1, eps2, drop_rate, keep_bottleneck, reserve_backward = inputs
+    x, *lists, eps1, eps2, drop_rate, keep_bottleneck, reserve_backward, group, size = inputs
     ctx.lengths = [len(v) for v in lists]
     ctx.floats = (eps1, eps2, drop_rate)
     # register_autograd wants the gradients in the inputs' structure: a list per list of tensors (also
     # empty), one leaf per other argument (torch._library.autograd.not_list_of_tensor)
     ctx.no_grads = [[None] * len(v) if isinstance(v, list) and all(isinstance(t, Tensor) for t in v) else None
-                    for v in (*lists[6:], eps1, eps2, drop_rate, keep_bottleneck, reserve_backward)]
-    feat, mean, var, mean2, var2, mask, kept = output
-    ctx.mark_non_differentiable(mean, var, mean2, var2, mask, kept)
+                    for v in (*lists[6:], eps1, eps2, drop_rate, keep_bottleneck, reserve_backward, group, size)]
+    feat, mean, var, mean2, var2, mask, kept, count = output
+    _sync_of(ctx, group, size, count)
+    ctx.mark_non_differentiable(mean, var, mean2, var2, mask, kept, count)
     ctx.set_materialize_grads(False)   # no zero gradients for the statistics outputs (they are not used)
     ctx.save_for_backward(feat, mean, var, mean2, var2, mask, kept, *[t for v in lists for t in v])
 
@@ -211,21 +137,22 @@ def _setup_block(ctx, inputs, output):
 def _backward_block(ctx, grad_feat, *unused):
     refuse_double_backward(NAME)   # the C++ backward is not differentiable: refuse rather than compute it wrong
     if grad_feat is None:
-        return (None, *[[None] * n for n in ctx.lengths[:6]], *ctx.no_grads)
+        return _as_passed(ctx, (None, *[[None] * n for n in ctx.lengths[:6]], *ctx.no_grads))
     feat, mean, var, mean2, var2, mask, kept, *flat = ctx.saved_tensors
     lists, pos = [], 0
     for n in ctx.lengths:
         lists.append(flat[pos:pos + n])
         pos += n
     gx, *grads = torch.ops.effdense.dense_block_backward(grad_feat, feat, mean, var, mean2, var2, mask, kept,
-                                                         *lists, *ctx.floats)
-    return (gx, *grads, *ctx.no_grads)
+                                                         *lists, *ctx.floats, *ctx.sync)
+    return _as_passed(ctx, (gx, *grads, *ctx.no_grads))
 
 
 def _setup_transition(ctx, inputs, output):
-    x, gamma, beta, running_mean, running_var, eps, weight = inputs
-    _, mean, var = output
-    ctx.mark_non_differentiable(mean, var)
+    x, gamma, beta, running_mean, running_var, eps, weight, group, size = inputs
+    _, mean, var, count = output
+    _sync_of(ctx, group if running_mean is None else None, size, count)   # running statistics: nothing to sync
+    ctx.mark_non_differentiable(mean, var, count)
     ctx.set_materialize_grads(False)
     ctx.eps, ctx.batch = eps, running_mean is None
     ctx.save_for_backward(x, gamma, beta, *((mean, var) if ctx.batch else (running_mean, running_var)), weight)
@@ -234,35 +161,21 @@ def _setup_transition(ctx, inputs, output):
 def _backward_transition(ctx, grad_y, *unused):
     refuse_double_backward(NAME, "transition")
     if grad_y is None:
-        return (None,) * 7
+        return _as_passed(ctx, (None,) * 9)
     x, gamma, beta, mean, var, weight = ctx.saved_tensors
     gx, dgamma, dbeta, dw = torch.ops.effdense.transition_backward(grad_y, x, gamma, beta, mean, var, ctx.eps,
-                                                                   ctx.batch, weight)
-    return gx, dgamma, dbeta, None, None, None, dw
+                                                                   ctx.batch, weight, *ctx.sync)
+    return _as_passed(ctx, (gx, dgamma, dbeta, None, None, None, dw, None, None))
 
 
 def _register() -> None:
     lib = "effdense::"
-    for op, fake in (("channel_stats", _fake_channel_stats), ("bn_relu", _fake_bn_relu),
-                     ("bn_relu_into", _fake_bn_relu_into), ("bn_relu_backward", _fake_bn_relu_backward),
-                     ("bn_relu_backward_into", _fake_bn_relu_backward_into),
-                     ("bn_relu_conv1x1", _fake_bn_relu_conv1x1),
-                     ("update_running_stats", _fake_update_running_stats),
-                     ("bn_scale_shift", _fake_bn_scale_shift), ("batch_norm_relu_into", _fake_into),
-                     ("bn_relu_linear_into", _fake_into), ("bn_relu_conv3x3_into", _fake_into),
-                     ("bn_relu_conv3x3_backward", _fake_bn_relu_conv3x3_backward),
-                     ("batch_norm_relu_backward_into", _fake_batch_norm_relu_backward_into),
-                     ("bn_relu_linear_backward", _fake_bn_relu_linear_backward),
-                     ("bottleneck_backward", _fake_bottleneck_backward),
-                     ("store_channels", _fake_into), ("gather_grad", _fake_into),
+    for op, fake in (("update_running_stats", _fake_update_running_stats),
                      ("transition_forward", _fake_transition_forward),
                      ("transition_backward", _fake_transition_backward),
                      ("dense_block_forward", _fake_block_forward), ("dense_block_backward", _fake_block_backward)):
         torch.library.register_fake(lib + op, fake)
-    for op, backward, setup in (("bn_relu", _backward_bn_relu, _setup_bn_relu),
-                                ("channel_stats", _backward_channel_stats, _setup_channel_stats),
-                                ("bn_relu_conv1x1", _backward_conv1x1, _setup_conv1x1),
-                                ("dense_block_forward", _backward_block, _setup_block),
+    for op, backward, setup in (("dense_block_forward", _backward_block, _setup_block),
                                 ("transition_forward", _backward_transition, _setup_transition)):
         torch.library.register_autograd(lib + op, backward, setup_context=setup)
 
@@ -333,32 +246,37 @@ def block_forward(x: Tensor, layers: Sequence[nn.Module], keep_bottleneck: bool 
             x.requires_grad or any(p.requires_grad for layer in layers for p in layer.parameters()))
         keep = bool(keep_bottleneck) and bottleneck and backward
         # with a backward to come, the CPU workspace is taken at the backward's size now (block.cpp, workspace)
-        feat, mean, var, mean2, var2, *_ = torch.ops.effdense.dense_block_forward(
-            x.to(cdt), w1, w2, g1, b1, g2, b2, rm1, rv1, rm2, rv2, eps1, eps2, drop, keep, backward)
-        count = x.shape[0] * x.shape[2] * x.shape[3]
+        feat, mean, var, mean2, var2, _, _, count = torch.ops.effdense.dense_block_forward(
+            x.to(cdt), w1, w2, g1, b1, g2, b2, rm1, rv1, rm2, rv2, eps1, eps2, drop, keep, backward, *sync_group())
+        count = _pixels(x, count)
         _update_running(norm1, mean, var, count)
         if bottleneck:
             _update_running(norm2, mean2, var2, count)
     return feat
 
 
+def _pixels(x: Tensor, count: Tensor) -> int:
+    """The pixels a forward op's batch statistics span: ``count`` (every process's) under --sync-bn, else x's."""
+    return int(count) if count.numel() else x.shape[0] * x.shape[2] * x.shape[3]
+
+
 def _fused_transition(x: Tensor, norm: nn.BatchNorm2d, conv: nn.Conv2d, cdt: torch.dtype) -> Tensor:
-    batch = uses_batch_stats(norm)
     gamma, beta, rm, rv, eps = _norm_args([norm], x)
-    y, mean, var = torch.ops.effdense.transition_forward(x.to(cdt), gamma[0], beta[0], rm[0], rv[0], eps[0],
-                                                         conv.weight.to(cdt))
-    if batch:
-        _update_running([norm], mean, var, x.shape[0] * x.shape[2] * x.shape[3])
+    y, mean, var, count = torch.ops.effdense.transition_forward(x.to(cdt), gamma[0], beta[0], rm[0], rv[0], eps[0],
+                                                                conv.weight.to(cdt), *sync_group())
+    if uses_batch_stats(norm):
+        _update_running([norm], mean, var, _pixels(x, count))
     return y
 
 
 def transition_forward(x: Tensor, norm: nn.BatchNorm2d, conv: nn.Conv2d) -> Tensor:
     """The DenseNet transition ``conv1x1(avgpool2x2(relu(norm(x))))`` (``effdense.models.Transition``, pooling
     first) in two ops, ``effdense::transition_forward``/``transition_backward``: with ``norm``'s batch statistics
-    (its running ones updated once) in training mode, its running statistics in eval mode; nothing of ``x``'s size
-    is kept for backward beyond ``x``. The cases the ops do not cover run in PyTorch
-    (:func:`~.common.fused_transition`)."""
-    return fused_transition(x, norm, conv, _fused_transition)
+    (its running ones updated once; under --sync-bn over every process) in training mode, its running statistics in
+    eval mode; nothing of ``x``'s size is kept for backward beyond ``x``. An empty batch runs through the ops too (a
+    process without images still joins the cross-process statistics); the other cases the ops do not cover run in
+    PyTorch (:func:`~.common.fused_transition`)."""
+    return fused_transition(x, norm, conv, _fused_transition, sync_ok=True, empty_ok=True)
 
 
 def unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -368,6 +286,9 @@ def unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
     if dtype not in FLOAT_DTYPES:
         return f"dtype {dtype} is not a floating-point dtype"
     if device.type == "cuda":
+        if sync_stats_enabled():
+            return ("effdense._C's cross-process batch statistics (--sync-bn) run on CPU (gloo) only; on CUDA the "
+                    "triton and torch backends have them")
         if not _ext.has_cuda_kernels():
             return ("effdense._C was built without its CUDA kernels (PyTorch without CUDA, or no nvcc, at "
                     "build time)")
@@ -381,4 +302,5 @@ def unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
 
 BACKEND = Backend(NAME, "shared feature buffer, shared statistics, recomputation; whole block in C++ "
                   "(effdense._C: tiled BN-ReLU-GEMM and 3x3 CPU kernels, CUDA BN kernels, cuDNN 3x3 convolutions)", True,
-                  block_forward, unavailable, transition=transition_forward, options=("keep_bottleneck",))
+                  block_forward, unavailable, sync_stats=True, transition=transition_forward,
+                  options=("keep_bottleneck",))

@@ -1,7 +1,8 @@
 // CPU kernels of the bottleneck layers' 3x3 convolution (stride 1, zero padding 1), with BN2-ReLU fused into
 // their input: y = conv3x3(a, w), a = relu(bn(x)), w [k, C, 3, 3], and its backward, grad_a and grad_w.
-// Schemas and argument checks in ops.cpp; the block driver (block.cpp) calls them on CPU instead of
-// batch_norm_relu_into + the ATen (oneDNN) convolution, so a = BN2-ReLU(z) is never written to memory.
+// The steps bn_relu_conv3x3_into / bn_relu_conv3x3_backward of ops.h (arguments checked by steps.cpp); the block
+// driver (block.cpp) calls them on CPU instead of batch_norm_relu_into + the ATen (oneDNN) convolution, so
+// a = BN2-ReLU(z) is never written to memory.
 //
 // Each of the 9 taps t = (dy, dx) is a GEMM over channels. With tap weights Wt[c, o] = w[o, c, dy, dx]:
 //   forward   y[h, w] = sum_t a[h + dy - 1, w + dx - 1] Wt                   (terms outside the image are 0)
@@ -16,7 +17,7 @@
 // Tiles are image rows (about 64 KiB of T or G each), images are split in contiguous groups over the threads
 // (one image is one thread's, so the shifted adds need no synchronization), and grad_w's per-thread partial
 // sums are merged in group order: results do not depend on scheduling (for a given thread count). GEMMs are
-// cpu_gemm.h's kernel (the BLAS without AVX2, or with EFFDENSE_CPU_GEMM=blas).
+// gemm.h's kernel (the BLAS without AVX2, or with EFFDENSE_CPU_GEMM=blas).
 //
 // Why not oneDNN: a DenseNet-BC's 3x3 (C = 4k input channels, only k output channels) is a skinny convolution;
 // as one GEMM onto 9k columns it runs at the register-tile kernel's rate, and fusing BN2-ReLU saves a write and
@@ -25,7 +26,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -33,8 +33,9 @@
 #include <string>
 #include <vector>
 
-#include "common.h"
-#include "cpu_tiles.h"
+#include "../ops.h"
+#include "kernels.h"
+#include "tiles.h"
 
 namespace effdense {
 
@@ -46,9 +47,8 @@ bool cpu_conv3x3_enabled() {
   return v;
 }
 
+namespace cpu {
 namespace {
-
-using namespace cpu;  // NOLINT(build/namespaces)
 
 constexpr int64_t kTaps = 9;
 
@@ -125,6 +125,32 @@ void im2col(const A* g, A* G, int64_t h0, int64_t r, int64_t H, int64_t W, int64
   with_width(k, [&](auto K) { im2col_k<A, decltype(K)::value>(g, G, h0, r, H, W, k); });
 }
 
+// The weight-gradient GEMM (grad_Wcat += a^T G over a tile of image rows) multiplies every a[p] with G's entries of
+// all 9 taps, those whose grad_y pixel is outside the image being 0: exact for a finite a[p], but a non-finite one
+// (an Inf or NaN that reached a) would add Inf * 0 = NaN where the convolution has no term at all (the pairs of p
+// with padding). If the tile holds one (a sum of a * 0 is 0 only for finite values: one vectorized pass, against the
+// GEMM's 18k multiply-adds per value), those entries are taken out of the GEMM (zeroed in the tile) and added here
+// over the taps inside the image: the NaN and Inf of PyTorch's, no others.
+template <typename A>
+void wgrad_nonfinite(A* u, const A* G, A* dw, int64_t h0, int64_t r, int64_t H, int64_t W, int64_t C, int64_t k) {
+  const int64_t n = r * W * C, K9 = kTaps * k;
+  A z = 0;
+#pragma omp simd reduction(+ : z)
+  for (int64_t i = 0; i < n; ++i) z += u[i] * A(0);
+  if (z == A(0)) return;
+  for (int64_t q = 0; q < r * W; ++q)
+    for (int64_t c = 0; c < C; ++c) {
+      const A v = u[q * C + c];
+      if (v - v == A(0)) continue;  // finite
+      u[q * C + c] = A(0);
+      for (int64_t t = 0; t < kTaps; ++t) {
+        const int64_t sh = h0 + q / W - t / 3 + 1, sw = q % W - t % 3 + 1;  // tap t's grad_y pixel
+        if (sh < 0 || sh >= H || sw < 0 || sw >= W) continue;
+        for (int64_t o = 0; o < k; ++o) dw[c * K9 + t * k + o] += v * G[q * K9 + t * k + o];
+      }
+    }
+}
+
 // With out_mean/out_var, also the per-channel batch statistics of out (each image one TileMoments tile).
 template <typename T>
 void bn_relu_conv3x3_impl(const at::Tensor& x, const BN<acc_t<T>>& bn, const at::Tensor& w, const at::Tensor& out,
@@ -190,6 +216,7 @@ at::Tensor bn_relu_conv3x3_backward_impl(const at::Tensor& x, const at::Tensor& 
         gemm<A>(false, false, r * W, C, K9, G, K9, wd.data(), C, A(0), dst, direct ? lda : C);
         if (!direct) scatter<false>(va, pa, p0, p0 + r * W, gat, C);
         gather(vx, px, p0, p0 + r * W, u, C, f);
+        wgrad_nonfinite(u, G, dw, h0, r, H, W, C, k);
         gemm<A>(true, false, C, K9, r * W, u, C, G, K9, A(1), dw, K9);
       }
     }
@@ -206,20 +233,20 @@ at::Tensor bn_relu_conv3x3_backward_impl(const at::Tensor& x, const at::Tensor& 
   return gw;
 }
 
-void bn_relu_conv3x3_into_cpu(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
-                              const at::Tensor& mean, const at::Tensor& var, double eps, const at::Tensor& w,
-                              const at::Tensor& out, const OptTensor& out_mean, const OptTensor& out_var) {
-  check_conv3x3_into_args(x, gamma, beta, mean, var, w, out, out_mean, out_var);
+}  // namespace
+
+void bn_relu_conv3x3_into(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
+                          const at::Tensor& mean, const at::Tensor& var, double eps, const at::Tensor& w,
+                          const at::Tensor& out, const OptTensor& out_mean, const OptTensor& out_var) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "effdense_bn_relu_conv3x3", [&] {
     bn_relu_conv3x3_impl<scalar_t>(x, bn_params<acc_t<scalar_t>>(gamma, beta, mean, var, eps), w, out, out_mean,
                                    out_var);
   });
 }
 
-at::Tensor bn_relu_conv3x3_backward_cpu(const at::Tensor& x, const at::Tensor& gy, const at::Tensor& gamma,
-                                        const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& var,
-                                        double eps, const at::Tensor& w, const at::Tensor& ga) {
-  check_conv3x3_backward_args(x, gy, gamma, beta, mean, var, w, ga);
+at::Tensor bn_relu_conv3x3_backward(const at::Tensor& x, const at::Tensor& gy, const at::Tensor& gamma,
+                                    const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& var,
+                                    double eps, const at::Tensor& w, const at::Tensor& ga) {
   at::Tensor gw;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "effdense_bn_relu_conv3x3_bwd", [&] {
     gw = bn_relu_conv3x3_backward_impl<scalar_t>(x, gy, bn_params<acc_t<scalar_t>>(gamma, beta, mean, var, eps), w,
@@ -228,10 +255,5 @@ at::Tensor bn_relu_conv3x3_backward_cpu(const at::Tensor& x, const at::Tensor& g
   return gw;
 }
 
-}  // namespace
+}  // namespace cpu
 }  // namespace effdense
-
-TORCH_LIBRARY_IMPL(effdense, CPU, m) {
-  m.impl("bn_relu_conv3x3_into", &effdense::bn_relu_conv3x3_into_cpu);
-  m.impl("bn_relu_conv3x3_backward", &effdense::bn_relu_conv3x3_backward_cpu);
-}

@@ -1,4 +1,4 @@
-"""The index math of the fused BN-ReLU-Conv1x1 CUDA kernel, replayed on the CPU (tests/cuda_tiling_check.cpp
+"""The index math of the fused BN-ReLU-Conv1x1 CUDA kernel, replayed on the CPU (tests/csrc/cuda_tiling_check.cpp
 with csrc/cuda/conv1x1_tiling.h, plain C++): every stage element written once per k-step, chunk copies in
 bounds and 16-byte aligned, zero fill untransformed, z equal to the reference product. No GPU needed."""
 from __future__ import annotations
@@ -9,9 +9,9 @@ import subprocess
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HEADER_DIR = os.path.join(ROOT, "csrc", "cuda")
-CHECK = os.path.join(ROOT, "tests", "cuda_tiling_check.cpp")
+CHECK = os.path.join(ROOT, "tests", "csrc", "cuda_tiling_check.cpp")
 CXX = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
 
 pytestmark = [

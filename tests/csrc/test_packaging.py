@@ -20,7 +20,7 @@ import pytest
 import effdense
 from effdense import _build as build_ext
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COMMAND = "python -m effdense.build_ext"
 
 if not os.path.exists(os.path.join(ROOT, "setup.py")):

@@ -1,7 +1,7 @@
-// CPU tile machinery shared by the block (block_cpu.cpp) and transition (transition_cpu.cpp) kernels: strided
+// CPU tile machinery shared by the CPU kernels (bn.cpp, linear.cpp, conv3x3.cpp, transition.cpp): strided
 // [N, C, H, W] views gathered into / scattered from row-major [pixels, channels] tiles, per-thread tile groups,
-// GEMMs on tiles (the BLAS PyTorch's CPU library exports), BN arithmetic, statistics and the BN-ReLU backward
-// pieces. block_cpu.cpp says why tiles.
+// GEMMs on tiles (gemm.h's kernels, or the BLAS PyTorch's CPU library exports), BN parameters, statistics and the
+// BN-ReLU backward pieces (the arithmetic itself is ../bn_math.h's). linear.cpp says why tiles.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -18,8 +18,10 @@
 #include <utility>
 #include <vector>
 
-#include "common.h"
-#include "cpu_gemm.h"
+#include "../bn_math.h"
+#include "../common.h"
+#include "../sync.h"
+#include "gemm.h"
 
 extern "C" {
 // The BLAS GEMMs PyTorch's CPU library exports (MKL in the x86 wheels). Weak: a PyTorch without them falls back
@@ -51,7 +53,7 @@ inline GemmRoute gemm_route() {
 
 // Row-major C[m, n] = op(A)[m, k] op(B)[k, n] + beta * C, op(A) = A stored [m, k] (ld lda) or, with ta, A^T
 // of A stored [k, m]. Untransposed B with beta 0 or 1 (every tile product of the channels-last paths) goes to
-// cpu_gemm.h's kernels where the build has AVX2/FMA (AVX-512: the wider one); the rest to the BLAS, which is
+// gemm.h's kernels where the build has AVX2/FMA (AVX-512: the wider one); the rest to the BLAS, which is
 // column-major, where a row-major matrix is its transpose: C^T = op(B)^T op(A)^T.
 template <typename A>
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const A* a, int64_t lda, const A* b, int64_t ldb,
@@ -322,10 +324,7 @@ inline A round_to(A v) {  // the value as stored in T (what the torch backend's 
   else return v;
 }
 
-template <typename A>
-inline A relu(A y) {
-  return y <= A(0) ? A(0) : y;  // NaN passes, as torch.relu
-}
+using bnmath::relu;  // NaN passes, as torch.relu
 
 template <typename A>
 std::vector<A> load(const at::Tensor& t) {  // a CPU vector of any floating dtype and stride, as A
@@ -366,12 +365,9 @@ template <typename A>
 BN<A> bn_params(const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& var,
                 double eps) {
   BN<A> p{load<A>(gamma), load<A>(beta), load<A>(mean), load<A>(var)};
-  for (size_t i = 0; i < p.scale.size(); ++i) {
-    const A inv = A(1) / std::sqrt(p.invstd[i] + static_cast<A>(eps));
-    p.invstd[i] = inv;
-    p.scale[i] *= inv;
-    p.shift[i] -= p.mean[i] * p.scale[i];
-  }
+  for (size_t i = 0; i < p.scale.size(); ++i)
+    bnmath::scale_shift(p.scale[i], p.shift[i], p.mean[i], p.invstd[i], static_cast<A>(eps), p.scale[i], p.shift[i],
+                        p.invstd[i]);
   return p;
 }
 
@@ -415,8 +411,11 @@ inline void with_width(int64_t n, F&& f) {
 
 // ---------------------------------------------------------------------------------------------- statistics
 
-// Per tile and channel: (mean, M2) of the tile's rows, two-pass (exact); merged over tiles with Chan et al.'s
-// formula in tile order.
+// Per tile and channel: (mean, M2) of the tile's rows, two-pass on values shifted by the tile's first row
+// (bnmath::stat_shift): sums of x - k stay of the size of the spread, not of the mean, so a channel of mean 1e4
+// and spread 1 keeps float's precision in its spread (a plain float sum of the values loses the spread's
+// low digits to the mean's: issue 25.6). The tile's mean is k + mean(x - k), kept in double; tiles are merged with
+// Chan et al.'s formula in tile order (bnmath::Moments).
 struct TileMoments {
   int64_t C = 0, rows = 0, P = 0;
   std::vector<double> mean, m2;
@@ -431,20 +430,24 @@ struct TileMoments {
   template <typename A, int64_t K>  // K: C at compile time, or 0
   void add_k(int64_t tile, const A* z, int64_t n, int64_t ld) {
     const int64_t c = K > 0 ? K : C;
-    thread_local std::vector<A> sv, s2v;
+    thread_local std::vector<A> kv, sv, s2v;
+    kv.resize(static_cast<size_t>(c));
     sv.assign(static_cast<size_t>(c), A(0));
     s2v.assign(static_cast<size_t>(c), A(0));
+    A* __restrict__ k = kv.data();
     A* __restrict__ s = sv.data();
     A* __restrict__ s2 = s2v.data();
+    for (int64_t ch = 0; ch < c; ++ch) k[ch] = bnmath::stat_shift(z[ch]);
     for (int64_t r = 0; r < n; ++r)
-      for (int64_t ch = 0; ch < c; ++ch) s[ch] += z[r * ld + ch];
+      for (int64_t ch = 0; ch < c; ++ch) s[ch] += z[r * ld + ch] - k[ch];
     for (int64_t ch = 0; ch < c; ++ch) s[ch] /= static_cast<A>(n);
     for (int64_t r = 0; r < n; ++r)
       for (int64_t ch = 0; ch < c; ++ch) {
-        const A d = z[r * ld + ch] - s[ch];
+        const A d = (z[r * ld + ch] - k[ch]) - s[ch];
         s2[ch] += d * d;
       }
-    for (int64_t ch = 0; ch < c; ++ch) mean[tile * C + ch] = s[ch], m2[tile * C + ch] = s2[ch];
+    for (int64_t ch = 0; ch < c; ++ch)
+      mean[tile * C + ch] = static_cast<double>(k[ch]) + static_cast<double>(s[ch]), m2[tile * C + ch] = s2[ch];
   }
 
   template <typename A>
@@ -452,16 +455,11 @@ struct TileMoments {
     std::vector<double> mu(static_cast<size_t>(C)), var(static_cast<size_t>(C));
     const int64_t ntiles = rows > 0 ? (P + rows - 1) / rows : 0;
     for (int64_t ch = 0; ch < C; ++ch) {
-      double n = 0, mm = 0, mq = 0;
-      for (int64_t t = 0; t < ntiles; ++t) {
-        const double nb = static_cast<double>(std::min(P, (t + 1) * rows) - t * rows);
-        const double tot = n + nb, delta = mean[t * C + ch] - mm;
-        mm += delta * nb / tot;
-        mq += m2[t * C + ch] + delta * delta * n * nb / tot;
-        n = tot;
-      }
-      mu[ch] = P > 0 ? mm : std::numeric_limits<double>::quiet_NaN();  // torch.var_mean of nothing: NaN
-      var[ch] = P > 0 ? mq / n : std::numeric_limits<double>::quiet_NaN();
+      bnmath::Moments acc;
+      for (int64_t t = 0; t < ntiles; ++t)
+        acc.merge(static_cast<double>(std::min(P, (t + 1) * rows) - t * rows), mean[t * C + ch], m2[t * C + ch]);
+      mu[ch] = acc.mean_or_nan();  // torch.var_mean of nothing: NaN
+      var[ch] = acc.var();
     }
     write_vec<A>(mu, out_mean);
     write_vec<A>(var, out_var);
@@ -489,14 +487,14 @@ struct Sums {
   void add(int64_t group, const A* sg, const A* sgx) {
     for (int64_t ch = 0; ch < C; ++ch) g[group * C + ch] += sg[ch], gx[group * C + ch] += sgx[ch];
   }
-  // (dgamma, dbeta): dbeta = sum(g), dgamma = sum(g * xhat) = invstd * sum(g * (x - mean))
+  // (dgamma, dbeta) over `count` pixels: dbeta = sum(g), dgamma = sum(g * xhat) = invstd * sum(g * (x - mean))
   template <typename A>
-  std::pair<std::vector<double>, std::vector<double>> finish(const std::vector<A>& invstd) const {
+  std::pair<std::vector<double>, std::vector<double>> finish(const std::vector<A>& invstd, int64_t count) const {
     const int64_t groups = static_cast<int64_t>(g.size()) / std::max<int64_t>(C, 1);
     std::vector<double> dg(static_cast<size_t>(C), 0.0), db(static_cast<size_t>(C), 0.0);
     for (int64_t k = 0; k < groups; ++k)
       for (int64_t ch = 0; ch < C; ++ch) db[ch] += g[k * C + ch], dg[ch] += gx[k * C + ch];
-    for (int64_t ch = 0; ch < C; ++ch) dg[ch] *= static_cast<double>(invstd[ch]);
+    for (int64_t ch = 0; ch < C; ++ch) dg[ch] = bnmath::dgamma(dg[ch], static_cast<double>(invstd[ch]), count);
     return {dg, db};
   }
 };
@@ -511,8 +509,7 @@ inline void relu_grad_row(const A* __restrict__ xr, const A* __restrict__ gr, A*
                           const A* __restrict__ s, const A* __restrict__ t, const A* __restrict__ mu,
                           A* __restrict__ sg, A* __restrict__ sgx) {
   for (int64_t ch = 0; ch < c; ++ch) {
-    const A xa = xr[ch], ga = gr[ch];  // both loaded before the select: no branch
-    const A gv = xa * s[ch] + t[ch] <= A(0) ? A(0) : ga;
+    const A xa = xr[ch], gv = bnmath::relu_grad(xa, gr[ch], s[ch], t[ch]);
     sg[ch] += gv;
     sgx[ch] += gv * (xa - mu[ch]);
     if constexpr (OUT) out[ch] = s[ch] * gv;
@@ -540,8 +537,7 @@ void relu_grad_planes(const A* xt, const A* gt, A* out, int64_t n, int64_t c, in
     A a = 0, b = 0;
 #pragma omp simd reduction(+ : a, b)
     for (int64_t j = 0; j < n; ++j) {
-      const A xa = xr[j], ga = gr[j];
-      const A gv = xa * s + t <= A(0) ? A(0) : ga;
+      const A xa = xr[j], gv = bnmath::relu_grad(xa, gr[j], s, t);
       a += gv;
       b += gv * (xa - mu);
       o[j] = s * gv;
@@ -552,16 +548,20 @@ void relu_grad_planes(const A* xt, const A* gt, A* out, int64_t n, int64_t c, in
 }
 
 // The batch-statistics part of the BN backward, -scale * (dbeta/P + xhat * dgamma/P), is affine in x per
-// channel: alpha + beta * (x - mean) with alpha = -scale * dbeta / P, beta = -scale * invstd * dgamma / P.
+// channel: alpha + beta * (x - mean) (bnmath::correction), from the sums over P pixels: this process's, or with
+// sync (--sync-bn) every process's sums over their pixels.
 template <typename A>
 std::pair<std::vector<A>, std::vector<A>> correction(const std::vector<double>& dg, const std::vector<double>& db,
-                                                     const BN<A>& bn, int64_t P) {
-  const double invP = P > 0 ? 1.0 / static_cast<double>(P) : 0.0;
-  std::vector<A> al(db.size()), be(db.size());
-  for (size_t ch = 0; ch < db.size(); ++ch) {
-    al[ch] = -bn.scale[ch] * static_cast<A>(db[ch] * invP);
-    be[ch] = -bn.scale[ch] * static_cast<A>(dg[ch] * invP) * bn.invstd[ch];
+                                                     const BN<A>& bn, int64_t P, const Sync* sync = nullptr) {
+  if (sync != nullptr) {
+    std::vector<double> dg_all = dg, db_all = db;
+    sum_over_processes(*sync, dg_all, db_all);
+    return correction(dg_all, db_all, bn, sync->count);
   }
+  std::vector<A> al(db.size()), be(db.size());
+  for (size_t ch = 0; ch < db.size(); ++ch)
+    bnmath::correction(bn.scale[ch], bn.invstd[ch], static_cast<A>(db[ch]), static_cast<A>(dg[ch]), P, al[ch],
+                       be[ch]);
   return {al, be};
 }
 
@@ -572,10 +572,10 @@ std::pair<std::vector<A>, std::vector<A>> correction(const std::vector<double>& 
 // x and the gradient buffer.
 template <typename T, typename O>
 void apply_correction(const at::Tensor& x, const at::Tensor& gx, const BN<acc_t<T>>& bn, const OptTensor& coef,
-                      const std::vector<double>& dg, const std::vector<double>& db) {
+                      const std::vector<double>& dg, const std::vector<double>& db, const Sync* sync) {
   using A = acc_t<T>;
   const View vx(x), vo(gx);
-  const auto [al, be] = correction(dg, db, bn, vx.pixels());
+  const auto [al, be] = correction(dg, db, bn, vx.pixels(), sync);
   if (coef) {
     A* pc = coef->data_ptr<A>();
     const int64_t s0 = coef->stride(0), s1 = coef->stride(1);
@@ -593,7 +593,8 @@ void apply_correction(const at::Tensor& x, const at::Tensor& gx, const BN<acc_t<
         const T* __restrict__ xp = px + n * vx.sN + ch * vx.sC;
         O* __restrict__ gp = po + n * vo.sN + ch * vo.sC;
         const A a = al[ch], b = be[ch], m = bn.mean[ch];
-        for (int64_t i = 0; i < hw; ++i) gp[i] = static_cast<O>(static_cast<A>(gp[i]) + a + b * (static_cast<A>(xp[i]) - m));
+        for (int64_t i = 0; i < hw; ++i)
+          gp[i] = static_cast<O>(bnmath::corrected(static_cast<A>(gp[i]), static_cast<A>(xp[i]), m, a, b));
       }
     });
     return;
@@ -611,19 +612,11 @@ void apply_correction(const at::Tensor& x, const at::Tensor& gx, const BN<acc_t<
       for (int64_t r = 0; r < p1 - p0; ++r) {
         const A* __restrict__ xr = xt + r * c;
         A* __restrict__ gr = gt + r * c;
-        for (int64_t ch = 0; ch < c; ++ch) gr[ch] += a[ch] + b[ch] * (xr[ch] - mu[ch]);
+        for (int64_t ch = 0; ch < c; ++ch) gr[ch] = bnmath::corrected(gr[ch], xr[ch], mu[ch], a[ch], b[ch]);
       }
       scatter<false>(vo, po, p0, p1, gt, c);
     }
   });
-}
-
-inline void check_coef(const OptTensor& coef, const at::Tensor& x, const char* op) {
-  TORCH_CHECK(!coef || (coef->dim() == 2 && coef->size(0) == 2 && coef->size(1) == x.size(1) &&
-                        coef->scalar_type() == acc_type(x.scalar_type()) && coef->device() == x.device()),
-              "effdense::", op, ": expected grad_coef of shape [2, ", x.size(1), "] with dtype ",
-              acc_type(x.scalar_type()), " on ", x.device(), ", got ",
-              coef ? shape_str(*coef) + " with dtype " + c10::toString(coef->scalar_type()) : std::string());
 }
 
 }  // namespace cpu

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "csrc", "check_compile.py")
 
 if not os.path.exists(SCRIPT):
@@ -41,7 +41,7 @@ def test_cuda_sources_compile_for_sm80_sm90(tmp_path):
 
 
 def test_glue_check_compiles_openmp_pragmas(tmp_path):
-    """The glue syntax check compiles as setup.py does, with -fopenmp: ops.cpp's `#pragma omp simd` is otherwise
+    """The glue syntax check compiles as setup.py does, with -fopenmp: cpu/bn.cpp's `#pragma omp simd` is otherwise
     an unknown pragma under -Werror (a one-loop source stands for it; no torch headers, so this is fast)."""
     src = tmp_path / "omp_simd.cpp"
     src.write_text("float dot(const float* a, const float* b, int n) {\n  float s = 0;\n"

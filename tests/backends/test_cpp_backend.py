@@ -82,7 +82,7 @@ def test_cpp_block_matches_naive_and_torch_float64(label, keep):
 
 
 def test_cpp_block_fused_conv1x1_path(monkeypatch):
-    """EFFDENSE_FUSED_CONV1X1=1 routes conv1 through effdense::bn_relu_conv1x1 (on CPU: BN-ReLU + ATen conv)."""
+    """EFFDENSE_FUSED_CONV1X1=1 routes conv1 through the bn_relu_conv1x1 step (on CPU: BN-ReLU + ATen conv)."""
     kwargs, shape, options = CONFIGS["bc-5x3-channels_last"]
     block, x = make_block(kwargs, options), make_input(shape, options)
     ref = run_steps(block, "torch", x, steps=2)
@@ -218,6 +218,22 @@ def test_cpp_backend_registered_and_reasons():
         assert unavailable_reason("cpp", "cuda", torch.float32) is not None
 
 
+def test_cpp_sync_stats_on_cpu_only(monkeypatch):
+    """--sync-bn: cpp has cross-process statistics on CPU, so "auto" keeps it there (tests/backends/test_sync_stats.py
+    checks them); on CUDA it says it has none (its CUDA steps take no part in collectives)."""
+    from effdense.backends import bn, resolve
+    monkeypatch.setattr(_ext, "has_cuda_kernels", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("EFFDENSE_BACKEND", raising=False)
+    bn.enable_sync_stats()
+    try:
+        assert BACKENDS["cpp"].sync_stats and unavailable_reason("cpp", "cpu", torch.float32) is None
+        assert resolve("auto", "cpu", torch.float32).name == "cpp"
+        assert "(--sync-bn) run on CPU (gloo) only" in unavailable_reason("cpp", "cuda", torch.float32)
+    finally:
+        bn.disable_sync_stats()
+
+
 def test_cpp_cuda_kernels_built_but_no_gpu_is_unavailable(monkeypatch):
     """Issue 12: an extension built with its CUDA kernels on a machine without a GPU must not claim CUDA."""
     monkeypatch.setattr(_ext, "has_cuda_kernels", lambda: True)
@@ -231,7 +247,7 @@ def test_cpp_cuda_kernels_built_but_no_gpu_is_unavailable(monkeypatch):
                          ids=["nchw", "channels_last", "noncontiguous"])
 def test_cpp_block_many_tiles_two_threads_float64(options):
     """Images large enough for the CPU kernels' tiles to span several images and split into one group per
-    thread (2 threads), against naive: the block_cpu.cpp tile paths the small configurations do not reach."""
+    thread (2 threads), against naive: the cpu/ kernels' tile paths the small configurations do not reach."""
     kwargs = dict(num_layers=3, num_input_features=6, bn_size=4, growth_rate=5, drop_rate=0.2)
     block, x = make_block(kwargs, options), make_input((3, 6, 17, 19), options)
     threads = torch.get_num_threads()
@@ -467,3 +483,118 @@ def test_bottleneck_plan_keeps_where_the_peak_does_not_rise():
     assert [b.keep_bottleneck for b in plain.blocks()] == [False] * 3, "no bottleneck, nothing to keep"
     with pytest.raises(ValueError, match="keep_bottleneck must be True, False or 'auto'"):
         effdense.densenet_cifar(depth=40, growth_rate=12, keep_bottleneck="yes")
+
+
+# --------------------------------------------------------------------------- issue 25: silent errors, cpp vs naive
+
+def _one_step(module, backend, x, train=True):
+    """One forward/backward of a copy of ``module`` on ``backend`` with a fixed weighted-sum loss: output, input
+    gradient, parameter gradients and buffers (running statistics)."""
+    m = copy.deepcopy(module)
+    m.set_backend(backend) if hasattr(m, "set_backend") else setattr(m, "backend", backend)
+    m.train(train)
+    xs = x.detach().clone().requires_grad_()
+    y = m(xs)
+    (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+    grads = {n: p.grad for n, p in m.named_parameters()}
+    return y.detach(), xs.grad, grads, dict(m.named_buffers())
+
+
+def _nonfinite_masks(t):
+    return torch.isnan(t), torch.isinf(t)
+
+
+def _assert_same_nonfinite(got, ref, what):
+    for g, r, kind in zip(_nonfinite_masks(got), _nonfinite_masks(ref), ("NaN", "Inf")):
+        assert torch.equal(g, r), f"{what}: {kind} at {int(g.sum())} places, naive at {int(r.sum())} " \
+                                  f"({int((g != r).sum())} differ)"
+
+
+def _assert_same_step(got, ref, rtol=RTOL64):
+    """Equal non-finite masks everywhere and the finite values within rtol (relative to naive's finite values)."""
+    for what, a, b in (("output", got[0], ref[0]), ("input gradient", got[1], ref[1]),
+                       *((f"gradient of {n}", got[2][n], ref[2][n]) for n in ref[2]),
+                       *((f"buffer {n}", got[3][n], ref[3][n]) for n in ref[3])):
+        assert (a is None) == (b is None), what
+        if b is None:
+            continue
+        if b.dtype == torch.int64:
+            assert torch.equal(a, b), what
+            continue
+        _assert_same_nonfinite(a, b, what)
+        fin = torch.isfinite(b)
+        assert rel_err(a[fin], b[fin]) <= rtol, f"{what}: finite values rel err {rel_err(a[fin], b[fin]):.3g}"
+
+
+@pytest.mark.parametrize("bottleneck", [True, False], ids=["bc", "plain"])
+def test_cpp_empty_training_batch_gives_naive_zero_gradients(bottleneck):
+    """Issue 25.3: N = 0 in training: zero gradients (not NaN), running statistics unchanged, counted once; the
+    whole model (blocks and transitions), as naive."""
+    torch.manual_seed(0)
+    model = effdense.densenet_cifar(depth=10 if bottleneck else 7, growth_rate=4, bottleneck=bottleneck,
+                                    num_classes=5).double()
+    x = torch.zeros(0, 3, 32, 32, dtype=torch.float64)
+    got, ref = _one_step(model, "cpp", x), _one_step(model, "naive", x)
+    _assert_same_step(got, ref)
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in got[2].values())
+    for name, b in model.named_buffers():
+        assert torch.equal(got[3][name], b + 1 if name.endswith("num_batches_tracked") else b), name
+
+
+@pytest.mark.parametrize("bottleneck", [True, False], ids=["bc", "plain"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_cpp_constant_batch_matches_naive(train, bottleneck):
+    """Issue 25.3: every pixel of the batch one value (zero variance) in float64, as naive."""
+    torch.manual_seed(0)
+    model = effdense.densenet_cifar(depth=10 if bottleneck else 7, growth_rate=4, bottleneck=bottleneck,
+                                    num_classes=5).double()
+    x = torch.full((2, 3, 8, 8), 0.7, dtype=torch.float64)
+    _assert_same_step(_one_step(model, "cpp", x, train), _one_step(model, "naive", x, train), rtol=1e-8)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("kind", ["bc", "plain", "model"])
+def test_cpp_propagates_nan_and_inf_as_naive(kind, train, value):
+    """Issue 25.5: a NaN or Inf in the input reaches exactly the outputs, input and parameter gradients and
+    running statistics it reaches in naive (float64; their masks compared), in training and eval. ``model``: a
+    whole DenseNet-BC (the transitions' kernels too)."""
+    torch.manual_seed(0)
+    if kind == "model":
+        module = effdense.densenet_cifar(depth=10, growth_rate=4, num_classes=5).double()
+        x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    else:
+        module = make_block(dict(num_layers=3, num_input_features=8, bn_size=2, growth_rate=4,
+                                 bottleneck=kind == "bc"), {})
+        x = torch.randn(4, 8, 8, 8, dtype=torch.float64)
+    x[0, 2, 3, 3] = value
+    _assert_same_step(_one_step(module, "cpp", x, train), _one_step(module, "naive", x, train))
+
+
+@pytest.mark.parametrize("mean,std", [(100.0, 0.01), (1e4, 1.0)], ids=["100+-0.01", "1e4+-1"])
+@pytest.mark.parametrize("layout", [{}, {"channels_last": True}], ids=["nchw", "channels_last"])
+def test_cpp_batch_statistics_of_large_means_are_as_accurate_as_naive(layout, mean, std):
+    """Issue 25.6: a float32 block on channels of mean/std 1e4 against naive in float64. The batch statistics every BN
+    normalized with (its running statistics after one step of momentum 1), relative to the spread: cpp's worst error
+    at most twice naive float32's (unshifted float sums of the values made it 9 to 15 times, x0's mean 6e-3 of its
+    spread); against naive float64 on the centred input (the same function: BN removes the mean), the output's new
+    channels at most twice, the input and parameter gradients at most three times naive's errors (6 to 10 times
+    with the unshifted statistics; both formulations' gradients here are ill-conditioned, hence the margin)."""
+    torch.manual_seed(0)
+    block = make_block(dict(num_layers=3, num_input_features=8, bn_size=2, growth_rate=4), {})
+    for m in block.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = 1.0
+    x = make_input((8, 8, 16, 16), layout, dtype=torch.float32) * std + mean
+    ref = _one_step(block, "naive", x.double())
+    centred = _one_step(block, "naive", (x.double() - mean))
+    errors = {}
+    for backend in ("naive", "cpp"):
+        y, gx, grads, buffers = _one_step(block.float(), backend, x)
+        stats = max((buffers[n].double() - ref[3][n]).abs().max().item() / (std if "layer1.norm1" in n else 1.0)
+                    for n in ref[3] if "running" in n)
+        errors[backend] = [stats, rel_err(y[:, 8:], centred[0][:, 8:]), rel_err(gx, centred[1]),
+                           max(rel_err(grads[n], centred[2][n]) for n in centred[2])]
+    for what, got, base, factor in zip(("statistics", "output", "input gradient", "parameter gradients"),
+                                       errors["cpp"], errors["naive"], (2, 2, 3, 3)):
+        assert got <= factor * base + 1e-6, f"{what}: cpp {got:.3g}, naive float32 {base:.3g}"

@@ -1,7 +1,8 @@
-// CUDA implementations of the effdense ops: torch glue around the raw-pointer launchers of cuda/*.cu.
-// Compiled only when the extension is built with CUDA (setup.py defines WITH_CUDA and adds this file).
+// The CUDA per-channel BN steps (cuda/ops.h: channel statistics, BN-ReLU forward and backward, the fused
+// BN-ReLU-Conv1x1): torch glue around the raw-pointer launchers of bn_kernels.cu and conv1x1.cu. Compiled only
+// when the extension is built with CUDA (setup.py defines WITH_CUDA and adds this file).
 //
-// The glue checks arguments (shared checks of ops.cpp), sets the device, describes each tensor as
+// Arguments were checked by steps.cpp. The glue sets the device, describes each tensor as
 // channels-last [P, C] with a leading dimension or as planar NCHW planes (copying to a dense layout only
 // when neither fits), allocates the reduction workspace through PyTorch's caching allocator and launches
 // on the current stream; every launcher's error becomes a TORCH_CHECK failure naming the op.
@@ -10,28 +11,27 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include <limits>
 #include <optional>
 
-#include "common.h"
-#include "cuda/kernels.h"
+#include "../sync.h"
+#include "kernels.h"
+#include "ops.h"
 
 namespace effdense {
+namespace cuda {
 namespace {
 
-namespace ec = effdense::cuda;
-
-ec::DType dtype_of(at::ScalarType t) {
+DType dtype_of(at::ScalarType t) {
   switch (t) {
-    case at::kFloat: return ec::DType::F32;
-    case at::kDouble: return ec::DType::F64;
-    case at::kHalf: return ec::DType::F16;
-    case at::kBFloat16: return ec::DType::BF16;
+    case at::kFloat: return DType::F32;
+    case at::kDouble: return DType::F64;
+    case at::kHalf: return DType::F16;
+    case at::kBFloat16: return DType::BF16;
     default: TORCH_CHECK(false, "effdense: no CUDA kernels for dtype ", t);
   }
-  return ec::DType::F32;
+  return DType::F32;
 }
 
 void check_cuda(cudaError_t e, const char* op) {
@@ -42,10 +42,10 @@ void check_cuda(cudaError_t e, const char* op) {
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 // Describes t [N, C, H, W] in the kernels' channels-last (cl) or planar layout, if its strides fit.
-std::optional<ec::Feat> describe(const at::Tensor& t, bool cl) {
+std::optional<Feat> describe(const at::Tensor& t, bool cl) {
   const int64_t N = t.size(0), C = t.size(1), H = t.size(2), W = t.size(3);
   const auto s = t.strides();
-  ec::Feat f{t.data_ptr(), N, C, H * W, cl, 0, 0, 0};
+  Feat f{t.data_ptr(), N, C, H * W, cl, 0, 0, 0};
   if (cl) {
     const int64_t ld = W > 1 ? s[3] : H > 1 ? s[2] : N > 1 ? s[0] : C;
     const bool ok = (C == 1 || s[1] == 1) && (W == 1 || s[3] == ld) && (H == 1 || s[2] == W * ld) &&
@@ -60,7 +60,7 @@ std::optional<ec::Feat> describe(const at::Tensor& t, bool cl) {
   return f;
 }
 
-ec::Out out_of(const ec::Feat& f) { return ec::Out{const_cast<void*>(f.data), f.ld, f.sN, f.sC}; }
+Out out_of(const Feat& f) { return Out{const_cast<void*>(f.data), f.ld, f.sN, f.sC}; }
 
 // x in a layout the kernels read (a dense copy when its strides fit neither), and that layout kind.
 at::Tensor readable(const at::Tensor& x, bool& cl) {
@@ -79,13 +79,14 @@ at::Tensor as_kind(const at::Tensor& t, bool cl) {
   return t.contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
 }
 
-at::Tensor workspace(const ec::Feat& f, const at::Tensor& like) {
-  const size_t bytes = ec::reduce_workspace_bytes(f, dtype_of(like.scalar_type()));
+at::Tensor workspace(const Feat& f, const at::Tensor& like) {
+  const size_t bytes = reduce_workspace_bytes(f, dtype_of(like.scalar_type()));
   return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
 }
 
-std::tuple<at::Tensor, at::Tensor> channel_stats_cuda(const at::Tensor& x_) {
-  check_feature(x_, "channel_stats");
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> channel_stats(const at::Tensor& x_) {
   const c10::cuda::CUDAGuard guard(x_.device());
   const auto opts = x_.options().dtype(acc_type(x_.scalar_type()));
   at::Tensor mean = at::empty({x_.size(1)}, opts), var = at::empty({x_.size(1)}, opts);
@@ -97,19 +98,14 @@ std::tuple<at::Tensor, at::Tensor> channel_stats_cuda(const at::Tensor& x_) {
   }
   bool cl;
   const at::Tensor x = readable(x_, cl);
-  const ec::Feat f = *describe(x, cl);
+  const Feat f = *describe(x, cl);
   at::Tensor ws = workspace(f, x);
-  check_cuda(ec::channel_stats(f, dtype_of(x.scalar_type()), mean.data_ptr(), var.data_ptr(), ws.data_ptr(), stream()),
+  check_cuda(channel_stats(f, dtype_of(x.scalar_type()), mean.data_ptr(), var.data_ptr(), ws.data_ptr(), stream()),
              "channel_stats");
   return {mean, var};
 }
 
-void bn_relu_into_cuda(const at::Tensor& x_, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& out) {
-  check_bn_args(x_, scale, shift, "bn_relu_into");
-  check_same_shape(out, x_, "bn_relu_into", "out");
-  TORCH_CHECK(out.scalar_type() == x_.scalar_type() || out.scalar_type() == acc_type(x_.scalar_type()),
-              "effdense::bn_relu_into: expected out with dtype ", x_.scalar_type(), " (that of x) or ",
-              acc_type(x_.scalar_type()), ", got ", out.scalar_type());
+void bn_relu_into(const at::Tensor& x_, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(x_.device());
   if (x_.numel() == 0) return;
   bool cl;
@@ -119,18 +115,19 @@ void bn_relu_into_cuda(const at::Tensor& x_, const at::Tensor& scale, const at::
   const bool direct = out.scalar_type() == x.scalar_type() && describe(out, cl).has_value();
   at::Tensor dst = direct ? out : at::empty(x.sizes(), x.options(), cl ? at::MemoryFormat::ChannelsLast
                                                                         : at::MemoryFormat::Contiguous);
-  check_cuda(ec::bn_relu(*describe(x, cl), dtype_of(x.scalar_type()), sc.data_ptr(), sh.data_ptr(),
+  check_cuda(bn_relu(*describe(x, cl), dtype_of(x.scalar_type()), sc.data_ptr(), sh.data_ptr(),
                          out_of(*describe(dst, cl)), stream()),
              "bn_relu");
   if (!direct) const_cast<at::Tensor&>(out).copy_(dst);
 }
 
-std::tuple<at::Tensor, at::Tensor> bn_relu_backward_into_cuda(
-    const at::Tensor& x_, const at::Tensor& gy_, const at::Tensor& scale, const at::Tensor& shift,
-    const at::Tensor& mean, const at::Tensor& invstd, bool batch_stats, const at::Tensor& gx, bool accumulate) {
+std::tuple<at::Tensor, at::Tensor> bn_relu_backward_into(const at::Tensor& x_, const at::Tensor& gy_,
+                                                         const at::Tensor& scale, const at::Tensor& shift,
+                                                         const at::Tensor& mean, const at::Tensor& invstd,
+                                                         bool batch_stats, const at::Tensor& gx, bool accumulate,
+                                                         const Sync* sync) {
   const char* op = "bn_relu_backward_into";
-  check_bwd_args(x_, gy_, scale, shift, mean, invstd, op);
-  check_grad_x(x_, gx, op);
+  (void)sync;  // CPU only (make_sync refuses CUDA tensors)
   const c10::cuda::CUDAGuard guard(x_.device());
   at::Tensor dgamma = at::zeros({x_.size(1)}, scale.options()), dbeta = at::zeros({x_.size(1)}, scale.options());
   if (x_.numel() == 0) return {dgamma, dbeta};
@@ -141,41 +138,35 @@ std::tuple<at::Tensor, at::Tensor> bn_relu_backward_into_cuda(
   const bool direct = describe(gx, cl).has_value();
   const auto mf = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor dst = direct ? gx : (accumulate ? gx.contiguous(mf) : at::empty(gx.sizes(), gx.options(), mf));
-  const ec::Feat f = *describe(x, cl);
+  const Feat f = *describe(x, cl);
   at::Tensor ws = workspace(f, x);
-  check_cuda(ec::bn_relu_backward(f, *describe(gy, cl), dtype_of(x.scalar_type()), sc.data_ptr(), sh.data_ptr(),
-                                  mu.data_ptr(), is.data_ptr(), batch_stats, out_of(*describe(dst, cl)),
-                                  dst.scalar_type() != x.scalar_type(), accumulate, dgamma.data_ptr(),
-                                  dbeta.data_ptr(), ws.data_ptr(), stream()),
+  check_cuda(bn_relu_backward(f, *describe(gy, cl), dtype_of(x.scalar_type()), sc.data_ptr(), sh.data_ptr(),
+                              mu.data_ptr(), is.data_ptr(), batch_stats, out_of(*describe(dst, cl)),
+                              dst.scalar_type() != x.scalar_type(), accumulate, dgamma.data_ptr(), dbeta.data_ptr(),
+                              ws.data_ptr(), stream()),
              op);
   if (!direct) const_cast<at::Tensor&>(gx).copy_(dst);
   return {dgamma, dbeta};
 }
 
-at::Tensor bn_relu_conv1x1_cuda(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
-                                const at::Tensor& w) {
-  check_conv1x1_args(x, scale, shift, w);
+// The fused tensor-core kernel where it applies (channels-last half/bfloat16 x); else an undefined tensor
+// (steps.cpp then composes BN-ReLU and ATen's convolution).
+at::Tensor bn_relu_conv1x1(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                           const at::Tensor& w) {
   const c10::cuda::CUDAGuard guard(x.device());
   const bool cl = out_format(x) == at::MemoryFormat::ChannelsLast;
   const auto f = cl ? describe(x, true) : std::nullopt;
-  if (!f || !ec::bn_relu_conv1x1_supported(*f, dtype_of(x.scalar_type())) || w.size(0) > 65535LL * 64)
-    return bn_relu_conv1x1_composite(x, scale, shift, w);
+  if (!f || !bn_relu_conv1x1_supported(*f, dtype_of(x.scalar_type())) || w.size(0) > 65535LL * 64)
+    return at::Tensor();
   const at::Tensor wc = w.contiguous(), sc = scale.contiguous(), sh = shift.contiguous();
   at::Tensor z = at::empty({x.size(0), w.size(0), x.size(2), x.size(3)}, x.options(), at::MemoryFormat::ChannelsLast);
-  check_cuda(ec::bn_relu_conv1x1(*f, dtype_of(x.scalar_type()), sc.data_ptr<float>(), sh.data_ptr<float>(),
-                                 wc.data_ptr(), w.size(0), z.data_ptr(), stream()),
+  check_cuda(bn_relu_conv1x1(*f, dtype_of(x.scalar_type()), sc.data_ptr<float>(), sh.data_ptr<float>(),
+                             wc.data_ptr(), w.size(0), z.data_ptr(), stream()),
              "bn_relu_conv1x1");
   return z;
 }
 
-}  // namespace
+}  // namespace cuda
 }  // namespace effdense
-
-TORCH_LIBRARY_IMPL(effdense, CUDA, m) {
-  m.impl("channel_stats", &effdense::channel_stats_cuda);
-  m.impl("bn_relu_into", &effdense::bn_relu_into_cuda);
-  m.impl("bn_relu_backward_into", &effdense::bn_relu_backward_into_cuda);
-  m.impl("bn_relu_conv1x1", &effdense::bn_relu_conv1x1_cuda);
-}
 
 #endif  // WITH_CUDA

@@ -1,4 +1,4 @@
-// Register-blocked AVX2/FMA and AVX-512 GEMMs for the CPU tiles (cpu_tiles.h's gemm() calls them where they apply):
+// Register-blocked AVX2/FMA and AVX-512 GEMMs for the CPU tiles (tiles.h's gemm() calls them where they apply):
 //   C[m, n] (=|+=) sum_k A(i, k) B[k, j],   A(i, k) = a[i * sai + k * sak] (row-major A or a transposed one),
 //   B row-major [k, n] (ld ldb), C row-major [m, n] (ld ldc).
 // Why not the BLAS: the tiles' products are small and skinny (a few hundred pixel rows against the bottleneck

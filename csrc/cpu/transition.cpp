@@ -1,45 +1,30 @@
 // The DenseNet transition conv1x1(avgpool2x2(relu(bn(x)))) (effdense.models.Transition, pooling first: the 1x1
 // convolution and the pool are both linear and act on different axes, so they commute and the GEMM does a
-// quarter of the work) as two ops, forward and backward, for the cpp backend.
+// quarter of the work): the CPU kernels of the transition ops (cpu/kernels.h; their arguments checked by
+// steps.cpp; the CUDA version is cuda/transition.cpp).
 //
-// CPU: tiles of output pixels (the tile machinery of cpu_tiles.h). A tile's pooled input, the mean over each
+// Tiles of output pixels (the tile machinery of tiles.h). A tile's pooled input, the mean over each
 // 2x2 window of relu(x * scale + shift), is formed in cache from the window's four input pixels and multiplied
 // with the weight at once; nothing of the size of x is stored (PyTorch's transition keeps BN's and ReLU's outputs,
 // each as large as the block output, for backward). Backward recomputes the pooled tile for the weight gradient,
 // spreads gy @ W over each window (a quarter to each pixel) and runs the BN-ReLU backward on the window's pixels
 // in the same tile; the batch-statistics correction is a second sweep over x and the gradient.
-// CUDA: the same math composed of the per-channel CUDA ops and ATen (avg_pool2d, cuDNN's 1x1 convolution).
 //
 // An odd last row or column (outside every window, as avg_pool2d's floor mode drops it) gets no gradient from
 // the pool; its BN gradient is the batch-statistics correction alone.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <array>
 #include <vector>
 
-#include "common.h"
-#include "cpu_tiles.h"
+#include "kernels.h"
+#include "tiles.h"
 
 namespace effdense {
+namespace cpu {
 namespace {
-
-using namespace cpu;  // NOLINT(build/namespaces)
-
-void check_transition(const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean,
-                      const at::Tensor& var, const at::Tensor& w, const char* op) {
-  check_feature(x, op);
-  check_bn_params(x, gamma, beta, mean, var, op);
-  check_linear_weight(x, w, op);
-  TORCH_CHECK(x.size(2) >= 2 && x.size(3) >= 2, "effdense::", op, ": expected x with H and W of at least 2 (a 2x2 "
-              "average pool), got shape ", shape_str(x));
-}
-
-// x dense in its memory format (a copy only for other strides, e.g. a channel slice): the gradient is allocated
-// in that format.
-at::Tensor dense(const at::Tensor& x) { return x.is_contiguous(out_format(x)) ? x : x.contiguous(out_format(x)); }
 
 // Tiles are runs of R output rows of one image, (n, i0, i0 + R): their windows are the input rows 2*i0 ..
 // 2*(i0 + R), a contiguous range of input pixels, which the gather brings into a dense row-major tile whatever
@@ -83,19 +68,13 @@ void pool_tile(const RowTiles& rt, int64_t rows, int64_t C, const A* __restrict_
   });
 }
 
+// y = conv1x1(avgpool2x2(relu(bn(x))), w) with x dense in its memory format (steps.cpp)
 template <typename T>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> transition_forward_impl(const at::Tensor& x, const at::Tensor& gamma,
-                                                                      const at::Tensor& beta, const OptTensor& rm,
-                                                                      const OptTensor& rv, double eps,
-                                                                      const at::Tensor& w) {
+at::Tensor transition_forward_impl(const at::Tensor& x, const BN<acc_t<T>>& bn, const at::Tensor& w) {
   using A = acc_t<T>;
   const View vx(x);
   const int64_t N = vx.N, C = vx.C, B = w.size(0);
-  const auto aopts = x.options().dtype(acc_type(x.scalar_type()));
-  at::Tensor mean = at::empty({rm ? 0 : C}, aopts), var = at::empty({rm ? 0 : C}, aopts);
   const T* px = x.const_data_ptr<T>();
-  if (!rm) std::tie(mean, var) = channel_stats_cpu(x);  // batch statistics (ops.cpp: plane- or row-wise)
-  const BN<A> bn = rm ? bn_params<A>(gamma, beta, *rm, *rv, eps) : bn_params<A>(gamma, beta, mean, var, eps);
   const std::vector<A> wt = transposed(weight_rows<A>(w), B, C);
   const RowTiles rt(vx, C);
   at::Tensor y = at::empty({N, B, rt.Ho, rt.Wo}, x.options(), out_format(x));
@@ -122,25 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> transition_forward_impl(const at:
       }
     }
   });
-  return {y, mean, var};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> transition_forward_cpu(const at::Tensor& x, const at::Tensor& gamma,
-                                                                     const at::Tensor& beta, const OptTensor& rm,
-                                                                     const OptTensor& rv, double eps,
-                                                                     const at::Tensor& w) {
-  const char* op = "transition_forward";
-  TORCH_CHECK(rm.has_value() == rv.has_value(), "effdense::", op, ": expected running_mean and running_var both "
-              "given (running statistics) or both None (batch statistics)");
-  check_transition(x, gamma, beta, rm ? *rm : gamma, rv ? *rv : gamma, w, op);
-  TORCH_CHECK(rm || x.size(0) * x.size(2) * x.size(3) > 1, "Expected more than 1 value per channel when training, "
-              "got input size ", x.sizes());
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> r;
-  const at::Tensor xd = dense(x);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "effdense_transition_fwd", [&] {
-    r = transition_forward_impl<scalar_t>(xd, gamma, beta, rm, rv, eps, w);
-  });
-  return r;
+  return y;
 }
 
 // Backward: dW += gy^T pooled, gp = gy @ W, each window pixel's relu input gradient gp / 4, then the BN-ReLU
@@ -148,7 +109,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> transition_forward_cpu(const at::
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transition_backward_impl(
     const at::Tensor& gy, const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
-    const at::Tensor& mean, const at::Tensor& var, double eps, bool batch_stats, const at::Tensor& w) {
+    const at::Tensor& mean, const at::Tensor& var, double eps, bool batch_stats, const at::Tensor& w,
+    const Sync* sync) {
   using A = acc_t<T>;
   const View vx(x), vg(gy);
   const int64_t C = vx.C, B = w.size(0);
@@ -204,81 +166,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transition_backward_i
   std::vector<A> dW(static_cast<size_t>(B * C), A(0));
   for (int64_t g = 0; g < groups; ++g)
     for (int64_t i = 0; i < B * C; ++i) dW[i] += dwp[g * B * C + i];
-  auto [dg, db] = sums.finish(bn.invstd);
-  if (batch_stats) apply_correction<T, T>(x, gx, bn, std::nullopt, dg, db);
+  auto [dg, db] = sums.finish(bn.invstd, vx.pixels());
+  if (batch_stats) apply_correction<T, T>(x, gx, bn, std::nullopt, dg, db, sync);
   at::Tensor dw = at::empty_like(w);
   write_weight<T>(dW, dw);
   return {gx, tensor_like(dg, gamma), tensor_like(db, beta), dw};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transition_backward_cpu(
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> transition_forward(const at::Tensor& x, const at::Tensor& gamma,
+                                                                  const at::Tensor& beta, const OptTensor& rm,
+                                                                  const OptTensor& rv, double eps,
+                                                                  const at::Tensor& w, const Sync* sync,
+                                                                  int64_t& count) {
+  const auto aopts = x.options().dtype(acc_type(x.scalar_type()));
+  at::Tensor mean = at::empty({0}, aopts), var = at::empty({0}, aopts);
+  if (!rm) {  // the batch's statistics (bn.cpp: plane- or row-wise), over every process with sync
+    std::tie(mean, var) = channel_stats(x);
+    if (sync != nullptr) count = merge_stats(*sync, mean, var, count);
+  }
+  at::Tensor y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "effdense_transition_fwd", [&] {
+    using A = acc_t<scalar_t>;
+    y = transition_forward_impl<scalar_t>(
+        x, rm ? bn_params<A>(gamma, beta, *rm, *rv, eps) : bn_params<A>(gamma, beta, mean, var, eps), w);
+  });
+  return {y, mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transition_backward(
     const at::Tensor& gy, const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
-    const at::Tensor& mean, const at::Tensor& var, double eps, bool batch_stats, const at::Tensor& w) {
-  const char* op = "transition_backward";
-  check_transition(x, gamma, beta, mean, var, w, op);
-  check_out(gy, {x.size(0), w.size(0), x.size(2) / 2, x.size(3) / 2}, x, false, op, "grad_y");
+    const at::Tensor& mean, const at::Tensor& var, double eps, bool batch_stats, const at::Tensor& w,
+    const Sync* sync) {
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> r;
-  const at::Tensor xd = dense(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "effdense_transition_bwd", [&] {
-    r = transition_backward_impl<scalar_t>(gy, xd, gamma, beta, mean, var, eps, batch_stats, w);
+    r = transition_backward_impl<scalar_t>(gy, x, gamma, beta, mean, var, eps, batch_stats, w, sync);
   });
   return r;
 }
 
-#ifdef WITH_CUDA
-// ------------------------------------------------------------------------------ CUDA: composed of other ops
-
-at::Tensor conv1x1(const at::Tensor& x, const at::Tensor& w) {
-  return at::convolution(x, w, std::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0}, 1);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> transition_forward_composite(
-    const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta, const OptTensor& rm, const OptTensor& rv,
-    double eps, const at::Tensor& w) {
-  const char* op = "transition_forward";
-  TORCH_CHECK(rm.has_value() == rv.has_value(), "effdense::", op, ": expected running_mean and running_var both "
-              "given (running statistics) or both None (batch statistics)");
-  check_transition(x, gamma, beta, rm ? *rm : gamma, rv ? *rv : gamma, w, op);
-  const auto acc = acc_type(x.scalar_type());
-  at::Tensor mean = at::empty({0}, x.options().dtype(acc)), var = at::empty({0}, x.options().dtype(acc));
-  if (!rm) std::tie(mean, var) = call_channel_stats(x);
-  auto [scale, shift, invstd] = call_bn_scale_shift(gamma, beta, rm ? *rm : mean, rv ? *rv : var, eps, acc);
-  at::Tensor u = at::empty(x.sizes(), x.options(), out_format(x));
-  call_bn_relu_into(x, scale, shift, u);
-  at::Tensor y = conv1x1(at::avg_pool2d(u, {2, 2}, {2, 2}), w);
-  return {y.is_contiguous(out_format(x)) ? y : y.contiguous(out_format(x)), mean, var};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> transition_backward_composite(
-    const at::Tensor& gy, const at::Tensor& x, const at::Tensor& gamma, const at::Tensor& beta,
-    const at::Tensor& mean, const at::Tensor& var, double eps, bool batch_stats, const at::Tensor& w) {
-  const char* op = "transition_backward";
-  check_transition(x, gamma, beta, mean, var, w, op);
-  const auto acc = acc_type(x.scalar_type());
-  auto [scale, shift, invstd] = call_bn_scale_shift(gamma, beta, mean, var, eps, acc);
-  at::Tensor u = at::empty(x.sizes(), x.options(), out_format(x));
-  call_bn_relu_into(x, scale, shift, u);
-  at::Tensor pooled = at::avg_pool2d(u, {2, 2}, {2, 2});
-  auto [gp, gw, gb] = at::convolution_backward(gy, pooled, w, std::nullopt, {1, 1}, {0, 0}, {1, 1}, false, {0, 0},
-                                               1, {true, true, false});
-  at::Tensor gu = at::avg_pool2d_backward(gp, u, {2, 2}, {2, 2}, {0, 0}, false, true, std::nullopt);
-  auto [gx, dg, db] = call_bn_relu_backward(x, gu, scale, shift, mean.to(acc), invstd, batch_stats);
-  if (gw.strides() != w.strides()) gw = at::empty_like(w).copy_(gw);
-  return {gx, dg.to(gamma.scalar_type()), db.to(beta.scalar_type()), gw};
-}
-#endif
-
-}  // namespace
+}  // namespace cpu
 }  // namespace effdense
-
-TORCH_LIBRARY_IMPL(effdense, CPU, m) {
-  m.impl("transition_forward", &effdense::transition_forward_cpu);
-  m.impl("transition_backward", &effdense::transition_backward_cpu);
-}
-
-#ifdef WITH_CUDA
-TORCH_LIBRARY_IMPL(effdense, CUDA, m) {
-  m.impl("transition_forward", &effdense::transition_forward_composite);
-  m.impl("transition_backward", &effdense::transition_backward_composite);
-}
-#endif

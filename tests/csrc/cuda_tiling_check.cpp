@@ -1,5 +1,5 @@
 // Host-side check of the index math of the fused BN-ReLU-Conv1x1 CUDA kernel (csrc/cuda/conv1x1.cu), run by
-// tests/test_cuda_tiling.py: no GPU here, so the kernel's staging loops are replayed on the CPU with the same
+// tests/csrc/test_cuda_tiling.py: no GPU here, so the kernel's staging loops are replayed on the CPU with the same
 // tiling functions (csrc/cuda/conv1x1_tiling.h), thread by thread and k-step by k-step, through both stage
 // buffers, and the result is compared with the plain product z = relu(x * scale + shift) @ w^T.
 //
