@@ -227,8 +227,9 @@ def densenet_cifar(depth: int = 100, growth_rate: int = 12, bottleneck: bool = T
     """A CIFAR DenseNet (three blocks on 32x32 inputs): DenseNet-BC by default.
 
     ``compression`` defaults to 0.5 with bottlenecks (BC) and 1.0 without (plain); the stem has ``2k``
-    channels with bottlenecks and 16 without, as in the paper. ``weights``: a file, see :func:`effdense.weights.load_weights`
-    (gpleiss/efficient_densenet_pytorch's default DenseNet-BC-100 k=12 is ``depth=100, growth_rate=12``).
+    channels with bottlenecks and 16 without, as in the paper. ``weights``: a file, see
+    :func:`effdense.weights.load_weights` (gpleiss/efficient_densenet_pytorch's default DenseNet-BC-100 k=12 is
+    ``depth=100, growth_rate=12``).
     """
     if compression is None:
         compression = 0.5 if bottleneck else 1.0

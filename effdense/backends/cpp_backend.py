@@ -300,7 +300,7 @@ def unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
-BACKEND = Backend(NAME, "shared feature buffer, shared statistics, recomputation; whole block in C++ "
-                  "(effdense._C: tiled BN-ReLU-GEMM and 3x3 CPU kernels, CUDA BN kernels, cuDNN 3x3 convolutions)", True,
+BACKEND = Backend(NAME, "shared feature buffer, shared statistics, recomputation; whole block in C++ (effdense._C: "
+                  "tiled BN-ReLU-GEMM and 3x3 CPU kernels, CUDA BN kernels, cuDNN 3x3 convolutions)", True,
                   block_forward, unavailable, sync_stats=True, transition=transition_forward,
                   options=("keep_bottleneck",))

@@ -73,7 +73,8 @@ def spec_difference(saved: dict | None, spec: dict) -> str:
 
 
 def restore(run, path: str, ckpt: dict) -> None:
-    """Continue ``run`` (a :class:`~effdense.train.run.Run`) from ``ckpt``: weights, optimizer, schedule, counters and random states."""
+    """Continue ``run`` (a :class:`~effdense.train.run.Run`) from ``ckpt``: weights, optimizer, schedule, counters
+    and random states."""
     if ckpt.get("model_spec") != run.spec:  # e.g. the dataset's classes changed under the same flags
         raise SystemExit(f"effdense-train: --resume: {path} holds another model "
                          f"({spec_difference(ckpt.get('model_spec'), run.spec)}); resume with the flags of the "
@@ -94,8 +95,8 @@ def restore(run, path: str, ckpt: dict) -> None:
         apply_changes(run, accepted)
 
 def apply_changes(run, accepted: list[str]) -> None:
-    """Apply to ``run`` the new values ``--allow-change`` accepted: optimizer hyperparameters from the next step, and the
-    schedule recomputed over the new length and learning rate (stated, since the learning rate may jump)."""
+    """Apply to ``run`` the new values ``--allow-change`` accepted: optimizer hyperparameters from the next step,
+    and the schedule recomputed over the new length and learning rate (stated, since the learning rate may jump)."""
     args, opt, sched = run.args, run.opt, run.sched
     before = opt.param_groups[0]["lr"]
     for group in opt.param_groups:
