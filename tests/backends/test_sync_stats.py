@@ -13,6 +13,7 @@ transition and a whole cpp DenseNet-BC are checked the same way.
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import socket
 
@@ -160,16 +161,19 @@ def test_sync_stats_cpp_transition_equals_one_process(tmp_path, split):
     _assert_equals_one_process(ranks, _transition_step(0, (sum(batches),), "naive", False), batches, 1e-10, local)
 
 
-def _model_step(rank, batches, backend, sync=True):
+def _model_step(rank, batches, backend, sync=True, convert=False):
     """One training step of a float64 DenseNet-BC on this process's images: its dense blocks' and transitions'
-    statistics are the cpp ops' (merged in C++ under --sync-bn). norm5, the one batch norm outside them, runs on its
-    running statistics: the model's other batch norms are the user's to synchronize (nn.SyncBatchNorm, or
-    effdense.train's SyncBatchNorm2d, which keeps float32 statistics)."""
+    statistics are the backend's (for cpp merged in C++ under --sync-bn). Without ``convert`` norm5, the one batch
+    norm outside them, runs on its running statistics; with it, every batch norm module becomes a
+    :class:`~effdense.backends.bn.SyncBatchNorm2d` (what ``effdense-train --sync-bn`` does on CPU) and trains."""
     import effdense
 
     torch.manual_seed(0)
     model = effdense.densenet_cifar(depth=10, growth_rate=4, num_classes=5, backend=backend).double().train()
-    model.features.norm5.eval()
+    if convert and sync:
+        bn.convert_sync_batchnorm(model)
+    elif not convert:
+        model.features.norm5.eval()
     return _synced_step(model, make_input((sum(batches), 3, 8, 8), {}).double(), rank, batches, sync)
 
 
@@ -185,3 +189,20 @@ def test_sync_stats_cpp_model_equals_one_naive_process(tmp_path, split):
     ranks = _spawn(_model_step, tmp_path, batches, "cpp")
     local = _model_step(0, (batches[0],), "naive", False) if batches[0] > 1 else None
     _assert_equals_one_process(ranks, _model_step(0, (sum(batches),), "naive", False), batches, 1e-10, local)
+
+
+@pytest.mark.parametrize("split", list(SPLITS))
+@pytest.mark.parametrize("backend", ["naive", "torch", "cpp"])
+def test_sync_batchnorm_model_equals_one_naive_process(tmp_path, backend, split):
+    """``effdense-train --sync-bn`` on CPU: every batch norm a SyncBatchNorm2d (effdense.backends.bn's formulas:
+    Chan's merge of every process's statistics, the backward's sums all-reduced) and the backend's blocks merging
+    theirs, over 2 gloo processes, equals naive with plain batch norms on the whole batch in one process (float64),
+    norm5 and the transitions included."""
+    why = backends.unavailable_reason(backend, "cpu", torch.float64)
+    if why is not None:
+        pytest.skip(f"backend {backend!r} unavailable on CPU: {why}")
+    batches = SPLITS[split]
+    ranks = _spawn(functools.partial(_model_step, convert=True), tmp_path, batches, backend)
+    local = _model_step(0, (batches[0],), "naive", False) if batches[0] > 1 else None
+    _assert_equals_one_process(ranks, _model_step(0, (sum(batches),), "naive", False, convert=True), batches, 1e-10,
+                               local)
