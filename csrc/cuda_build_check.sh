@@ -16,6 +16,7 @@
 # Usage: csrc/cuda_build_check.sh [--python 3.11] [--torch 2.11.0] [--archs "90"] [--repo DIR] [--rev REV]
 #                                 [--tests "tests/csrc/test_cpp_ops.py tests/backends/test_cpp_backend.py"] [--no-tests]
 #                                 [--prebuild | --no-prebuild] [--out DIR] [--offline] [--download-only] [--keep]
+#                                 [--stack] [--suite "PYTEST ARGS"]
 #   --python 3.12      build for the GPU machine's Python; implies --prebuild
 #   --prebuild         also copy the library and its manifest into the checkout's effdense/ (git-ignored), e.g.
 #                      effdense/_C.cpython-312-x86_64-linux-gnu.so + .manifest.json; effdense._ext loads it on a
@@ -24,6 +25,11 @@
 #   --offline          never download; the cache (~/.cache/effdense-cudabuild) must hold every wheel
 #   --download-only    fill the wheel cache and stop (.ci/run starts this early, in the background)
 #   --tests "tests -k cpp"   every cpp-backend test (slower)
+#   --stack            the GPU machine's whole stack in the venv, not only torch: triton 3.6.0 (torch 2.11's pin),
+#                      torchvision 0.26.0, numpy < 2.4 (triton 3.6's interpreter), timm, onnx, onnxruntime,
+#                      onnxscript, scikit-learn, pillow, matplotlib, pytest-xdist (.ci/run's device-stack suite)
+#   --suite "ARGS"     then run `pytest ARGS` in the copied source tree with the venv's Python, the built library
+#                      beside the package (.ci/run: the test suite on the GPU machine's stack, on CPU)
 # Environment: EFFDENSE_CUDABUILD_CACHE (default ~/.cache/effdense-cudabuild), CUDA_HOME (default /usr/local/cuda),
 # MAX_JOBS (default: the number of cores), EFFDENSE_CPU_ISA (default avx2: the wheel is for the GPU machine, whose
 # CPU this machine cannot see; AVX2 is what x86-64 servers of the H100/H200 era all have).
@@ -33,7 +39,7 @@
 set -uo pipefail
 {  # braces: bash reads the whole script before running it, so editing it during a run is safe
 
-PYVER=3.11 PYVER_GIVEN=0 TORCH=2.11.0 ARCHS=90 REV="" KEEP=0 OFFLINE=0 RUN_TESTS=1 PREBUILD=auto DOWNLOAD_ONLY=0
+SUITE="" STACK=0 PYVER=3.11 PYVER_GIVEN=0 TORCH=2.11.0 ARCHS=90 REV="" KEEP=0 OFFLINE=0 RUN_TESTS=1 PREBUILD=auto DOWNLOAD_ONLY=0
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 TESTS="tests/csrc/test_cpp_ops.py tests/backends/test_cpp_backend.py"
 CACHE="${EFFDENSE_CUDABUILD_CACHE:-$HOME/.cache/effdense-cudabuild}"
@@ -54,6 +60,8 @@ while [ $# -gt 0 ]; do
     --keep) KEEP=1; shift ;;
     --offline) OFFLINE=1; shift ;;
     --download-only) DOWNLOAD_ONLY=1; shift ;;
+    --stack) STACK=1; shift ;;
+    --suite) SUITE=$2; shift 2 ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "unknown argument $1 (see --help)"; exit 1 ;;
   esac
@@ -82,7 +90,7 @@ finish() {  # finish RC: keep the logs, drop the work folder unless --keep, prin
   lap finish
   echo "time:${TIMES%,} (total $(elapsed)s)"
   echo "cuda_build_check: $verdict python=$PYVER torch=$TVER archs=$ARCHS compile=$COMPILE link=$LINK" \
-       "import=$IMPORT so=$SOSIZE tests=\"$TESTRES\" errors=$NERR time=$(elapsed)s"
+       "import=$IMPORT so=$SOSIZE tests=\"$TESTRES\" suite=\"$SUITERES\" errors=$NERR time=$(elapsed)s"
   exit "$rc"
 }
 
@@ -101,6 +109,9 @@ command -v flock >/dev/null 2>&1 && { flock -n 9 || { echo "waiting for another 
 # wheels of the venv: no `wheel` package (pip < 25 would take the legacy setup.py route); setuptools >= 70.1 builds
 # PEP 660 editables without it, torch 2.11 wants < 82; tqdm and numpy: effdense's install_requires
 PKGS=("torch==$TORCH" ninja pytest pytest-timeout numpy tqdm "setuptools>=70.1,<82")
+STACK_PKGS=("triton==3.6.0" "torchvision==0.26.0" "numpy<2.4" timm onnx onnxruntime onnxscript scikit-learn pillow
+            matplotlib pytest-xdist)
+[ "$STACK" = 1 ] && PKGS+=("${STACK_PKGS[@]}")
 download() {
   step "pip download (cache: $WHEELS)"
   # native pip of that Python: no --platform (pip would not widen manylinux_2_28 to the _2_27 nvidia wheels)
@@ -150,8 +161,10 @@ lap toolchain
 
 # ---------------------------------------------------------------- the venv (cached, rebuilt when broken)
 VENV="$CACHE/venv-$PYTAG-torch$TORCH"
+MODS="torch, ninja, pytest, numpy, tqdm, setuptools"
+[ "$STACK" = 1 ] && VENV="$VENV-stack" MODS="$MODS, triton, torchvision, timm, onnx, onnxruntime, onnxscript, sklearn, PIL, xdist"
 VPY="$VENV/bin/python"
-venv_ok() { [ -x "$VPY" ] && "$VPY" -c "import torch, ninja, pytest, numpy, tqdm, setuptools; assert torch.__version__.startswith('$TORCH')" >/dev/null 2>&1; }
+venv_ok() { [ -x "$VPY" ] && "$VPY" -c "import $MODS; assert torch.__version__.startswith('$TORCH')" >/dev/null 2>&1; }
 if venv_ok; then
   step "reusing venv $VENV"
 else
@@ -193,6 +206,7 @@ NCUDA=$("$NVCC" --version | grep -o 'release [0-9.]*' | cut -d' ' -f2)
 
 # ---------------------------------------------------------------- build a wheel
 STAGE=compile
+SUITERES=-
 JOBS=${MAX_JOBS:-$(nproc)}
 ISA="${EFFDENSE_CPU_ISA:-avx2}"
 step "pip wheel --no-build-isolation (CUDA_HOME=$CUDA_HOME EFFDENSE_CUDA_ARCHS=$ARCHS EFFDENSE_CPU_ISA=$ISA MAX_JOBS=$JOBS)"
@@ -393,6 +407,25 @@ if [ "$RUN_TESTS" = 1 ]; then
   [ $TRC -eq 0 ] || { [ -n "$TESTRES" ] || TESTRES="pytest rc=$TRC"; tail -30 "$LOGS/tests.log"; finish 4; }
 else
   TESTRES=skipped
+fi
+
+# ---------------------------------------------------------------- the test suite on this stack, in the source copy
+if [ -n "$SUITE" ]; then
+  STAGE=suite
+  step "the suite on $("$VPY" -c 'import sys, torch, triton, numpy; v = sys.version_info
+print(f"Python {v[0]}.{v[1]}, torch {torch.__version__}, triton {triton.__version__}, numpy {numpy.__version__}")'):" \
+       "pytest $SUITE"
+  cp "$SO" "$MANI" "$SRC/effdense/"       # the package as the GPU run carries it: sources plus the prebuilt library
+  # shellcheck disable=SC2086
+  ( cd "$SRC" && EFFDENSE_REQUIRE_EXT=1 EFFDENSE_COMMIT="$COMMIT" PYTHON="$VPY" nice -n 10 "$VPY" -m pytest -q \
+      -p no:cacheprovider --durations=15 $SUITE ) >"$LOGS/suite.log" 2>&1
+  SRC_RC=$?
+  lap suite
+  SUITERES=$(grep -E '^=*.*[0-9]+ (passed|failed|error)' "$LOGS/suite.log" | tail -1 | sed -E 's/=+//g; s/^ +| +$//g')
+  sed -n '/slowest .*durations/,/^$/p' "$LOGS/suite.log" | head -18
+  grep -E '^(FAILED|ERROR) ' "$LOGS/suite.log"
+  [ $SRC_RC -eq 5 ] && { SUITERES="no tests collected"; finish 4; }   # pytest's 5: the selection is broken
+  [ $SRC_RC -eq 0 ] || { [ -n "$SUITERES" ] || SUITERES="pytest rc=$SRC_RC"; tail -40 "$LOGS/suite.log"; finish 4; }
 fi
 STAGE=done
 finish 0

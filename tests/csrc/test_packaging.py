@@ -16,6 +16,7 @@ import tarfile
 import zipfile
 
 import pytest
+import torch
 
 import effdense
 from effdense import _build as build_ext
@@ -157,12 +158,13 @@ def _ext_in_copy(tmp_path, manifest: dict | None, env: dict | None = None):
 
 
 def test_library_for_another_torch_is_not_loaded(tmp_path):
-    manifest = {**build_ext.torch_abi(), "torch": "2.11.0+cu130", "torch_git": "70d99e998b49", "cuda": "13.0",
+    other = "2.9.1+cu128" if torch.__version__.startswith("2.11.0") else "2.11.0+cu130"  # never the running one
+    manifest = {**build_ext.torch_abi(), "torch": other, "torch_git": "70d99e998b49", "cuda": "13.0",
                 "with_cuda": True, "cuda_archs": ["90"], "sources": "0", "commit": "abc"}
     reason, backend_reason, _ = _ext_in_copy(tmp_path / "a", manifest)
     assert reason == backend_reason
     assert reason.startswith("effdense._C not loaded") and "built for another PyTorch" in reason, reason
-    assert "torch 2.11.0+cu130 (built) vs" in reason and COMMAND in reason, reason
+    assert f"torch {other} (built) vs" in reason and COMMAND in reason, reason
     # EFFDENSE_AUTO_BUILD=1 rebuilds instead, saying why (here it fails at once: the copy has no sources)
     reason, _, err = _ext_in_copy(tmp_path / "b", manifest, {"EFFDENSE_AUTO_BUILD": "1"})
     assert "EFFDENSE_AUTO_BUILD=1: building effdense._C" in err and "built for another PyTorch" in err, err

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from effdense.train import data
+from effdense.train.data import builtin, cifar
 from effdense.train.data import CIFAR, Augment, DataError, Split, load_dataset
 
 N = 6  # images per batch file
@@ -93,7 +94,7 @@ def test_tarball_md5_checked_and_extracted(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=f"{spec.tarball}.*md5 is [0-9a-f]{{32}}.*published md5.*{spec.md5}"):
         load_dataset("cifar10", str(root), allow_download=False)
     assert not (root / spec.folder).exists()  # nothing half extracted
-    monkeypatch.setitem(CIFAR, "cifar10", dataclasses.replace(spec, md5=data.md5sum(str(root / spec.tarball))))
+    monkeypatch.setitem(CIFAR, "cifar10", dataclasses.replace(spec, md5=cifar.md5sum(str(root / spec.tarball))))
     ds = load_dataset("cifar10", str(root), allow_download=False)
     assert len(ds.train) == 5 * N and (root / spec.folder / "data_batch_5").is_file()
     assert not [p for p in os.listdir(root) if p.startswith(".")]  # no temporary folders left
@@ -108,7 +109,7 @@ def test_download_with_md5(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="md5"):
         load_dataset("cifar100", str(root))
     assert os.listdir(root) == []  # the bad download was not kept
-    monkeypatch.setitem(CIFAR, "cifar100", dataclasses.replace(spec, url=url, md5=data.md5sum(str(tarball))))
+    monkeypatch.setitem(CIFAR, "cifar100", dataclasses.replace(spec, url=url, md5=cifar.md5sum(str(tarball))))
     ds = load_dataset("cifar100", str(root))
     assert len(ds.train) == N and ds.num_classes == 100
 
@@ -155,7 +156,7 @@ def test_corrupt_file_directly_in_data_dir_advice(tmp_path):
 
 
 def test_data_dir_typo_is_neither_created_nor_downloaded_into(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "download", lambda *a: pytest.fail("a download was attempted"))
+    monkeypatch.setattr(cifar, "download", lambda *a: pytest.fail("a download was attempted"))
     with pytest.raises(DataError) as err:
         load_dataset("cifar10", str(tmp_path / "typo" / "cifar"))
     assert str(err.value).startswith(f"data folder {tmp_path / 'typo' / 'cifar'} not found (--data-dir must be an "
@@ -166,10 +167,10 @@ def test_data_dir_typo_is_neither_created_nor_downloaded_into(tmp_path, monkeypa
 def test_digits_without_scikit_learn_names_the_extra(monkeypatch):
     """The message's extra is the one setup.py's extras_require gives scikit-learn under."""
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import fails
-    with pytest.raises(DataError, match=re.escape(f"pip install 'effdense[{data.SKLEARN_EXTRA}]'")):
+    with pytest.raises(DataError, match=re.escape(f"pip install 'effdense[{builtin.SKLEARN_EXTRA}]'")):
         load_dataset("digits")
     setup_py = (pathlib.Path(__file__).parents[2] / "setup.py").read_text()
-    assert re.search(rf'"{data.SKLEARN_EXTRA}"\s*:\s*\[[^\]]*"scikit-learn', setup_py)
+    assert re.search(rf'"{builtin.SKLEARN_EXTRA}"\s*:\s*\[[^\]]*"scikit-learn', setup_py)
 
 
 def test_digits():
