@@ -174,8 +174,18 @@ class EfficientDenseNet(nn.Module):
         return self.classifier(out) if self.include_top else out
 
 
-def _imagenet(arch: str, growth_rate: int, block_config: Sequence[int], num_init_features: int, weights=None,
-              **kwargs) -> EfficientDenseNet:
+#: the ImageNet DenseNets (Huang et al., table 1): growth rate k, layers per dense block, stem channels
+IMAGENET_CONFIGS: dict[str, tuple[int, tuple[int, ...], int]] = {
+    "densenet121": (32, (6, 12, 24, 16), 64),
+    "densenet161": (48, (6, 12, 36, 24), 96),
+    "densenet169": (32, (6, 12, 32, 32), 64),
+    "densenet201": (32, (6, 12, 48, 32), 64),
+    "densenet264": (32, (6, 12, 64, 48), 64),
+}
+
+
+def _imagenet(arch: str, weights=None, **kwargs) -> EfficientDenseNet:
+    growth_rate, block_config, num_init_features = IMAGENET_CONFIGS[arch]
     model = EfficientDenseNet(growth_rate=growth_rate, block_config=block_config,
                               num_init_features=num_init_features, **kwargs)
     return with_weights(model, weights, arch)
@@ -184,27 +194,33 @@ def _imagenet(arch: str, growth_rate: int, block_config: Sequence[int], num_init
 def densenet121(**kwargs) -> EfficientDenseNet:
     """DenseNet-121 (k=32, blocks 6-12-24-16), torchvision's layout; ``weights="densenet121-a639ec97.pth"`` loads
     torchvision's ImageNet file (see :func:`effdense.weights.load_weights`)."""
-    return _imagenet("densenet121", 32, (6, 12, 24, 16), 64, **kwargs)
+    return _imagenet("densenet121", **kwargs)
 
 
 def densenet161(**kwargs) -> EfficientDenseNet:
     """DenseNet-161 (k=48, blocks 6-12-36-24, 96 stem channels)."""
-    return _imagenet("densenet161", 48, (6, 12, 36, 24), 96, **kwargs)
+    return _imagenet("densenet161", **kwargs)
 
 
 def densenet169(**kwargs) -> EfficientDenseNet:
     """DenseNet-169 (k=32, blocks 6-12-32-32)."""
-    return _imagenet("densenet169", 32, (6, 12, 32, 32), 64, **kwargs)
+    return _imagenet("densenet169", **kwargs)
 
 
 def densenet201(**kwargs) -> EfficientDenseNet:
     """DenseNet-201 (k=32, blocks 6-12-48-32)."""
-    return _imagenet("densenet201", 32, (6, 12, 48, 32), 64, **kwargs)
+    return _imagenet("densenet201", **kwargs)
 
 
 def densenet264(**kwargs) -> EfficientDenseNet:
     """DenseNet-264 (k=32, blocks 6-12-64-48)."""
-    return _imagenet("densenet264", 32, (6, 12, 64, 48), 64, **kwargs)
+    return _imagenet("densenet264", **kwargs)
+
+
+def densenet_depth(block_config: Sequence[int], bottleneck: bool = True) -> int:
+    """A DenseNet's depth: its layers' convolutions (two with bottlenecks), the stem, the transitions and the
+    classifier (121 for DenseNet-121's blocks 6-12-24-16)."""
+    return sum(block_config) * (2 if bottleneck else 1) + len(block_config) + 1
 
 
 def cifar_block_config(depth: int, bottleneck: bool = True, num_blocks: int = 3) -> tuple[int, ...]:
@@ -245,6 +261,7 @@ def _cifar(depth: int, k: int, bottleneck: bool, doc: str) -> Callable[..., Effi
     def build(**kwargs) -> EfficientDenseNet:
         return densenet_cifar(depth=depth, growth_rate=k, bottleneck=bottleneck, **kwargs)
     build.__doc__ = doc
+    build.config = (depth, k, bottleneck)  # what effdense.weights names a weight file's architecture by
     return build
 
 

@@ -70,6 +70,9 @@ def weights_path(weights, arch: str | None = None) -> str:
     for path in candidates:
         if os.path.isfile(path):
             return path
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"weights path {path!r} is a directory; expected a weights file (a state_dict "
+                                    "saved with torch.save)")
     source = url or next((u for u in TORCHVISION_WEIGHTS.values() if u.endswith("/" + os.path.basename(name))),
                          None)
     fetch = f"download {source} into {hub_checkpoints()} or pass its path" if source else "check the path"
@@ -91,9 +94,54 @@ def _state_dict_in(obj, path: str) -> dict:
     return state
 
 
+#: a dense layer's key: its block and its index in the block
+LAYER_KEY = re.compile(r"^features\.denseblock(\d+)\.denselayer(\d+)\.")
+#: ANSI terminal escapes (torch's messages may bold a phrase): never inside a one-line error
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def architecture(state: Mapping) -> tuple | None:
+    """``(stem, k, layers per block, bottleneck)`` of the DenseNet a state_dict holds, read from its keys and
+    shapes; None when it is not a DenseNet's."""
+    layers: dict[int, int] = {}
+    for key in state:
+        match = LAYER_KEY.match(key)
+        if match:
+            block, layer = int(match.group(1)), int(match.group(2))
+            layers[block] = max(layers.get(block, 0), layer)
+    first = "features.denseblock1.denselayer1."
+    bottleneck = first + "conv2.weight" in state
+    conv = state.get(first + ("conv2.weight" if bottleneck else "conv1.weight"))
+    if not layers or conv is None:
+        return None
+    stem = "imagenet" if "features.norm0.weight" in state else "cifar"
+    return stem, int(conv.shape[0]), tuple(layers[b] for b in sorted(layers)), bottleneck
+
+
+def describe(arch: tuple) -> str:
+    """An :func:`architecture` in words, by its name where it is one of ``effdense.MODELS``."""
+    from .models import IMAGENET_CONFIGS, MODELS, cifar_block_config, densenet_depth  # models imports this module
+    stem, k, blocks, bottleneck = arch
+    named = {("imagenet", cfg[0], cfg[1], True): name for name, cfg in IMAGENET_CONFIGS.items()}
+    named |= {("cifar", fn.config[1], cifar_block_config(fn.config[0], fn.config[2]), fn.config[2]): name
+              for name, fn in MODELS.items() if hasattr(fn, "config")}
+    depth = densenet_depth(blocks, bottleneck)
+    detail = f"depth {depth}, k={k}, blocks {'-'.join(map(str, blocks))}" + ("" if bottleneck else ", no bottleneck")
+    if arch in named:
+        return f"{named[arch]} ({detail}; effdense.{named[arch]}())"
+    if stem == "cifar" and len(blocks) == 3 and len(set(blocks)) == 1:
+        return (f"a CIFAR DenseNet ({detail}; effdense.densenet_cifar(depth={depth}, growth_rate={k}"
+                + ("" if bottleneck else ", bottleneck=False") + "))")
+    return f"a DenseNet with the {stem} stem ({detail})"
+
+
 def _mismatch(model: nn.Module, state: dict, path: str) -> str | None:
     """One line naming how ``state`` (keys already renamed) does not fit ``model``, or None if it fits."""
     own = model.state_dict()
+    theirs, ours = architecture(state), architecture(own)
+    if theirs is not None and ours is not None and theirs != ours:
+        return (f"weights file {path} holds {describe(theirs)}, but this model is {describe(ours)}: build the "
+                "file's model to load it")
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k}: {list(v.shape)} in the file, {list(own[k].shape)} in the model" for k, v in state.items()
@@ -103,11 +151,24 @@ def _mismatch(model: nn.Module, state: dict, path: str) -> str | None:
     if not parts:
         return None
     hint = ""
-    if "classifier.weight" in state and "classifier.weight" in own and \
-            state["classifier.weight"].shape != own["classifier.weight"].shape:
+    if not missing and not unexpected and all(s.startswith("classifier.") for s in shapes):
         hint = (f"; the file has {state['classifier.weight'].shape[0]} classes: pass "
                 f"num_classes={state['classifier.weight'].shape[0]}, or include_top=False for features")
     return f"weights file {path} does not fit this model: " + "; ".join(parts) + hint
+
+
+def _is_training_checkpoint(path: str) -> bool:
+    """Whether ``path`` is a torch.save zip whose pickle names the entries of an effdense-train checkpoint; read
+    with pickletools, which runs nothing."""
+    import pickletools
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickle = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
+            names = {arg for op, arg, _ in pickletools.genops(archive.read(pickle)) if isinstance(arg, str)}
+    except Exception:  # noqa: BLE001 - not a zip, no pickle, a broken pickle: not a readable checkpoint
+        return False
+    return {"model", "optimizer", "model_spec", "global_step"} <= names
 
 
 def load_weights(model: nn.Module, weights, arch: str | None = None) -> nn.Module:
@@ -118,7 +179,11 @@ def load_weights(model: nn.Module, weights, arch: str | None = None) -> nn.Modul
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure: say which file and why, in one line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        if _is_training_checkpoint(path):
+            raise ValueError(f"weights file {path} is an effdense-train checkpoint (weights with optimizer and run "
+                             f"state): evaluate it with effdense-eval {path}, or load the state_dict under its "
+                             "'model' key (effdense.train.checkpoints.load(PATH)['model'])") from None
+        first = ANSI_ESCAPE.sub("", str(err)).strip().splitlines()[0] if str(err).strip() else ""
         raise ValueError(f"weights file {path} cannot be read as a state_dict with torch.load(weights_only=True) "
                          f"({type(err).__name__}: {first}); an effdense-train checkpoint is evaluated with "
                          "effdense-eval") from None

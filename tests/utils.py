@@ -137,3 +137,12 @@ def assert_runs_close(got: Run, ref: Run, rtol: float) -> None:
             assert int(a) == int(b), f"{name}: {int(a)} != {int(b)}"
         else:
             assert rel_err(a, b) <= rtol, f"state {name} rel err {rel_err(a, b):.3g}"
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: the numbers below were measured so, and busy CI cores do not stall spinning threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -6,7 +6,8 @@ Split by concern, as timm's ``train.py`` and its ``utils/``:
 * :mod:`.cli` — arguments, presets, the paper's recipe; :mod:`.model` — the model a run trains;
 * :mod:`.data` — datasets and the batched augmentation; :mod:`.step` — a training step, evaluation, the loss watch;
 * :mod:`.schedule` — seeds and the learning-rate schedule; :mod:`.checkpoints` — crash-safe files;
-  :mod:`.resume` — ``--resume``; :mod:`.logs` — CSV/JSON logs, curves, TensorBoard;
+  :mod:`.resume` — ``--resume``; :mod:`.rundir` — the output folder (lock, ``--overwrite``, room);
+  :mod:`.logs` — CSV/JSON logs, curves, TensorBoard;
 * :mod:`.distributed` — ``torchrun``, ``--device``, ``--sync-bn``; :mod:`.baselines` — the non-DenseNet models;
 * :mod:`.eval` — ``effdense-eval``.
 

@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--output-dir", help="default runs/DATASET-MODEL")
     x.add_argument("--resume", nargs="?", const="last", metavar="CKPT",
                    help="continue from OUTPUT_DIR/last.pt, or from CKPT; refused if the run's arguments differ")
+    x.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --output-dir that holds another run's files, deleting them first")
     x.add_argument("--allow-change", nargs="+", action="extend", choices=[_flag_name(k) for k in CHANGEABLE],
                    default=[], metavar="ARG", help="with --resume: accept a new value of these arguments ("
                    + ", ".join(_flag_name(k) for k in CHANGEABLE) + "); the schedule is then recomputed, as printed")
@@ -184,6 +186,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"{flags} do not apply to --arch {args.arch}; they shape a custom DenseNet built with --depth")
     if args.output_dir is None:
         args.output_dir = os.path.join("runs", f"{args.dataset}-{model_label(args)}")
+    if args.overwrite and args.resume:
+        parser.error("--overwrite starts a new run, deleting the old one's files; --resume continues it: give one")
     if args.allow_change and not args.resume:
         parser.error("--allow-change applies to --resume only")
     args.allow_change = [name.replace("-", "_") for name in args.allow_change]  # attribute names, as RUN_KEYS

@@ -8,7 +8,9 @@ few minutes on a CPU. Multi-GPU runs go through ``torchrun``; ``--batch-size`` i
 Writes into ``--output-dir``: ``last.pt`` every epoch (and every ``--save-every`` steps), ``best.pt`` by
 validation accuracy (both atomic), ``log.csv``/``log.json`` per epoch, ``curves.png`` (with matplotlib), ``tb/``
 (with tensorboard) and ``results.json``. ``--resume`` continues a run exactly where ``last.pt`` left it, and refuses
-a checkpoint of a run with other arguments unless the change is named (``--allow-change epochs``). The learning
+a checkpoint of a run with other arguments unless the change is named (``--allow-change epochs``). The folder is
+the run's own (:mod:`.rundir`): locked while it runs, checked for writes and room before the first step, and a new
+run refuses another run's files there unless ``--overwrite`` deletes them. The learning
 rate follows its schedule per optimizer step, so a 1-epoch run has the recipe's shape too. A non-finite loss stops
 the run; weights or running statistics that are not finite are never saved.
 
@@ -36,7 +38,7 @@ from torch import Tensor
 from .. import backends
 from ..backends import bn
 from ..tools import info
-from . import checkpoints
+from . import checkpoints, rundir
 from .baselines import BASELINES
 from .checkpoints import RUN_FILES
 from .cli import model_label, parse_args, list_models
@@ -81,6 +83,17 @@ class Run:
         resume = load_for_resume(args) if args.resume else None  # before the data: no download for a missing file
         if resume is not None:
             check_resume(*resume, args)
+        self.lock = None
+        self._on_main(self._claim_folder)  # before the data and any compute; released by close()
+        try:
+            self._build(resume, command)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, resume: tuple[str, dict] | None, command: Sequence[str] | None) -> None:
+        """Everything after the folder is claimed: data, model, optimizer, resumed state, room check, outputs."""
+        args = self.args
         self._build_model()
         self._build_optimizer()
         self.state = {"epoch": 0, "step": 0, "global_step": 0, "best_acc": -1.0, "best_epoch": None, "history": [],
@@ -88,6 +101,8 @@ class Run:
         self.saved = "no checkpoint had been written"  # what last.pt holds, for the non-finite message
         if resume is not None:
             restore(self, *resume)
+        self._on_main(lambda: rundir.check_room(args.output_dir, rundir.checkpoint_bytes(self.model, self.opt,
+                                                                                          args.momentum)))
         self.net = self.model  # the plain module: saved, evaluated
         if self.dist.world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -106,6 +121,32 @@ class Run:
         self.watch = LossWatch(self.device)
         self.lr = self.opt.param_groups[0]["lr"]  # of the latest step
         self.stopped = bool(args.max_steps and self.state["global_step"] >= args.max_steps)
+
+    def _on_main(self, fn) -> None:
+        """Run ``fn`` on process 0; when it exits (a one-line ``SystemExit``), every process exits with it."""
+        failure = None
+        if self.dist.main:
+            try:
+                fn()
+            except SystemExit as err:
+                failure = err
+        if self.dist.world > 1:
+            failed = self.dist.all_reduce(torch.tensor([float(failure is not None)], device=self.device)).item()
+            if failed and failure is None:
+                raise SystemExit(f"effdense-train: process 0 stopped the run at its start (--output-dir "
+                                 f"{self.args.output_dir}); see its message")
+        if failure is not None:
+            raise failure
+
+    def _claim_folder(self) -> None:
+        args = self.args
+        self.lock = rundir.claim(args.output_dir, resume=bool(args.resume), overwrite=args.overwrite, say=self.say)
+
+    def close(self) -> None:
+        """Release the output folder's lock (process 0)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     # -- building
 
@@ -159,8 +200,7 @@ class Run:
 
     def _prepare_outputs(self, command: Sequence[str] | None) -> None:
         args, data = self.args, self.data
-        if self.dist.main:
-            os.makedirs(args.output_dir, exist_ok=True)
+        if self.dist.main:  # the folder was created and locked by _claim_folder
             stale = checkpoints.remove_stale_temporaries(args.output_dir, RUN_FILES)
             if stale:
                 self.say(f"removed {len(stale)} temporary file(s) a killed run left in {args.output_dir}: "
@@ -367,10 +407,13 @@ def train(args: argparse.Namespace, command: Sequence[str] | None = None) -> dic
     """Run the training command; returns the final results (also written to ``results.json``, with the
     environment record of :func:`effdense.tools.info.environment` and ``command``, default ``sys.argv``)."""
     run = Run(args, command)
-    while run.state["epoch"] < args.epochs and not run.stopped:
-        if not run.run_epoch():
-            break
-    return run.finish()
+    try:
+        while run.state["epoch"] < args.epochs and not run.stopped:
+            if not run.run_epoch():
+                break
+        return run.finish()
+    finally:
+        run.close()
 
 
 @contextlib.contextmanager

@@ -122,14 +122,16 @@ def test_wrapped_state_dicts_and_feature_models(tmp_path):
 def test_weights_that_do_not_fit_say_how_in_one_line(tmp_path):
     ten = effdense.densenet_cifar(depth=10, growth_rate=4)
     torch.save(ten.state_dict(), tmp_path / "ten.pt")
+    torch.save({k: v for k, v in ten.state_dict().items() if not k.startswith("features.norm5.")},
+               tmp_path / "partial.pt")
     cases = [  # (model kwargs and weights, message pattern)
         (dict(depth=10, growth_rate=4, num_classes=3, weights=tmp_path / "ten.pt"),
          re.escape(f"weights file {tmp_path / 'ten.pt'} does not fit this model: 2 shape mismatches (first: "
                    f"classifier.weight: [10, {ten.num_features}] in the file, [3, {ten.num_features}] in the model); "
                    "the file has 10 classes: pass num_classes=10, or include_top=False for features") + "$"),
-        (dict(depth=16, growth_rate=4, weights=tmp_path / "ten.pt"),
-         r"does not fit this model: \d+ keys missing \(first: features.denseblock1.denselayer2.norm1.weight\); "
-         r"\d+ shape mismatches"),
+        (dict(depth=10, growth_rate=4, weights=tmp_path / "partial.pt"),  # same architecture, keys missing
+         re.escape(f"weights file {tmp_path / 'partial.pt'} does not fit this model: 4 keys missing (first: "
+                   "features.norm5.weight)") + "$"),
         (dict(depth=10, growth_rate=4, weights=tmp_path / "junk.pt"),
          r"junk.pt cannot be read as a state_dict with torch.load\(weights_only=True\) \(UnpicklingError: "),
         (dict(depth=10, weights="IMAGENET1K_V1"), "names torchvision's ImageNet weights, which exist for densenet121"),
@@ -139,3 +141,51 @@ def test_weights_that_do_not_fit_say_how_in_one_line(tmp_path):
         with pytest.raises(ValueError, match=pattern) as err:
             effdense.densenet_cifar(**kwargs)
         assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("saved,build,theirs,ours", [
+    (effdense.densenet169, effdense.densenet121,
+     "densenet169 (depth 169, k=32, blocks 6-12-32-32; effdense.densenet169())",
+     "densenet121 (depth 121, k=32, blocks 6-12-24-16; effdense.densenet121())"),
+    (lambda: effdense.densenet_cifar(depth=16, growth_rate=4), lambda **kw: effdense.densenet_cifar(10, 4, **kw),
+     "a CIFAR DenseNet (depth 16, k=4, blocks 2-2-2; effdense.densenet_cifar(depth=16, growth_rate=4))",
+     "a CIFAR DenseNet (depth 10, k=4, blocks 1-1-1; effdense.densenet_cifar(depth=10, growth_rate=4))"),
+    (lambda: effdense.densenet_cifar(depth=40, growth_rate=12, bottleneck=False, num_classes=100),
+     lambda **kw: effdense.densenet_cifar(40, 12, **kw),
+     "densenet40 (depth 40, k=12, blocks 12-12-12, no bottleneck; effdense.densenet40())",
+     "a CIFAR DenseNet (depth 40, k=12, blocks 6-6-6; effdense.densenet_cifar(depth=40, growth_rate=12))"),
+], ids=["169-into-121", "cifar-depth", "plain-into-bc"])
+def test_another_architecture_is_named_not_a_class_count(tmp_path, saved, build, theirs, ours):
+    """Before: "pass num_classes=1000" for a densenet169 file in densenet121() (both have 1000 classes)."""
+    path = tmp_path / "w.pt"
+    torch.save(saved().state_dict(), path)
+    with pytest.raises(ValueError) as err:
+        build(weights=path)
+    assert str(err.value) == (f"weights file {path} holds {theirs}, but this model is {ours}: build the file's model "
+                              "to load it")
+
+
+def test_a_directory_is_not_a_weights_file(tmp_path):
+    with pytest.raises(IsADirectoryError) as err:
+        effdense.densenet_cifar(depth=10, growth_rate=4, weights=tmp_path)
+    assert str(err.value) == (f"weights path {str(tmp_path)!r} is a directory; expected a weights file (a state_dict "
+                              "saved with torch.save)")
+
+
+def test_a_training_checkpoint_names_effdense_eval_and_its_model_key(tmp_path):
+    """Before: torch's weights_only message, with its ANSI bold codes, inside the error."""
+    import numpy as np
+    model = effdense.densenet_cifar(depth=10, growth_rate=4)
+    ckpt = {"model": model.state_dict(), "optimizer": {}, "model_spec": {"arch": "densenet_cifar"}, "global_step": 2,
+            "rng": [{"numpy": np.random.get_state()}]}  # numpy's state: what weights_only refuses
+    torch.save(ckpt, tmp_path / "last.pt")
+    with pytest.raises(ValueError) as err:
+        effdense.densenet_cifar(depth=10, growth_rate=4, weights=tmp_path / "last.pt")
+    assert str(err.value) == (f"weights file {tmp_path / 'last.pt'} is an effdense-train checkpoint (weights with "
+                              f"optimizer and run state): evaluate it with effdense-eval {tmp_path / 'last.pt'}, or "
+                              "load the state_dict under its 'model' key (effdense.train.checkpoints.load(PATH)"
+                              "['model'])")
+    torch.save({"other": np.random.get_state()}, tmp_path / "other.pt")  # any other file torch refuses
+    with pytest.raises(ValueError, match=r"^weights file .*other.pt cannot be read as a state_dict") as err:
+        effdense.densenet_cifar(depth=10, growth_rate=4, weights=tmp_path / "other.pt")
+    assert "\x1b" not in str(err.value) and "\n" not in str(err.value)

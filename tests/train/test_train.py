@@ -18,19 +18,14 @@ from effdense.train import step as step_mod
 from effdense.backends import bn
 from effdense.train import eval as eval_cli
 from effdense.models import densenet_cifar
+from utils import one_thread  # noqa: F401 - a fixture
 
 # an explicit backend: under pytest without a GPU, "auto" may pick Triton's (slow) interpreter
 TINY = ["--dataset", "synthetic", "--device", "cpu", "--depth", "10", "--growth-rate", "4", "--no-progress",
         "--backend", "torch"]
 STEPS_PER_EPOCH = (256 - 64) // 64  # synthetic: 256 training images, 64 held out, batch 64
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the numbers below were measured so, and busy CI cores do not stall spinning threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the numbers below were measured with one thread
 
 
 
