@@ -83,7 +83,8 @@ setup() {
   echo "python $PY; commit ${EFFDENSE_COMMIT:-unknown}"
   set +f        # the library's name is a glob
   local prebuilt=(effdense/_C*.so effdense/_C*.manifest.json)
-  if [ -e "${prebuilt[0]}" ]; then ls -l "${prebuilt[@]}" 2> /dev/null; else echo "no prebuilt effdense._C in effdense/"; fi
+  if [ -e "${prebuilt[0]}" ]; then ls -l "${prebuilt[@]}" 2> /dev/null
+  else echo "no prebuilt effdense._C in effdense/"; fi
   local missing=""
   for f in "${TEST_FILES[@]}"; do [ -e "$f" ] || missing="$missing $f"; done
   [ -z "$missing" ] || { echo "gpu_run.sh lists test files that do not exist:$missing"; return 4; }

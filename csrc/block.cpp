@@ -1,4 +1,4 @@
-// The memory-efficient dense block of ../shared/DESIGN.md, forward and backward, driven from C++.
+// The memory-efficient dense block of docs/DESIGN.md, forward and backward, driven from C++.
 //
 // Device generic: every step is a plain call of ops.h (which checks its arguments and runs the CPU kernel of cpu/ or
 // the CUDA one of cuda/) or an ATen convolution (oneDNN on CPU, cuDNN on GPU). Each step takes a BN as (gamma,

@@ -39,7 +39,8 @@
 set -uo pipefail
 {  # braces: bash reads the whole script before running it, so editing it during a run is safe
 
-SUITE="" STACK=0 PYVER=3.11 PYVER_GIVEN=0 TORCH=2.11.0 ARCHS=90 REV="" KEEP=0 OFFLINE=0 RUN_TESTS=1 PREBUILD=auto DOWNLOAD_ONLY=0
+SUITE="" STACK=0
+PYVER=3.11 PYVER_GIVEN=0 TORCH=2.11.0 ARCHS=90 REV="" KEEP=0 OFFLINE=0 RUN_TESTS=1 PREBUILD=auto DOWNLOAD_ONLY=0
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 TESTS="tests/csrc/test_cpp_ops.py tests/backends/test_cpp_backend.py"
 CACHE="${EFFDENSE_CUDABUILD_CACHE:-$HOME/.cache/effdense-cudabuild}"
@@ -162,7 +163,8 @@ lap toolchain
 # ---------------------------------------------------------------- the venv (cached, rebuilt when broken)
 VENV="$CACHE/venv-$PYTAG-torch$TORCH"
 MODS="torch, ninja, pytest, numpy, tqdm, setuptools"
-[ "$STACK" = 1 ] && VENV="$VENV-stack" MODS="$MODS, triton, torchvision, timm, onnx, onnxruntime, onnxscript, sklearn, PIL, xdist"
+[ "$STACK" = 1 ] && VENV="$VENV-stack" \
+  MODS="$MODS, triton, torchvision, timm, onnx, onnxruntime, onnxscript, sklearn, PIL, xdist"
 VPY="$VENV/bin/python"
 venv_ok() { [ -x "$VPY" ] && "$VPY" -c "import $MODS; assert torch.__version__.startswith('$TORCH')" >/dev/null 2>&1; }
 if venv_ok; then

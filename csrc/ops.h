@@ -101,7 +101,7 @@ using BlockGrads = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<a
                               std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>;
 using OptList = c10::List<std::optional<at::Tensor>>;
 
-// block.cpp: the dense block of DESIGN.md, forward (feat, mean, var, mean2, var2, drop_mask, bottleneck, count)
+// block.cpp: the dense block of docs/DESIGN.md, forward (feat, mean, var, mean2, var2, drop_mask, bottleneck, count)
 // and backward; the schemas in ops.cpp say what each argument is.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 dense_block_forward(const at::Tensor& x, at::TensorList w1, at::TensorList w2, at::TensorList g1, at::TensorList b1,

@@ -105,3 +105,23 @@ def test_module_level_imports_have_no_cycle():
 def test_the_layers_cover_every_module():
     assert all(layer(m) for m in graph())
     assert {"effdense.train.run", "effdense.tools.info", "effdense.backends.common", "effdense.models"} <= set(graph())
+
+
+def test_the_readme_code_map_names_every_folder_and_only_real_ones():
+    """The README's code map (at most 20 lines) lists folders that exist, and every package folder and every
+    top-level module of ``effdense`` it names exists too."""
+    import re
+    root = pathlib.Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text()
+    block = text.split("## Code map", 1)[1].split("```", 2)[1]
+    lines = [ln for ln in block.splitlines() if ln.strip()]
+    assert len(lines) <= 20, f"the code map has {len(lines)} lines"
+    heads = [ln.split("  ")[0] for ln in lines if not ln.startswith(" ")]  # the first column: folders
+    folders = {f.rstrip("/") for head in heads for f in re.findall(r"([\w/]+/)", head)}
+    for folder in folders:
+        assert (root / folder).is_dir(), f"the code map names {folder}/, which does not exist"
+    packages = {p.parent.relative_to(root).as_posix() for p in (root / "effdense").glob("*/__init__.py")}
+    assert packages <= folders, f"package folders missing from the code map: {sorted(packages - folders)}"
+    named = set(re.findall(r"\b(\w+)\.py\b", block))
+    missing = {n for n in named if not any((root / "effdense").rglob(f"{n}.py"))}
+    assert not missing, f"the code map names modules that do not exist: {sorted(missing)}"
