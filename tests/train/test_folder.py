@@ -88,6 +88,18 @@ def test_layout_classes_and_ignored_files(vision, tmp_path):
     assert (data.mean, data.std) == (F.IMAGENET_MEAN, F.IMAGENET_STD)
 
 
+def test_test_folder_beside_val(vision, tmp_path):
+    import shutil
+    root = make_folder(vision, tmp_path, {"a": 3, "b": 3})
+    shutil.copytree(tmp_path / "val", tmp_path / "test")
+    write(vision, str(tmp_path / "test" / "a" / "extra.png"), color(0, 5))
+    data = load_dataset("folder", root, folder=OPTS)
+    assert len(data.test) == 5 and len(data.val) == 4
+    assert all(p.startswith(str(tmp_path / "test")) for p, _ in data.test.samples)
+    held = load_dataset("folder", root, val_size=2, folder=OPTS)  # --val-size: validation from train/
+    assert len(held.train) == len(held.val) * 2 == 4 and len(held.test) == 5
+
+
 def test_stratified_split(vision, tmp_path):
     counts = {"a": 10, "b": 20, "c": 30}
     root = make_folder(vision, tmp_path, counts, val=False)
@@ -255,3 +267,15 @@ def test_real_photographs(vision, tmp_path):
     (xt, yt), = data.test.stream(2, torch.device("cpu"))
     assert x.shape == xt.shape == (2, 3, SIZE, SIZE) and bool(x.isfinite().all() and xt.isfinite().all())
     assert sorted(y.tolist()) == yt.tolist() == [0, 1] and x.std() > 0.1
+
+
+def test_two_processes_with_sync_bn_equal_one(vision, tmp_path):
+    """torchrun, 2 gloo processes: each takes its half of every global batch, augmented from the same per-image
+    seeds, so with --sync-bn the run equals one process on the whole batch."""
+    from test_train_ddp import launch, max_diff
+    root = make_folder(vision, tmp_path / "data", {"a": 10, "b": 10})  # 20 images, batch 8: into epoch 2
+    args = ["--dataset", "folder", "--data-dir", root, "--image-size", str(SIZE), "--batch-size", "8"]
+    stdout, synced = launch(tmp_path / "sync", *args, "--sync-bn", "--workers", "1")
+    assert "2 process(es)" in stdout
+    _, single = launch(tmp_path / "single", *args, "--workers", "0", nproc=1)
+    assert max_diff(synced, single) < 1e-3

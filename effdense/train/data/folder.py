@@ -1,10 +1,10 @@
 """``--dataset folder``: a user's images in the ImageFolder layout, streamed from disk (the ``effdense[vision]`` extra).
 
 ``ROOT/train/<class>/...`` holds the training images (any depth below the class folder, as torchvision's
-``ImageFolder``); ``ROOT/val/<class>/...`` the held-out ones (the run's test split: best.pt is chosen on it, as
-torchvision's and timm's ImageNet recipes do), ``ROOT/test/<class>/...`` a separate test split if there is one.
-``--val-size N`` holds N training images out for validation, stratified by class; without ``val/`` or ``test/``
-those N images are the test split too. Files whose extension is not an image's are ignored.
+``ImageFolder``; files whose extension is not an image's are ignored). The test split is ``ROOT/test/`` if there is
+one, else ``ROOT/val/`` (as torchvision's and timm's ImageNet recipes report on val), else the held-out images.
+The validation split (best.pt is chosen on it) is ``--val-size N`` training images held out, stratified by class;
+without it, ``ROOT/val/`` when ``ROOT/test/`` exists too, else none (best.pt is chosen on the test split).
 
 Unlike the in-memory datasets, images are decoded and augmented by ``DataLoader`` workers with
 ``torchvision.transforms.v2`` (training: RandomResizedCrop, horizontal flip; evaluation: resize to
