@@ -12,6 +12,7 @@ import torch
 
 from effdense import train
 from effdense.train import checkpoints as checkpoint_io
+from effdense.train import eval as eval_cli
 from effdense.train.data import DataError, load_dataset
 from effdense.train.data import folder as F
 
@@ -228,7 +229,8 @@ def test_exif_rotation_applied(vision, tmp_path):
     assert vision.open(path).size == (40, 20) and F.load_image(path).size == (20, 40)
 
 
-def test_train_resume_inside_epoch_exact(vision, tmp_path):
+def test_train_resume_inside_epoch_exact(vision, tmp_path, capsys):
+    """...and effdense-eval reads the run's folder dataset again, with the run's options."""
     root = make_folder(vision, tmp_path / "data", {"a": 7, "b": 6})  # 13 images, batch 4: 3 steps an epoch
     common = [*TINY, "--data-dir", root, "--epochs", "2", "--workers", "0"]
     train.main([*common, "--output-dir", str(tmp_path / "whole")])
@@ -239,6 +241,10 @@ def test_train_resume_inside_epoch_exact(vision, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     results = json.loads((tmp_path / "whole" / "results.json").read_text())
     assert results["epochs_done"] == 2 and 0 <= results["test_acc"] <= 1
+    capsys.readouterr()
+    eval_cli.main([str(tmp_path / "whole" / "last.pt"), "--device", "cpu", "--backend", "naive", "--json"])
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["images"] == 4 and evaluated["accuracy"] == results["test_acc"]
 
 
 def test_train_skips_bad_images_and_counts_them(vision, tmp_path, capsys):

@@ -221,6 +221,9 @@ class ImageFiles(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def to(self, device: torch.device | str) -> ImageFiles:  # streamed: each batch goes to the device on its own
+        return self
+
     def subset(self, positions: Sequence[int], transform=None) -> ImageFiles:
         return ImageFiles([self.samples[i] for i in positions], transform or self.transform, self.workers,
                           self.skip_bad)
