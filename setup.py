@@ -194,7 +194,8 @@ setup(
     extras_require={
         "triton": ['triton>=3.2; platform_system == "Linux"'],
         "digits": ["scikit-learn"],        # --dataset digits (scikit-learn's bundled digits)
-        "train": ["scikit-learn"],         # every dataset of effdense-train
+        "vision": ["torchvision", "pillow"],  # --dataset folder (a user's image folders, streamed from disk)
+        "train": ["scikit-learn"],         # every in-memory dataset of effdense-train
         "plots": ["matplotlib"],
         "tensorboard": ["tensorboard"],
         "test": ["pytest>=7", "pytest-timeout", "scikit-learn", 'triton>=3.2; platform_system == "Linux"'],

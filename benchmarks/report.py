@@ -24,7 +24,8 @@ UNITS = {"peak_bytes": "bytes", "rss_step_bytes": "bytes", "rss_step_bytes_fixed
          "images_per_s": "images/s", "gbps": "GB/s (1e9 bytes)", "tflops": "TFLOP/s", "floor_ms": "ms",
          "step_flops": "FLOP", "step_bytes": "bytes", "deepest_depth": "layers", "cap_gib": "GiB",
          "first_step_s": "s", "achieved_gbps": "GB/s (1e9 bytes): the floor's bytes over the step time",
-         "launches": "kernel launches per training step"}
+         "launches": "kernel launches per training step",
+         "images_per_s_per_worker": "images/s per DataLoader worker (the main process when 0 workers)"}
 START, END = "<!-- measured:start -->", "<!-- measured:end -->"
 
 #: per suite: (column title, row key, format); MiB columns convert from bytes
@@ -58,6 +59,10 @@ COLUMNS = {
                  ("Triton", "triton", "{}"), ("vs naive", "vs_naive", "{:.2f}x"),
                  ("syncs, dropout on", "host_syncs", "{}"), ("in blocks", "block_syncs", "{}"),
                  ("most launched", "top_ops", "top"), ("status", "status", "{}")],
+    "loader": [("what", "kind", "{}"), ("workers", "workers", "{}"), ("model", "model", "{}"),
+               ("backend", "backend", "{}"), ("batch", "batch", "{}"), ("size", "size", "{}"),
+               ("img/s", "images_per_s", "{:.1f}"), ("img/s per worker", "images_per_s_per_worker", "{:.1f}"),
+               ("step ms", "step_ms", "{:.0f}"), ("status", "status", "{}")],
 }
 #: how many operators the ``most launched`` column names
 TOP_OPS = 4

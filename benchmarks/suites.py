@@ -18,6 +18,7 @@ from effdense.tools.launches import Launches, count_launches, label_blocks
 from effdense.tools.measure import measure_step
 
 from . import floors
+from .loader import loader
 from .common import DTYPES, LAYOUTS, Step, backend_unavailable, build_model, input_size, is_oom, median_ms, sync
 from .rss import rss_fields
 
@@ -629,4 +630,4 @@ def _interpreting() -> bool:
 
 
 SUITES = {"memory": memory, "speed": speed, "capacity": capacity, "kernels": kernels, "peers": peers,
-          "launches": launches}
+          "launches": launches, "loader": loader}

@@ -26,12 +26,17 @@ PRESETS: dict[str, dict] = {
     # a CPU-sized run: DenseNet-BC-16 (k=8), batch 32, cosine schedule, 15 epochs
     "digits": {"depth": 16, "growth_rate": 8, "epochs": 15, "batch_size": 32, "schedule": "cosine", "val_size": 200},
     "synthetic": {"depth": 10, "growth_rate": 4, "epochs": 2, "val_size": 64},
+    # a user's images (data.folder): an ImageNet-stem DenseNet; validation on ROOT/val unless --val-size
+    "folder": {"arch": "densenet121", "val_size": 0},
 }
+#: the arguments of --dataset folder only
+FOLDER_KEYS = ("image_size", "mean", "std", "workers", "skip_bad_images")
 MODEL_KEYS = ("arch", "depth", "growth_rate")
 CUSTOM = "densenet_cifar"
 #: the arguments that define a run: ``--resume`` refuses a checkpoint whose run had other values
 RUN_KEYS = ("dataset", "val_size", "arch", "depth", "growth_rate", "bottleneck", "compression", "drop_rate", "stem",
-            "batch_size", "epochs", "lr", "momentum", "weight_decay", "schedule", "amp", "sync_bn", "seed")
+            "batch_size", "epochs", "lr", "momentum", "weight_decay", "schedule", "amp", "sync_bn", "seed",
+            "image_size", "mean", "std")
 #: those ``--allow-change`` may change on resume: the optimizer's hyperparameters and the length of the run (the
 #: others change what the history and best.pt mean, or the model itself)
 CHANGEABLE = ("epochs", "lr", "momentum", "weight_decay")
@@ -112,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
                                       "$EFFDENSE_DATA or ~/.cache/effdense/datasets)")
     d.add_argument("--no-download", action="store_true", help="never download; fail if the files are missing")
     d.add_argument("--val-size", type=natural, help="training images held out for validation (default: preset)")
+    f = p.add_argument_group("--dataset folder (ROOT/train/<class>/*.jpg|png|..., ROOT/val/<class>/...; needs "
+                             "pip install 'effdense[vision]')")
+    f.add_argument("--image-size", type=positive_int, help="training crop and evaluation size (default 224)")
+    f.add_argument("--mean", type=float, nargs=3, metavar="M", help="normalization mean (default ImageNet's)")
+    f.add_argument("--std", type=positive, nargs=3, metavar="S", help="normalization std (default ImageNet's)")
+    f.add_argument("--workers", type=natural, help="DataLoader worker processes per process (default: the CPUs, "
+                                                   "shared by the processes, at most 8; 0: load in the process)")
+    f.add_argument("--skip-bad-images", action="store_true",
+                   help="skip unreadable or corrupt images (counted in the log) instead of stopping the run")
     r = p.add_argument_group("recipe")
     r.add_argument("--epochs", type=positive_int, help=f"default {PAPER['epochs']} (or preset)")
     r.add_argument("--batch-size", type=positive_int, help=f"total over all processes (default {PAPER['batch_size']})")
@@ -184,6 +198,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if custom_only:
             flags = ", ".join("--" + f.replace("_", "-") for f in custom_only)
             parser.error(f"{flags} do not apply to --arch {args.arch}; they shape a custom DenseNet built with --depth")
+    _check_folder_args(parser, args)
     if args.output_dir is None:
         args.output_dir = os.path.join("runs", f"{args.dataset}-{model_label(args)}")
     if args.overwrite and args.resume:
@@ -192,6 +207,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--allow-change applies to --resume only")
     args.allow_change = [name.replace("-", "_") for name in args.allow_change]  # attribute names, as RUN_KEYS
     return args
+
+
+def _check_folder_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The folder dataset's arguments are refused with another dataset (they would be silently ignored)."""
+    given = [k for k in FOLDER_KEYS if getattr(args, k) not in (None, False)]
+    if given and args.dataset != "folder":
+        parser.error(f"{', '.join('--' + _flag_name(k) for k in given)} appl{'y' if len(given) > 1 else 'ies'} to "
+                     "--dataset folder only")
+    if args.dataset == "folder" and not args.data_dir:
+        parser.error("--dataset folder needs --data-dir ROOT (ROOT/train/<class>/<image>, ROOT/val/<class>/...)")
 
 
 def model_label(args: argparse.Namespace) -> str:

@@ -19,7 +19,7 @@ import torch
 from .. import backends
 from . import checkpoints
 from .cli import positive_int
-from .data import Augment, DataError, load_dataset
+from .data import Augment, DataError, folder_options, load_dataset
 from .distributed import Dist, parse_device
 from .model import block_backend, build_model
 from .step import Context, evaluate
@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ckpt = load_checkpoint(args.checkpoint, device)
         run = ckpt["args"]
         data = load_dataset(run["dataset"], args.data_dir or run.get("data_dir"), run.get("val_size") or 0,
-                            allow_download=False)
+                            allow_download=False, folder=folder_options(run) if run["dataset"] == "folder" else None)
     except (DataError, RuntimeError, FileNotFoundError, ValueError) as err:
         raise SystemExit(f"effdense-eval: {err}") from None
     split = data.val if args.split == "val" else data.test

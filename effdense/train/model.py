@@ -40,9 +40,10 @@ def block_backend(model: nn.Module, device: torch.device, dtype: torch.dtype) ->
     return backends.resolve(model.blocks()[0].backend, device, dtype)
 
 
-def summarize(model: nn.Module, in_channels: int, device: torch.device, batch: int, dtype: torch.dtype) -> str:
-    """Parameters, forward FLOPs per 32x32 image (``FlopCounterMode``: 2 per multiply-add) and, for a DenseNet,
-    the predicted dense-block activation memory of its backend against ``naive`` at ``batch`` images."""
+def summarize(model: nn.Module, in_channels: int, device: torch.device, batch: int, dtype: torch.dtype,
+              size: int = 32) -> str:
+    """Parameters, forward FLOPs per ``size`` x ``size`` image (``FlopCounterMode``: 2 per multiply-add) and, for a
+    DenseNet, the predicted dense-block activation memory of its backend against ``naive`` at ``batch`` images."""
     from torch.utils.flop_counter import FlopCounterMode
 
     params = sum(p.numel() for p in model.parameters())
@@ -54,16 +55,17 @@ def summarize(model: nn.Module, in_channels: int, device: torch.device, batch: i
     model.eval()
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.zeros(1, in_channels, 32, 32, device=device))
+            model(torch.zeros(1, in_channels, size, size, device=device))
     finally:
         model.train(was_training)
         if backend is not None:
             model.set_backend(model_backend)
-    lines = [f"parameters: {params:,}", f"FLOPs per image (forward, 32x32): {counter.get_total_flops() / 1e6:.1f} M"]
+    flops = counter.get_total_flops() / 1e6
+    lines = [f"parameters: {params:,}", f"FLOPs per image (forward, {size}x{size}): {flops:.1f} M"]
     if backend is not None:
         kind = "fused" if backend.name == "cpp" else "efficient" if backend.memory_efficient else backend.name
-        naive = predicted_activation_bytes(model, batch, 32, dtype, "naive")
-        mine = predicted_activation_bytes(model, batch, 32, dtype, kind, device)
+        naive = predicted_activation_bytes(model, batch, size, dtype, "naive")
+        mine = predicted_activation_bytes(model, batch, size, dtype, kind, device)
         lines.append(f"dense-block activation memory at batch {batch} (predicted): {mine / 2**20:.1f} MiB with "
                      f"backend {backend.name!r}, {naive / 2**20:.1f} MiB naive ({naive / max(mine, 1):.1f}x)")
     return "\n".join(lines)

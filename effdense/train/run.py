@@ -1,4 +1,5 @@
-"""``effdense-train``: train a DenseNet (or a baseline CNN) on CIFAR-10/100, digits, Fashion-MNIST or synthetic data.
+"""``effdense-train``: train a DenseNet (or a baseline CNN) on CIFAR-10/100, digits, Fashion-MNIST, synthetic data or
+your own image folders (``--dataset folder``).
 
 The defaults are the DenseNet paper's CIFAR recipe (Huang et al., 2017, section 4.2): SGD with Nesterov momentum
 0.9, learning rate 0.1 divided by 10 at 50% and 75% of 300 epochs, weight decay 1e-4, batch 64, DenseNet-BC-100
@@ -42,7 +43,7 @@ from . import checkpoints, rundir
 from .baselines import BASELINES
 from .checkpoints import RUN_FILES
 from .cli import model_label, parse_args, list_models
-from .data import Augment, DataError, load_dataset
+from .data import Augment, DataError, folder_options, load_dataset
 from .distributed import check_replicas, convert_sync_bn, setup
 from .logs import Logger, epoch_table, number
 from .model import block_backend, build_model, model_spec, summarize
@@ -154,7 +155,9 @@ class Run:
         """The dataset (on the CPU), the model on the device and the backend its blocks run with."""
         args, device = self.args, self.device
         try:
-            data = load_dataset(args.dataset, args.data_dir, args.val_size, allow_download=not args.no_download)
+            folder = dict(folder_options(vars(args)), world=self.dist.world) if args.dataset == "folder" else None
+            data = load_dataset(args.dataset, args.data_dir, args.val_size, allow_download=not args.no_download,
+                                folder=folder)
         except ValueError as err:  # e.g. --val-size larger than the training set
             raise SystemExit(f"effdense-train: {err}") from None
         self.spec = model_spec(args, data.num_classes, data.in_channels)
@@ -184,7 +187,8 @@ class Run:
             else:
                 self.say("--sync-bn has no effect in a single process")
         if self.dist.main:
-            self.say(summarize(model, data.in_channels, device, self.local_batch, dtype))
+            self.say(summarize(model, data.in_channels, device, self.local_batch, dtype,
+                               getattr(args, "image_size", None) or 32))
         self.steps_per_epoch = len(data.train) // args.batch_size
         if self.steps_per_epoch == 0:
             raise SystemExit(f"--batch-size {args.batch_size} is larger than the {len(data.train)} training images")
@@ -279,10 +283,9 @@ class Run:
         """Train the current epoch from where the state is; False when ``--max-steps`` ended the run inside it."""
         from tqdm.auto import tqdm
 
-        args, state, data = self.args, self.state, self.data
+        args, state = self.args, self.state
         epoch, n_steps = state["epoch"], self.steps_per_epoch
-        lo, hi = self.dist.rank * self.local_batch, (self.dist.rank + 1) * self.local_batch
-        perm = torch.randperm(len(data.train), generator=_generator(args.seed, epoch)).to(self.device)
+        batches = self._batches(epoch, state["step"])
         meter = torch.tensor(state["meter"], dtype=torch.float64, device=self.device)  # loss sum, correct, n, seconds
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -292,9 +295,7 @@ class Run:
         times, post = deque([tick], maxlen=CHECK_EVERY + 1), {}
         self.model.train()
         for step in range(state["step"], n_steps):
-            idx = perm[step * args.batch_size + lo: step * args.batch_size + hi]
-            params = self.ctx.augment.draw(args.batch_size, _generator(args.seed, epoch, step))[lo:hi]
-            x, y = self.ctx.inputs(data.train.images[idx], params), data.train.labels[idx]
+            x, y = next(batches)
             lr = self.opt.param_groups[0]["lr"]
             self.lr = lr.clone() if isinstance(lr, Tensor) else lr  # a device tensor with --cuda-graphs: no sync
             loss, logits = self.train_step(self.model, x, y, self.opt, self.scaler, self.ctx)
@@ -326,6 +327,22 @@ class Run:
         self.end_epoch(meter)
         return True
 
+    def _batches(self, epoch: int, start: int):
+        """``(inputs, labels)`` of this process for each step of ``epoch`` from step ``start``: the images of the
+        epoch's permutation gathered and augmented on the device, or streamed from disk (``--dataset folder``)."""
+        args, data, ctx = self.args, self.data, self.ctx
+        if data.streaming:
+            for x, y in data.train.stream(self.local_batch, self.device, self.dist.world, self.dist.rank, args.seed,
+                                          shuffle=True, epoch=epoch, start=start):
+                yield ctx.place(x), y.to(self.device, non_blocking=True)
+            return
+        lo, hi = self.dist.rank * self.local_batch, (self.dist.rank + 1) * self.local_batch
+        perm = torch.randperm(len(data.train), generator=_generator(args.seed, epoch)).to(self.device)
+        for step in range(start, self.steps_per_epoch):
+            idx = perm[step * args.batch_size + lo: step * args.batch_size + hi]
+            params = ctx.augment.draw(args.batch_size, _generator(args.seed, epoch, step))[lo:hi]
+            yield ctx.inputs(data.train.images[idx], params), data.train.labels[idx]
+
     def _progress(self, bar, post: dict, meter: Tensor, times: deque, step: int, n_steps: int) -> None:
         """The bar's numbers: img/s over the last steps every step (host clock, no sync), loss and accuracy every
         :data:`CHECK_EVERY` steps (a host sync)."""
@@ -355,6 +372,10 @@ class Run:
                "val_loss": val_loss, "val_acc": val_acc, "images_per_s": n / seconds, "seconds": seconds,
                "peak_mem_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
                "monitor": "val" if self.data.val is not None else "test"}
+        if self.data.streaming:  # unreadable images skipped so far (--skip-bad-images), over all processes
+            splits = {id(s): s for s in (self.data.train, self.data.val, self.data.test) if s is not None}
+            skipped = torch.tensor([float(sum(len(s.skipped) for s in splits.values()))], device=device)
+            row["skipped_images"] = int(self.dist.all_reduce(skipped).item())
         state["history"].append(row)
         state.update(epoch=epoch + 1, step=0, meter=[0.0, 0.0, 0.0, 0.0])
         improved = val_acc > state["best_acc"]
@@ -366,7 +387,8 @@ class Run:
         self.logger.epoch(state["history"])
         msg = (f"epoch {epoch + 1}/{args.epochs}: train loss {number(row['train_loss'])} acc {row['train_acc']:.2%}, "
                f"{row['monitor']} loss {number(val_loss)} acc {val_acc:.2%}, {row['images_per_s']:.0f} img/s"
-               + (f", peak {row['peak_mem_mib']:.0f} MiB" if row["peak_mem_mib"] is not None else ""))
+               + (f", peak {row['peak_mem_mib']:.0f} MiB" if row["peak_mem_mib"] is not None else "")
+               + (f", {row['skipped_images']} unreadable images skipped" if row.get("skipped_images") else ""))
         if self.dist.main:
             tqdm.write(msg)
 

@@ -30,8 +30,24 @@ class Context:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
     def inputs(self, images: Tensor, params: Tensor | None = None) -> Tensor:
-        x = self.augment(images, params)
+        return self.place(self.augment(images, params))
+
+    def place(self, x: Tensor) -> Tensor:
+        """A batch of model inputs on the device (asynchronously from pinned memory), channels-last if asked."""
+        x = x.to(self.device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def batches(self, split: Split, batch_size: int):
+        """``(inputs, labels)`` of ``split`` for evaluation, each process every ``world``-th image: gathered on the
+        device, or streamed (a :class:`.data.ImageFiles` split)."""
+        if split.streaming:
+            for x, y in split.stream(batch_size, self.device, self.dist.world, self.dist.rank):
+                yield self.place(x), y.to(self.device, non_blocking=True)
+            return
+        idx = torch.arange(self.dist.rank, len(split), self.dist.world, device=split.labels.device)
+        for i in range(0, len(idx), batch_size):
+            b = idx[i:i + batch_size]
+            yield self.inputs(split.images[b]), split.labels[b]
 
 
 @torch.no_grad()
@@ -39,15 +55,12 @@ def evaluate(model: nn.Module, split: Split, ctx: Context, batch_size: int) -> t
     """``(mean loss, accuracy)`` on ``split``; each process takes every ``world``-th image, sums are reduced."""
     was_training = model.training
     model.eval()
-    idx = torch.arange(ctx.dist.rank, len(split), ctx.dist.world, device=split.labels.device)
     sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
-    for i in range(0, len(idx), batch_size):
-        b = idx[i:i + batch_size]
-        y = split.labels[b]
+    for x, y in ctx.batches(split, batch_size):
         with ctx.autocast():
-            logits = model(ctx.inputs(split.images[b]))
+            logits = model(x)
         sums += torch.stack([F.cross_entropy(logits.float(), y, reduction="sum").double(),
-                             (logits.argmax(1) == y).sum().double(), sums.new_tensor(len(b))])
+                             (logits.argmax(1) == y).sum().double(), sums.new_tensor(len(y))])
     model.train(was_training)
     loss, correct, n = ctx.dist.all_reduce(sums).tolist()
     return loss / max(n, 1), correct / max(n, 1)

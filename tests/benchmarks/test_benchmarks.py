@@ -281,3 +281,18 @@ def test_environment_record_names_the_commit(monkeypatch):
     monkeypatch.setenv("EFFDENSE_COMMIT", "0123456789abcdef")    # a copy without .git (the GPU machine)
     env = info.environment(torch.device("cpu"))
     assert env["commit"] == "0123456789abcdef" and env["dirty"] is None
+
+
+def test_loader_suite_measures_images_per_worker_or_names_the_extra():
+    cpu = torch.device("cpu")
+    _, rows = SUITES["loader"](cpu, True, ["naive"], {"images": 6, "batch": 2, "workers": [0, 1], "model": None})
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        assert len(rows) == 1 and "pip install 'effdense[vision]'" in rows[0]["status"]
+    else:
+        assert [r["workers"] for r in rows] == [0, 1] and all(r["status"] == "ok" for r in rows)
+        assert all(r["images"] == 6 and r["images_per_s"] > 0 for r in rows)
+        assert rows[1]["images_per_s_per_worker"] == rows[1]["images_per_s"]
+    _, rows = SUITES["loader"](cpu, True, ["naive"], {"workers": [], "size": 32, "model": "densenet121"})
+    assert len(rows) == 1 and rows[0]["status"] == "ok" and rows[0]["images_per_s"] > 0

@@ -12,6 +12,8 @@ Datasets (:data:`DATASETS`):
 * ``fashion-mnist`` (:mod:`.builtin`): the idx files of Debian's ``dataset-fashion-mnist`` package (default folder
   ``/usr/share/datasets/fashion-mnist``), 28x28 grey images zero-padded to 32x32.
 * ``synthetic`` (:mod:`.builtin`): a small generated 10-class set with a learnable signal, for smoke tests.
+* ``folder`` (:mod:`.folder`): a user's images in the ImageFolder layout, the exception: too large to hold, they
+  stream from disk through a ``DataLoader`` and torchvision's transforms (the ``effdense[vision]`` extra).
 """
 from __future__ import annotations
 
@@ -22,8 +24,9 @@ from .augment import Augment
 from .base import CACHE_ENV, DataError, Dataset, Split, default_cache
 from .builtin import load_digits, load_fashion_mnist, synthetic
 from .cifar import CIFAR, load_cifar
+from .folder import FolderData, ImageFiles, folder_options, load_folder
 
-DATASETS = ("cifar10", "cifar100", "digits", "fashion-mnist", "synthetic")
+DATASETS = ("cifar10", "cifar100", "digits", "fashion-mnist", "synthetic", "folder")
 
 
 def split_validation(train: Split, val_size: int, seed: int = 0) -> tuple[Split, Split | None]:
@@ -44,8 +47,11 @@ def image_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 def load_dataset(name: str, data_dir: str | None = None, val_size: int = 0, allow_download: bool = True,
-                 split_seed: int = 0) -> Dataset:
-    """Load dataset ``name`` (one of :data:`DATASETS`) on the CPU, with ``val_size`` training images held out."""
+                 split_seed: int = 0, folder: dict | None = None) -> Dataset:
+    """Load dataset ``name`` (one of :data:`DATASETS`) on the CPU, with ``val_size`` training images held out;
+    ``folder``: the keyword arguments of :func:`.folder.load_folder` (see :func:`.folder.folder_options`)."""
+    if name == "folder":
+        return load_folder(data_dir, val_size, split_seed, **(folder or {}))
     if name in CIFAR:
         train, test, classes = load_cifar(name, data_dir, allow_download)
     elif name == "digits":
@@ -61,5 +67,6 @@ def load_dataset(name: str, data_dir: str | None = None, val_size: int = 0, allo
     return Dataset(name, train, val, test, classes, mean, std, flip=name != "digits")
 
 
-__all__ = ["Augment", "CACHE_ENV", "CIFAR", "DATASETS", "DataError", "Dataset", "Split", "default_cache",
+__all__ = ["Augment", "CACHE_ENV", "CIFAR", "DATASETS", "DataError", "Dataset", "FolderData", "ImageFiles", "Split",
+           "default_cache", "folder_options", "load_folder",
            "image_stats", "load_dataset", "split_validation"]

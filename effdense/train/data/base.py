@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -30,6 +31,8 @@ class Split:
 
     images: Tensor
     labels: Tensor
+    #: held whole (False) or streamed from disk (:class:`.folder.ImageFiles`)
+    streaming: ClassVar[bool] = False
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -53,6 +56,8 @@ class Dataset:
     std: tuple[float, ...]
     #: whether horizontal flips are a valid augmentation (not for digits)
     flip: bool = True
+    #: held whole on the device (False) or streamed batch by batch (:class:`.folder.FolderData`)
+    streaming: ClassVar[bool] = False
 
     @property
     def num_classes(self) -> int:
