@@ -198,7 +198,9 @@ setup(
         "train": ["scikit-learn"],         # every in-memory dataset of effdense-train
         "plots": ["matplotlib"],
         "tensorboard": ["tensorboard"],
-        "test": ["pytest>=7", "pytest-timeout", "scikit-learn", 'triton>=3.2; platform_system == "Linux"'],
+        "export": ["onnx", "onnxscript", "onnxruntime"],  # torch.onnx.export and running its files (tests)
+        "test": ["pytest>=7", "pytest-timeout", "scikit-learn", 'triton>=3.2; platform_system == "Linux"', "onnx",
+                 "onnxscript", "onnxruntime"],
     },
     entry_points={"console_scripts": ["effdense-train = effdense.train.run:main", "effdense-eval = effdense.train.eval:main"]},
     zip_safe=False,

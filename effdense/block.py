@@ -6,13 +6,21 @@ forward and backward are computed (see :mod:`effdense.backends`).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import List, Union  # TorchScript reads these annotations (it does not read ``X | Y`` or Sequence)
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import backends
 from .backends import naive
+
+
+def exporting() -> bool:
+    """Whether the forward is being captured into a graph for export: ``torch.jit.trace``, ``torch.onnx.export``
+    (both exporters) or ``torch.export`` (``torch.jit.script`` is told apart by ``torch.jit.is_scripting()``)."""
+    # cheapest first: is_in_onnx_export takes microseconds (two imports), and both ONNX exporters trace or export
+    return torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 class DenseLayer(nn.Module):
@@ -37,9 +45,26 @@ class DenseLayer(nn.Module):
         self.drop_rate = float(drop_rate)
         self.memory_efficient = memory_efficient
 
-    def forward(self, input: Tensor | Sequence[Tensor]) -> Tensor:
+    def forward(self, input: Union[Tensor, List[Tensor]]) -> Tensor:
         features = [input] if isinstance(input, Tensor) else list(input)
-        return naive.layer_forward(self, features, use_checkpoint=self.memory_efficient)
+        if torch.jit.is_scripting():
+            return self.reference(features)
+        return self._eager(features)
+
+    @torch.jit.unused
+    def _eager(self, features: List[Tensor]) -> Tensor:
+        return naive.layer_forward(self, features, use_checkpoint=self.memory_efficient and not exporting())
+
+    def reference(self, features: List[Tensor]) -> Tensor:
+        """The layer in TorchScript: torchvision's ``_DenseLayer``, i.e. the ``"naive"`` backend's
+        :func:`~effdense.backends.naive.layer_forward` written with the layer's own modules (TorchScript cannot
+        compile that function: it takes modules as arguments)."""
+        out = self.conv1(self.relu1(self.norm1(torch.cat(features, 1))))
+        if hasattr(self, "norm2"):
+            out = self.conv2(self.relu2(self.norm2(out)))
+        if self.drop_rate > 0:
+            out = F.dropout(out, p=self.drop_rate, training=self.training)
+        return out
 
 
 class EfficientDenseBlock(nn.ModuleDict):
@@ -57,6 +82,7 @@ class EfficientDenseBlock(nn.ModuleDict):
     """
 
     _version = 2
+    __jit_unused_properties__ = ["num_output_features"]  # TorchScript: properties it need not compile
 
     def __init__(self, num_layers: int, num_input_features: int, bn_size: int = 4, growth_rate: int = 32,
                  drop_rate: float = 0.0, memory_efficient: bool = False, bottleneck: bool = True,
@@ -85,6 +111,7 @@ class EfficientDenseBlock(nn.ModuleDict):
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}" + (", keep_bottleneck=True" if self.keep_bottleneck else "")
 
+    @torch.jit.unused
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"expected a torch.Tensor of shape [N, {self.num_input_features}, H, W], "
@@ -92,7 +119,7 @@ class EfficientDenseBlock(nn.ModuleDict):
         if x.dim() != 4:
             raise ValueError(f"expected a 4-D input [N, {self.num_input_features}, H, W], "
                              f"got a {x.dim()}-D input of shape {tuple(x.shape)}")
-        if x.shape[1] != self.num_input_features:
+        if not torch.jit.is_tracing() and x.shape[1] != self.num_input_features:  # traced: conv1 checks it
             raise ValueError(f"expected {self.num_input_features} input channels (input shape "
                              f"[N, {self.num_input_features}, H, W]), got {x.shape[1]} channels in shape "
                              f"{tuple(x.shape)}")
@@ -113,6 +140,24 @@ class EfficientDenseBlock(nn.ModuleDict):
         return backends.resolve(self.backend, x.device, x.dtype).name
 
     def forward(self, x: Tensor) -> Tensor:
+        # Export. The backends' kernels are operators of their own (``effdense::*``) that no exporter or runtime
+        # outside effdense knows, so while a graph is captured for export (traced, scripted, torch.export, either ONNX
+        # exporter) the block runs the "naive" backend's math instead: the same function of the same parameters
+        # (the backends are tested equal to it), in standard operators, in train and eval mode alike. This was chosen
+        # over decompositions registered for the effdense ops because TorchScript (jit.trace, jit.script, the
+        # TorchScript-based ONNX exporter) has no decomposition table to use, and the memory the kernels save
+        # matters in training, not in a deployed inference graph (where no activation is kept for a backward).
+        if torch.jit.is_scripting():
+            features = [x]
+            for layer in self.values():
+                features.append(layer(features))
+            return torch.cat(features, 1)
+        return self._eager(x)
+
+    @torch.jit.unused
+    def _eager(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        if exporting():
+            return naive.block_forward(x, list(self.values()))
         backend = backends.resolve(self.backend, x.device, x.dtype)
         return backend.forward(x, list(self.values()), **{k: getattr(self, k) for k in backend.options})

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from . import backends
 from .backends.common import torch_transition
-from .block import EfficientDenseBlock
+from .block import EfficientDenseBlock, exporting
 from .memory import bottleneck_plan
 from .weights import rename_legacy_keys, with_weights
 
@@ -41,7 +41,15 @@ class Transition(nn.Sequential):
         self.backend = backends.check_name(backend)
 
     def forward(self, x: Tensor) -> Tensor:
-        fused = backends.resolve(self.backend, x.device, x.dtype).transition if self.backend != "naive" else None
+        if torch.jit.is_scripting():  # torch_transition in TorchScript, pooling first; see EfficientDenseBlock.forward
+            return self.conv(self.pool(self.relu(self.norm(x))))
+        return self._eager(x)
+
+    @torch.jit.unused
+    def _eager(self, x: Tensor) -> Tensor:
+        fused = None
+        if self.backend != "naive" and not exporting():  # export: standard ops, see EfficientDenseBlock.forward
+            fused = backends.resolve(self.backend, x.device, x.dtype).transition
         if fused is not None:
             return fused(x, self.norm, self.conv)
         return torch_transition(x, self.norm, self.conv)
@@ -148,10 +156,16 @@ class EfficientDenseNet(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The final feature map after ``norm5`` and ReLU: ``[N, num_features, H/32, W/32]`` (ImageNet stem)."""
+        if not torch.jit.is_scripting():
+            self._check_input(x)
+        return F.relu(self.features(x), inplace=True)
+
+    @torch.jit.unused
+    def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"expected a 4-D image batch [N, {self.features.conv0.in_channels}, H, W], got {shape}")
-        if x.shape[1] != self.features.conv0.in_channels:
+        if not torch.jit.is_tracing() and x.shape[1] != self.features.conv0.in_channels:  # traced: conv0 checks
             raise ValueError(f"expected {self.features.conv0.in_channels} input channels, got {x.shape[1]} "
                              f"in shape {tuple(x.shape)}")
         if not x.is_floating_point():
@@ -163,15 +177,19 @@ class EfficientDenseNet(nn.Module):
         if x.dtype != param.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(f"expected a {param.dtype} input (the model's parameter dtype), got {x.dtype}; cast "
                             f"one of them (model.to({x.dtype}) or x.to({param.dtype})), or run under torch.autocast")
-        return F.relu(self.features(x), inplace=True)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.forward_features(x)
         if self.global_pool is None:
             return out
-        pool = F.adaptive_avg_pool2d if self.global_pool == "avg" else F.adaptive_max_pool2d
-        out = torch.flatten(pool(out, (1, 1)), 1)
-        return self.classifier(out) if self.include_top else out
+        if self.global_pool == "avg":
+            out = F.adaptive_avg_pool2d(out, (1, 1))
+        else:
+            out = F.adaptive_max_pool2d(out, (1, 1))
+        out = torch.flatten(out, 1)
+        if hasattr(self, "classifier"):  # include_top (TorchScript: a model without one has no such attribute)
+            out = self.classifier(out)
+        return out
 
 
 #: the ImageNet DenseNets (Huang et al., table 1): growth rate k, layers per dense block, stem channels
