@@ -74,7 +74,8 @@ def backend_unavailable(name: str, device: torch.device, dtype: torch.dtype) -> 
 
 
 def build_model(name: str, depth: int | None, growth_rate: int, backend: str, device: torch.device,
-                num_classes: int = 10, budget: float | None = None) -> torch.nn.Module:
+                num_classes: int = 10, budget: float | None = None, compile_backend: str = "inductor"
+                ) -> torch.nn.Module:
     """``name`` is ``"bc"`` (DenseNet-BC of ``depth``) or an ``effdense.MODELS`` key; ``compile`` is naive under
     :func:`compile_model` (at activation memory ``budget``). Without dropout (``drop_rate=0``, every preset's
     default): below budget 1.0 torch.compile recomputes dropout with fresh randomness (pytorch#190717)."""
@@ -85,7 +86,7 @@ def build_model(name: str, depth: int | None, growth_rate: int, backend: str, de
     else:
         model = effdense.MODELS[name](num_classes=num_classes, backend=block_backend, drop_rate=0.0)
     model = model.to(device)
-    return compile_model(model, budget=budget) if backend == "compile" else model
+    return compile_model(model, compile_backend, budget) if backend == "compile" else model
 
 
 def compile_model(model: torch.nn.Module, backend: str = "inductor", budget: float | None = None,

@@ -46,7 +46,8 @@ def _override(cfg: dict, overrides: dict | None) -> dict:
 
 
 def _measure(name: str, depth: int | None, k: int, backend: str, batch: int, dtype: str, device: torch.device,
-             time_it: bool, warmup: int = 2, reps: int = 10, budget: float | None = None) -> dict:
+             time_it: bool, warmup: int = 2, reps: int = 10, budget: float | None = None,
+             compile_backend: str = "inductor") -> dict:
     """One configuration: peak memory of a training step and, if ``time_it``, median phase times; ``budget``:
     the ``compile`` backend's activation memory budget (:func:`benchmarks.common.compile_model`)."""
     row = dict(model=name, depth=depth, growth_rate=k, backend=backend, batch=batch, dtype=dtype)
@@ -58,7 +59,7 @@ def _measure(name: str, depth: int | None, k: int, backend: str, batch: int, dty
     size = input_size(name)
     try:
         torch.manual_seed(0)
-        model = build_model(name, depth, k, backend, device, budget=budget)
+        model = build_model(name, depth, k, backend, device, budget=budget, compile_backend=compile_backend)
         step = Step(model, batch, size, dtype, device)
         step.step()                                   # warm-up: compile, gradients, optimizer state
         peak = measure_step(step.step, device).peak_bytes
@@ -87,7 +88,7 @@ def memory(device: torch.device, quick: bool, backends: list[str], overrides: di
         cfg = dict(batch=2, growth_rates=[12], depths=[10, 16, 22], dtype="fp32")
     else:
         cfg = dict(batch=64, growth_rates=[12, 24], depths=[40, 100, 190, 250, 400, 700, 1000], dtype="fp32")
-    cfg["budgets"] = [1.0]
+    cfg.update(budgets=[1.0], compile_backend="inductor")
     cfg = _override(cfg, overrides)
     _check_budgets(cfg)
     rows = _begin(rows, cfg)
@@ -96,7 +97,7 @@ def memory(device: torch.device, quick: bool, backends: list[str], overrides: di
             for budget in cfg["budgets"] if backend == "compile" else [None]:
                 for depth in cfg["depths"]:
                     row = _measure("bc", depth, k, backend, cfg["batch"], cfg["dtype"], device, time_it=False,
-                                   budget=budget)
+                                   budget=budget, compile_backend=cfg["compile_backend"])
                     rows.append(row)
                     if row["status"] == "oom":
                         break                                  # deeper will not fit either
