@@ -1,7 +1,7 @@
 """``bash benchmarks/gpu_run.sh --rehearse``: the GPU command's phases on CPU at tiny sizes, so that the one call a
 lent GPU gets cannot fail on a typo, a missing file or an argument the scripts no longer accept (issue 14).
 
-One run (about 1.5 minutes on an idle 2-core machine, at most 170 s by the script's own overall deadline):
+One run (about 1.5 minutes on an idle 2-core machine, at most 200 s by the script's own overall deadline):
 it exits 0; every phase ran and none failed (a phase may be cut off by its rehearsal deadline on a loaded
 machine, but then its suite has still written the results file it starts with, which proves its arguments
 were accepted); what comes back is at most 8 files no deeper than two folders; the results tarball holds
@@ -23,7 +23,8 @@ SCRIPT = ROOT / "benchmarks" / "gpu_run.sh"
 #: the phases in their order, and the suite each benchmark phase runs
 PHASES = {"setup": None, "correctness": None, "speed-bc100-b64": "speed", "memory": "memory",
           "capacity": "capacity", "compile": "speed", "densenet121": "speed", "peers": "peers",
-          "speed-bc100-b256": "speed", "kernels": "kernels", "launches": "launches"}
+          "speed-bc100-b256": "speed", "kernels": "kernels", "launches": "launches", "inference": "inference",
+          "budgets": "speed"}
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils' timeout")
@@ -43,7 +44,7 @@ def rehearsal(tmp_path_factory):
 def test_rehearsal_exits_cleanly_within_its_deadline(rehearsal):
     proc, out, wall = rehearsal
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert wall < 200, f"the rehearsal took {wall:.0f} s (its overall deadline is 170 s plus packing)"
+    assert wall < 230, f"the rehearsal took {wall:.0f} s (its overall deadline is 200 s plus packing)"
     assert "phase" in proc.stdout and "result files" in proc.stdout, "the summary table ends the output"
 
 
