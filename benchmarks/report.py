@@ -185,7 +185,7 @@ def targets(data: dict) -> list[dict]:
         out += _launch_targets(rows)
     if data["suite"] == "inference":
         out += _inference_targets(rows)
-    if data["suite"] in ("speed", "memory"):
+    if view(data) in ("speed budgets", "memory budgets"):
         out += _budget_targets(rows)
     for t in out:
         better = t.get("higher_is_better", False)

@@ -278,6 +278,8 @@ def test_environment_record_names_the_commit(monkeypatch):
     env = info.environment(torch.device("cpu"), ["prog", "--flag", "a b"])
     assert env["command"] == "prog --flag 'a b'" and env["torch"] == torch.__version__
     assert (env["commit"] is None) == (env["dirty"] is None)
+    if (pathlib.Path(info.__file__).resolve().parents[2] / ".git").exists() and shutil.which("git"):
+        assert env["commit"], "run from a git checkout, the commit is recorded (info.SOURCE_ROOT is the checkout)"
     monkeypatch.setenv("EFFDENSE_COMMIT", "0123456789abcdef")    # a copy without .git (the GPU machine)
     env = info.environment(torch.device("cpu"))
     assert env["commit"] == "0123456789abcdef" and env["dirty"] is None
