@@ -122,9 +122,9 @@ triton.__version__, 'threads', torch.get_num_threads())"
 # every tile config, dropout, channels-last, CUDA graphs, the 20-step BC-100 loss curves. `-k "cuda or triton"`
 # keeps the CUDA cases of the shared files and whole modules whose name says triton/cuda; the CPU-only AOT and
 # nvcc/tiling tests are not listed. Each test has a timeout; compile-heavy tests spread over 8 processes.
-TEST_FILES=(tests/backends/test_equivalence.py tests/test_cpp_backend.py tests/test_cpp_ops.py tests/test_triton_kernels.py
-            tests/test_triton_backend.py tests/test_triton_transition.py tests/models/test_cuda_graphs.py
-            tests/train/test_cuda_training.py)
+TEST_FILES=(tests/backends/test_equivalence.py tests/backends/test_cpp_backend.py tests/csrc/test_cpp_ops.py
+            tests/kernels/test_triton_kernels.py tests/backends/test_triton_backend.py
+            tests/kernels/test_triton_transition.py tests/models/test_cuda_graphs.py tests/train/test_cuda_training.py)
 correctness() {
   local args=(-q -p no:cacheprovider -rfEs --timeout "$TEST_TIMEOUT" -k "cuda or triton" "${TEST_FILES[@]}")
   "$PY" -c "import xdist" 2> /dev/null && [ "$REHEARSE" = 0 ] && args+=(-n 8)
