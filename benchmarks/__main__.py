@@ -96,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help=f"results folder (default {os.path.relpath(RESULTS)}; with --quick "
                    f"{QUICK_RESULTS})")
     p.add_argument("--batch", type=int, help="memory: batch size")
-    p.add_argument("--batches", type=int, nargs="+", help="speed: batch sizes")
-    p.add_argument("--depths", type=int, nargs="+", help="memory, speed: DenseNet-BC depths")
-    p.add_argument("--growth-rates", type=int, nargs="+", help="memory, speed: growth rates")
+    p.add_argument("--batches", type=int, nargs="+", help="speed, inference: batch sizes")
+    p.add_argument("--depths", type=int, nargs="+", help="memory, speed, inference: DenseNet-BC depths")
+    p.add_argument("--growth-rates", type=int, nargs="+", help="memory, speed, inference: growth rates")
     p.add_argument("--dtypes", nargs="+", choices=["fp32", "bf16", "fp16"], help="speed: dtypes")
     p.add_argument("--set", nargs="+", type=_setting, default=[], action="extend", metavar="KEY=JSON",
                    help="any other configuration entry of the chosen suites, e.g. rounds=3 caps_gib=[12] models=[] "

@@ -74,16 +74,40 @@ def backend_unavailable(name: str, device: torch.device, dtype: torch.dtype) -> 
 
 
 def build_model(name: str, depth: int | None, growth_rate: int, backend: str, device: torch.device,
-                num_classes: int = 10) -> torch.nn.Module:
-    """``name`` is ``"bc"`` (DenseNet-BC of ``depth``) or an ``effdense.MODELS`` key."""
+                num_classes: int = 10, budget: float | None = None, compile_backend: str = "inductor"
+                ) -> torch.nn.Module:
+    """``name`` is ``"bc"`` (DenseNet-BC of ``depth``) or an ``effdense.MODELS`` key; ``compile`` is naive under
+    :func:`compile_model` (at activation memory ``budget``). Without dropout (``drop_rate=0``, every preset's
+    default): below budget 1.0 torch.compile recomputes dropout with fresh randomness (pytorch#190717)."""
     block_backend = "naive" if backend == "compile" else backend
     if name == "bc":
         model = effdense.densenet_cifar(depth=depth, growth_rate=growth_rate, num_classes=num_classes,
-                                        backend=block_backend)
+                                        backend=block_backend, drop_rate=0.0)
     else:
-        model = effdense.MODELS[name](num_classes=num_classes, backend=block_backend)
+        model = effdense.MODELS[name](num_classes=num_classes, backend=block_backend, drop_rate=0.0)
     model = model.to(device)
-    return torch.compile(model) if backend == "compile" else model
+    return compile_model(model, compile_backend, budget) if backend == "compile" else model
+
+
+def compile_model(model: torch.nn.Module, backend: str = "inductor", budget: float | None = None,
+                  **kwargs) -> torch.nn.Module:
+    """``torch.compile(model)`` through a backend of its own that partitions the graphs under
+    ``torch._functorch.config.activation_memory_budget = budget`` (PyTorch's automatic recomputation: 1.0 saves
+    what the min-cut partitioner chooses, lower budgets recompute more; None: the global setting). Its own
+    backend, because Dynamo hands a second instance of a module class the graphs compiled for the first
+    (compiled under another budget) unless the backend differs."""
+    import torch._functorch.config as functorch_config
+    if budget is not None and not 0.0 <= budget <= 1.0:
+        raise ValueError(f"activation memory budget must be in [0, 1], got {budget}")
+    inner = torch._dynamo.lookup_backend(backend)
+
+    def partitioned(gm, example_inputs, **kw):
+        if budget is None:
+            return inner(gm, example_inputs, **kw)
+        with functorch_config.patch(activation_memory_budget=budget):
+            return inner(gm, example_inputs, **kw)
+
+    return torch.compile(model, backend=partitioned, **kwargs)
 
 
 def input_size(name: str) -> int:

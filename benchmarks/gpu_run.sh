@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU figure the project needs, in one prepared command of under 9 minutes on a lent H200:
+# Every GPU figure the project needs, in one prepared command of 7 minutes (EFFDENSE_GPU_TOTAL=420 seconds) on a lent
+# H100 or H200: with the machine's start, a task's 15 minutes of device time leave room for one rerun, which finds
+# the Triton and inductor caches of the first run in build/gpu-run-cache:
 #
 #   EFFDENSE_COMMIT=<the commit, typed in literally> bash benchmarks/gpu_run.sh     # results into $OUT
 #   bash benchmarks/gpu_run.sh --rehearse     # the same phases on CPU, tiny sizes, < 4 minutes (CI runs it)
@@ -18,9 +20,9 @@
 #                        `tar xzf results-<dev>.tgz -C benchmarks/results` here, then
 #                        `python -m benchmarks.report --readme README.md --plots`
 #
-# Sizing (H200, from FLOPs, bytes and launches; the deadlines leave ~1.5 min of the 9 for the machine's start
-# and the copies). DenseNet-BC-100 k=12 at 32x32 is ~0.29 GFLOP per image forward, ~1 GFLOP a training step
-# with the recomputation: 64 GFLOP at batch 64, under 1 ms of tensor-core time, so a step is launch-bound:
+# Sizing (H200, from FLOPs, bytes and launches; a phase past the overall deadline is skipped, so the least important
+# ones come last). DenseNet-BC-100 k=12 at 32x32 is ~0.29 GFLOP per image forward, ~1 GFLOP a training step with the
+# recomputation: 64 GFLOP at batch 64, under 1 ms of tensor-core time, so a step is launch-bound:
 # ~1500 launches at ~5 us is ~8 ms eager (naive), less captured. A speed variant is 3 warm-up steps, one for
 # memory, then 7 rounds x (5 steps + forward + backward) = ~55 steps, ~0.5 s; 10 variants x 2 dtypes x 2 batches
 # is ~30 s, plus Triton's JIT for the first triton step (the bounded compile set of issue 10, ~1 s a kernel,
@@ -30,7 +32,11 @@
 # of tensor-core time but ~40-60 ms in practice (BN/ReLU/concat traffic, ~25 GB a step at ~4 TB/s): 5 rounds x
 # 3 steps x 10 variants ~ 15 s. Memory vs depth: building a 1000-layer model takes ~2 s of Python, its step
 # ~0.1 s; naive stops at its first OOM (~700 layers at batch 64: quadratic, ~80 GB). The 12 GiB capacity
-# search is ~10 probes per backend (doubling from 64 layers per block, then bisection).
+# search is ~10 probes per backend (doubling from 64 layers per block, then bisection). Inference: BC-100 eval
+# forwards at batch 1/32/256, ~0.1 GFLOP to 75 GFLOP, launch-bound, plus one inductor compile of the forward
+# (~15 s) per batch. Budgets: torch.compile of naive BC-100 at activation memory budgets 0.5, 0.2, 0.05 (the 1.0
+# row is the compile phase's), each a fresh inductor compile of forward + backward (~25 s from a warm FX cache),
+# one run per budget, so that a budget cut off by the deadline loses only its own rows.
 set -uo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -73,6 +79,18 @@ print('effdense._C:', _ext.reason() or 'loaded')" ;;
       bench --suite kernels --backends naive cpp triton --set 'models=[]' $KERNEL_SIZES ;;
     launches)
       bench --suite launches --depths "$LAUNCH_DEPTH" --backends naive checkpoint torch cpp triton ;;
+    inference)      # eval forward (issue 28): latency, images/s, peak memory; compile's first call timed apart
+      bench --suite inference --depths "$BC" --growth-rates 12 --batches $INFER_BATCHES \
+        --backends naive checkpoint torch cpp triton compile --set "compile_backend=\"$COMPILE_BACKEND\"" \
+        $INFER_SET ;;
+    budgets)        # torch.compile's automatic recomputation beside cpp (issue 28); without dropout, since
+      local b rc=0  # below budget 1.0 the partitioner recomputes dropout with fresh randomness (pytorch#190717)
+      for b in $BUDGETS; do
+        bench --suite speed --depths "$BC" --growth-rates 12 --batches "$B64" --dtypes fp32 \
+          --backends naive compile cpp --set "budgets=[$b]" "compile_backend=\"$COMPILE_BACKEND\"" rss=false \
+          rounds=3 reps=3 $SPEED_SET || rc=$?
+      done
+      return $rc ;;
     *) echo "unknown phase $name" >&2; return 2 ;;
   esac
 }
@@ -146,15 +164,16 @@ esac
 if [ "$REHEARSE" = 1 ]; then
   OUT=${OUT:-/tmp/effdense-gpu-rehearsal}
   DEVICE=cpu BC=10 B64=2 B256=4 MEM_DEPTHS="10 16" D121='[["bc",16,12]]' PEER_SIZE=32 LAUNCH_DEPTH=10
-  COMPILE_BACKEND=aot_eager TEST_TIMEOUT=60 TOTAL=215 SPEED_SET="--set rounds=2 reps=1 warmup=1 rss=false" DTYPES=fp32
+  COMPILE_BACKEND=aot_eager TEST_TIMEOUT=60 TOTAL=225 SPEED_SET="--set rounds=2 reps=1 warmup=1 rss=false" DTYPES=fp32
+  INFER_BATCHES="1 2" INFER_SET="--set rounds=2 reps=1 warmup=1" BUDGETS="0.05"
   KERNEL_SIZES="batch=2 shapes=[[24,48]] reps=3 copy_elems=1048576 matmul_n=256 profile=false"
   export TRITON_INTERPRET=1
   # (full deadline, rehearsal deadline) per phase: the table below
 else
   OUT=${OUT:-/tmp/effdense-gpu-run}
   DEVICE=cuda BC=100 B64=64 B256=256 MEM_DEPTHS="100 250 400 700 1000" D121='[["densenet121",null,32]]'
-  PEER_SIZE=224 LAUNCH_DEPTH=40 COMPILE_BACKEND=inductor TEST_TIMEOUT=90 TOTAL=450 KERNEL_SIZES="" SPEED_SET=""
-  DTYPES="fp32 bf16"
+  PEER_SIZE=224 LAUNCH_DEPTH=40 COMPILE_BACKEND=inductor TEST_TIMEOUT=90 TOTAL=${EFFDENSE_GPU_TOTAL:-420}
+  KERNEL_SIZES="" SPEED_SET="" DTYPES="fp32 bf16" INFER_BATCHES="1 32 256" INFER_SET="" BUDGETS="0.5 0.2 0.05"
 fi
 mkdir -p "$OUT"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/effdense-gpu-work.XXXXXX")
@@ -168,7 +187,7 @@ export TRITON_CACHE_DIR="$CACHE/triton" TORCHINDUCTOR_CACHE_DIR="$CACHE/inductor
 # one session: benchmarks.report merges this run's results of a suite (four speed phases) into one table
 export EFFDENSE_SESSION="gpu_run-$(date -u +%Y%m%dT%H%M%SZ)"
 export REHEARSE DEVICE DTYPES BC B64 B256 MEM_DEPTHS D121 PEER_SIZE LAUNCH_DEPTH COMPILE_BACKEND \
-  TEST_TIMEOUT KERNEL_SIZES SPEED_SET WORK RESULTS PY
+  TEST_TIMEOUT KERNEL_SIZES SPEED_SET INFER_BATCHES INFER_SET BUDGETS WORK RESULTS PY
 if [ -z "${EFFDENSE_COMMIT:-}" ] && ! git -C "$REPO" rev-parse HEAD > /dev/null 2>&1; then
   echo "WARNING: no .git and no EFFDENSE_COMMIT: results will say commit unknown" | tee -a "$LOG"
 fi
@@ -200,17 +219,19 @@ run() {   # run NAME FULL_DEADLINE REHEARSAL_DEADLINE
 }
 
 #   phase               full  rehearsal (seconds; on an idle 2-core CPU the rehearsal's phases take about half)
-run setup               40    15
+run setup               30    15
 [ -e "$WORK/need-build" ] && run build 240 0   # 16 jobs: a few minutes of nvcc; the last phases are then cut
-run correctness         140   25
-run speed-bc100-b64     55    20
-run memory              40    12
-run capacity            30    6
-run compile             55    25
-run densenet121         30    18
-run peers               15    6
-run speed-bc100-b256    30    20
-run kernels             15    6
+run correctness         130   25
+run speed-bc100-b64     45    20
+run memory              30    12
+run compile             45    25
+run inference           30    14
+run budgets             60    16
+run capacity            20    6
+run densenet121         20    18
+run speed-bc100-b256    20    20
+run peers               10    6
+run kernels             10    6
 run launches            10    22
 
 # ------------------------------------------------------------------------------------------ results

@@ -24,17 +24,20 @@ UNITS = {"peak_bytes": "bytes", "rss_step_bytes": "bytes", "rss_step_bytes_fixed
          "images_per_s": "images/s", "gbps": "GB/s (1e9 bytes)", "tflops": "TFLOP/s", "floor_ms": "ms",
          "step_flops": "FLOP", "step_bytes": "bytes", "deepest_depth": "layers", "cap_gib": "GiB",
          "first_step_s": "s", "achieved_gbps": "GB/s (1e9 bytes): the floor's bytes over the step time",
-         "launches": "kernel launches per training step",
+         "launches": "kernel launches per training step", "latency_ms": "ms per batch (eval forward)",
+         "first_call_s": "s", "budget": "torch._functorch.config.activation_memory_budget",
          "images_per_s_per_worker": "images/s per DataLoader worker (the main process when 0 workers)"}
 START, END = "<!-- measured:start -->", "<!-- measured:end -->"
 
 #: per suite: (column title, row key, format); MiB columns convert from bytes
 COLUMNS = {
     "memory": [("model", "model", "{}"), ("k", "growth_rate", "{}"), ("depth", "depth", "{}"),
-               ("backend", "backend", "{}"), ("batch", "batch", "{}"), ("peak MiB", "peak_bytes", "mib"),
+               ("backend", "backend", "{}"), ("budget", "budget", "{}"), ("batch", "batch", "{}"),
+               ("peak MiB", "peak_bytes", "mib"),
                ("floor MiB", "floor_bytes", "mib"), ("status", "status", "{}")],
     "speed": [("model", "model", "{}"), ("depth", "depth", "{}"), ("batch", "batch", "{}"), ("dtype", "dtype", "{}"),
               ("layout", "layout", "{}"), ("backend", "backend", "{}"), ("variant", "variant", "{}"),
+              ("budget", "budget", "{}"),
               ("fwd ms", "forward_ms", "{:.2f}"),
               ("bwd ms", "backward_ms", "{:.2f}"), ("step ms", "step_ms", "{:.2f}"),
               ("step min-max", "step_ms", "spread"), ("rounds", "step_ms_rounds", "len"),
@@ -63,7 +66,14 @@ COLUMNS = {
                ("backend", "backend", "{}"), ("batch", "batch", "{}"), ("size", "size", "{}"),
                ("img/s", "images_per_s", "{:.1f}"), ("img/s per worker", "images_per_s_per_worker", "{:.1f}"),
                ("step ms", "step_ms", "{:.0f}"), ("status", "status", "{}")],
+    "inference": [("model", "model", "{}"), ("depth", "depth", "{}"), ("k", "growth_rate", "{}"),
+                  ("batch", "batch", "{}"), ("dtype", "dtype", "{}"), ("backend", "backend", "{}"),
+                  ("latency ms", "latency_ms", "{:.2f}"), ("min-max", "latency_ms", "spread"),
+                  ("img/s", "images_per_s", "{:.1f}"), ("peak MiB", "peak_bytes", "mib"),
+                  ("first call s", "first_call_s", "{:.1f}"), ("status", "status", "{}")],
 }
+#: the block backends that save memory, judged against naive in eval (issue 28)
+EFFICIENT = ("checkpoint", "torch", "cpp", "triton")
 #: how many operators the ``most launched`` column names
 TOP_OPS = 4
 
@@ -136,7 +146,8 @@ def targets(data: dict) -> list[dict]:
         for batch, dtype, layout in keys:
                 sel = {r["backend"]: r for r in rows if r["model"] == "bc" and r["depth"] == 100
                        and r.get("growth_rate") == 12 and r["batch"] == batch and r["dtype"] == dtype
-                       and r.get("layout", "nchw") == layout and r.get("variant", "eager") in ("eager", "compile")}
+                       and r.get("layout", "nchw") == layout and r.get("variant", "eager") in ("eager", "compile")
+                       and r.get("budget", 1.0) == 1.0}
                 eff = [r for b, r in sel.items() if b in ("torch", "cpp", "triton")]
                 if "naive" not in sel or not eff:
                     continue
@@ -177,9 +188,58 @@ def targets(data: dict) -> list[dict]:
                             higher_is_better=True))
     if data["suite"] == "launches":
         out += _launch_targets(rows)
+    if data["suite"] == "inference":
+        out += _inference_targets(rows)
+    if view(data) in ("speed budgets", "memory budgets"):
+        out += _budget_targets(rows)
     for t in out:
         better = t.get("higher_is_better", False)
         t["met"] = t["value"] >= t["limit"] if better else t["value"] <= t["limit"]
+    return out
+
+
+def _inference_targets(rows: list[dict]) -> list[dict]:
+    """Issue 28: in eval, each memory-efficient backend needs no more peak memory than naive and is no slower
+    at batch 32 and 256. A missed target carries a ``note``: what it would take, from the measured figures."""
+    out = []
+    for r in rows:
+        naive = next((n for n in rows if n["backend"] == "naive" and all(n.get(f) == r.get(f) for f in
+                                                                          ("model", "depth", "growth_rate", "batch",
+                                                                           "dtype"))), None)
+        if r["backend"] not in EFFICIENT or r["batch"] not in (32, 256) or naive is None:
+            continue
+        label = f"eval BC-{r['depth']} k={r['growth_rate']} batch {r['batch']}" if r["model"] == "bc" else \
+            f"eval {r['model']} batch {r['batch']}"
+        mib = (r["peak_bytes"] - naive["peak_bytes"]) / 2 ** 20
+        out.append(dict(target=f"{label}: peak memory <= naive", backend=r["backend"],
+                        value=r["peak_bytes"] / naive["peak_bytes"], limit=1.0,
+                        note=f"{mib:.1f} MiB less at its peak: a forward that keeps no more than naive's live "
+                             f"tensors (no workspace reserved for a backward that eval never runs)"))
+        out.append(dict(target=f"{label}: latency <= naive", backend=r["backend"],
+                        value=r["latency_ms"] / naive["latency_ms"], limit=1.0,
+                        note=f"{r['latency_ms'] - naive['latency_ms']:.2f} ms less per batch "
+                             f"({1 - naive['latency_ms'] / r['latency_ms']:.0%} of its forward)"))
+    return out
+
+
+def _budget_targets(rows: list[dict]) -> list[dict]:
+    """Issue 28: where ``cpp`` stands against torch.compile at each activation memory budget (same model, batch,
+    dtype and layout): peak memory, and in the speed suite step time, as ratios (below 1: cpp needs less)."""
+    out = []
+    keys = ("model", "depth", "growth_rate", "batch", "dtype", "layout")
+    for c in rows:
+        cpp = next((r for r in rows if r["backend"] == "cpp" and r.get("variant", "eager") == "eager"
+                    and all(r.get(f) == c.get(f) for f in keys)), None)
+        if c["backend"] != "compile" or c.get("variant", "compile") != "compile" or cpp is None:
+            continue
+        label = f"BC-{c['depth']} k={c['growth_rate']} batch {c['batch']}" if c["model"] == "bc" else \
+            f"{c['model']} batch {c['batch']}"
+        budget = c.get("budget", 1.0)
+        out.append(dict(target=f"{label}: cpp peak memory vs compile at budget {budget:g}", backend="cpp",
+                        value=cpp["peak_bytes"] / c["peak_bytes"], limit=1.0))
+        if "step_ms" in c:
+            out.append(dict(target=f"{label}: cpp step time vs compile at budget {budget:g}", backend="cpp",
+                            value=cpp["step_ms"] / c["step_ms"], limit=1.0))
     return out
 
 
@@ -198,9 +258,20 @@ def _launch_targets(rows: list[dict]) -> list[dict]:
     return out
 
 
+def view(data: dict) -> str:
+    """The table a result belongs to: its suite, or ``<suite> budgets`` for a run of activation memory budgets
+    below 1.0 (so that it sits beside the suite's own table instead of replacing it)."""
+    budgets = (data.get("config") or {}).get("budgets") or [1.0]
+    return data["suite"] + (" budgets" if any(b != 1.0 for b in budgets) else "")
+
+
+def _view_order(name: str) -> tuple[int, str]:
+    return list(COLUMNS).index(name.split()[0]), name
+
+
 def suite_markdown(data: dict) -> str:
     cut = " (incomplete: stopped before the end)" if data.get("complete") is False else ""
-    parts = [f"### {data['suite']}{' (quick)' if data.get('quick') else ''}{cut}", "", provenance(data), "",
+    parts = [f"### {view(data)}{' (quick)' if data.get('quick') else ''}{cut}", "", provenance(data), "",
              table(COLUMNS[data["suite"]], data["rows"])]
     tg = targets(data)
     if tg:
@@ -208,6 +279,9 @@ def suite_markdown(data: dict) -> str:
         parts += [f"| {t['target']} | {t['backend']} | {t['value']:.3g} | {t['limit']:g} | "
                   f"{'yes' if t['met'] else 'no (gap ' + format(abs(t['value'] - t['limit']), '.3g') + ')'} |"
                   for t in tg]
+        notes = [f"- {t['target']} ({t['backend']}): missed; it would take {t['note']}." for t in tg
+                 if not t["met"] and t.get("note")]
+        parts += ["", "What the missed targets would take:", "", *notes] if notes else []
     return "\n".join(parts)
 
 
@@ -223,7 +297,7 @@ def newest(results: str, include_quick: bool = False) -> dict[str, dict[str, dic
         if "suite" not in data or not data.get("rows") or (data.get("quick") and not include_quick):
             continue
         dev = os.path.basename(os.path.dirname(path))
-        found.setdefault(dev, {}).setdefault(data["suite"], []).append(data)
+        found.setdefault(dev, {}).setdefault(view(data), []).append(data)
     out: dict[str, dict[str, dict]] = {}
     for dev, suites in found.items():
         for suite, datas in suites.items():
@@ -249,9 +323,8 @@ def section(results: str, link_from: str | None = None, include_quick: bool = Fa
                "`python -m benchmarks.report --readme README.md`."
     parts = ["Generated by `python -m benchmarks.report --readme README.md` from the newest files in "
              "`benchmarks/results/`."]
-    order = list(COLUMNS)
     for dev in sorted(found, key=lambda d: (not d.startswith("cuda"), d)):
-        for suite in sorted(found[dev], key=order.index):
+        for suite in sorted(found[dev], key=_view_order):
             parts += ["", suite_markdown(found[dev][suite]).replace("### ", "#### " + dev + ": ", 1)]
             png = os.path.join(results, dev, "memory_vs_depth.png")
             if suite == "memory" and link_from is not None and os.path.exists(png):
@@ -334,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{folder}: holds full results; its summary.md is not replaced by quick ones")
             continue
         with open(os.path.join(folder, "summary.md"), "w") as f:
-            f.write("\n\n".join(suite_markdown(suites[s]) for s in sorted(suites, key=list(COLUMNS).index)) + "\n")
+            f.write("\n\n".join(suite_markdown(suites[s]) for s in sorted(suites, key=_view_order)) + "\n")
         if args.plots and "memory" in suites:
             plot_memory(suites["memory"], os.path.join(folder, "memory_vs_depth.png"))
     if args.readme:

@@ -19,7 +19,8 @@ from effdense.tools.measure import measure_step
 
 from . import floors
 from .loader import loader
-from .common import DTYPES, LAYOUTS, Step, backend_unavailable, build_model, input_size, is_oom, median_ms, sync
+from .common import (DTYPES, LAYOUTS, Step, backend_unavailable, build_model, compile_model, input_size, is_oom,
+                     median_ms, sync)
 from .rss import rss_fields
 
 GiB = 2 ** 30
@@ -46,16 +47,20 @@ def _override(cfg: dict, overrides: dict | None) -> dict:
 
 
 def _measure(name: str, depth: int | None, k: int, backend: str, batch: int, dtype: str, device: torch.device,
-             time_it: bool, warmup: int = 2, reps: int = 10) -> dict:
-    """One configuration: peak memory of a training step and, if ``time_it``, median phase times."""
+             time_it: bool, warmup: int = 2, reps: int = 10, budget: float | None = None,
+             compile_backend: str = "inductor") -> dict:
+    """One configuration: peak memory of a training step and, if ``time_it``, median phase times; ``budget``:
+    the ``compile`` backend's activation memory budget (:func:`benchmarks.common.compile_model`)."""
     row = dict(model=name, depth=depth, growth_rate=k, backend=backend, batch=batch, dtype=dtype)
+    if budget is not None:
+        row["budget"] = budget
     why = backend_unavailable(backend, device, DTYPES[dtype])
     if why is not None:
         return dict(row, status=f"unavailable: {why}")
     size = input_size(name)
     try:
         torch.manual_seed(0)
-        model = build_model(name, depth, k, backend, device)
+        model = build_model(name, depth, k, backend, device, budget=budget, compile_backend=compile_backend)
         step = Step(model, batch, size, dtype, device)
         step.step()                                   # warm-up: compile, gradients, optimizer state
         peak = measure_step(step.step, device).peak_bytes
@@ -78,21 +83,32 @@ def _measure(name: str, depth: int | None, k: int, backend: str, batch: int, dty
 
 def memory(device: torch.device, quick: bool, backends: list[str], overrides: dict | None = None,
            rows: list | None = None) -> tuple[dict, list[dict]]:
-    """Peak memory of one training step vs depth, DenseNet-BC k=12 and k=24, 32x32, with the predicted floor."""
+    """Peak memory of one training step vs depth, DenseNet-BC k=12 and k=24, 32x32, with the predicted floor;
+    the ``compile`` backend once per activation memory budget in ``budgets`` (see :func:`speed`)."""
     if quick:
         cfg = dict(batch=2, growth_rates=[12], depths=[10, 16, 22], dtype="fp32")
     else:
         cfg = dict(batch=64, growth_rates=[12, 24], depths=[40, 100, 190, 250, 400, 700, 1000], dtype="fp32")
+    cfg.update(budgets=[1.0], compile_backend="inductor")
     cfg = _override(cfg, overrides)
+    _check_budgets(cfg)
     rows = _begin(rows, cfg)
     for k in cfg["growth_rates"]:
         for backend in backends:
-            for depth in cfg["depths"]:
-                row = _measure("bc", depth, k, backend, cfg["batch"], cfg["dtype"], device, time_it=False)
-                rows.append(row)
-                if row["status"] == "oom":
-                    break                                  # deeper will not fit either
+            for budget in cfg["budgets"] if backend == "compile" else [None]:
+                for depth in cfg["depths"]:
+                    row = _measure("bc", depth, k, backend, cfg["batch"], cfg["dtype"], device, time_it=False,
+                                   budget=budget, compile_backend=cfg["compile_backend"])
+                    rows.append(row)
+                    if row["status"] == "oom":
+                        break                                  # deeper will not fit either
     return cfg, rows
+
+
+def _check_budgets(cfg: dict) -> None:
+    bad = [b for b in cfg["budgets"] if not isinstance(b, (int, float)) or not 0 <= b <= 1]
+    if bad or not cfg["budgets"]:
+        raise ValueError(f"budgets: expected a list of activation memory budgets in [0, 1], got {cfg['budgets']}")
 
 
 def speed(device: torch.device, quick: bool, backends: list[str], overrides: dict | None = None,
@@ -103,7 +119,10 @@ def speed(device: torch.device, quick: bool, backends: list[str], overrides: dic
     ``mode="reduce-overhead"``. Every variant of one configuration is built first; then each of ``rounds``
     rounds times every variant once (``reps`` steps, one forward, one backward), in an order rotated per round,
     so that drifting machine load spreads over all of them. The first step (compilation, autotuning, Triton's
-    JIT) is timed on its own (``first_step_s``)."""
+    JIT) is timed on its own (``first_step_s``). ``budgets``: the ``compile`` variant once per
+    ``torch._functorch.config.activation_memory_budget`` (PyTorch's automatic recomputation, the peer of the
+    memory-efficient backends; ``budget`` in its rows). The models run without dropout: below 1.0 the
+    partitioner recomputes dropout with fresh randomness (pytorch#190717)."""
     if quick:
         cfg = dict(models=[("bc", 16, 12)], batches=[2], dtypes=["fp32"], warmup=1, rounds=3, reps=1)
     else:
@@ -113,10 +132,9 @@ def speed(device: torch.device, quick: bool, backends: list[str], overrides: dic
     cfg["layouts"] = ["nchw"]                    # input and model memory format: "nchw" and/or "channels_last"
     cfg["compile_backend"] = "inductor"           # the ``compile`` rows' torch.compile backend
     cfg["rss"] = True                             # CPU: resident-memory rise of eager rows (benchmarks.rss)
-    overrides = dict(overrides or {})
-    if "depths" in overrides:                  # DenseNet-BC models of these depths instead of the default list
-        cfg["models"] = [("bc", d, k) for k in overrides.pop("growth_rates", [12]) for d in overrides.pop("depths")]
-    cfg = _override(cfg, overrides)
+    cfg["budgets"] = [1.0]                        # the ``compile`` rows' activation memory budgets
+    cfg = _override(cfg, _bc_models(cfg, overrides))
+    _check_budgets(cfg)
     unknown = sorted(set(cfg["layouts"]) - set(LAYOUTS))
     if unknown:
         raise ValueError(f"speed: unknown layouts {unknown}; expected some of {sorted(LAYOUTS)}")
@@ -131,14 +149,33 @@ def speed(device: torch.device, quick: bool, backends: list[str], overrides: dic
     return cfg, rows
 
 
-def _variants(backends: list[str], device: torch.device, dtype: str) -> list[tuple[str, str]]:
-    """``(backend, variant)`` pairs to time: each backend eagerly; on CUDA each block backend's captured step and
-    naive's reduce-overhead compile (fp16 needs a GradScaler, which cannot be captured)."""
-    out = [(b, "compile" if b == "compile" else "eager") for b in backends]
+def _bc_models(cfg: dict, overrides: dict | None) -> dict:
+    """``overrides`` less ``depths`` and ``growth_rates``, which set ``cfg["models"]`` to DenseNet-BC models of
+    these depths instead of the default list."""
+    overrides = dict(overrides or {})
+    if "depths" in overrides:
+        cfg["models"] = [("bc", d, k) for k in overrides.pop("growth_rates", [12]) for d in overrides.pop("depths")]
+    return overrides
+
+
+def _rotations(items: list, rounds: int):
+    """``items`` once per round, in an order rotated per round (drifting machine load spreads over all)."""
+    for r in range(rounds if items else 0):
+        yield from items[r % len(items):] + items[:r % len(items)]
+
+
+def _variants(backends: list[str], device: torch.device, dtype: str,
+              budgets: list[float]) -> list[tuple[str, str, float | None]]:
+    """``(backend, variant, budget)`` to time: each block backend eagerly, ``compile`` at each budget; on CUDA
+    each block backend's captured step and naive's reduce-overhead compile (fp16 needs a GradScaler, which
+    cannot be captured)."""
+    out = [(b, "compile", budget) for b in backends if b == "compile" for budget in budgets]
+    out = [(b, "eager", None) for b in backends if b != "compile"] + out
+    out.sort(key=lambda v: backends.index(v[0]))
     if device.type == "cuda" and dtype != "fp16":
-        out += [(b, "cuda-graph") for b in backends if b != "compile"]
+        out += [(b, "cuda-graph", None) for b in backends if b != "compile"]
         if "compile" in backends:
-            out.append(("compile", "compile-reduce-overhead"))
+            out.append(("compile", "compile-reduce-overhead", None))
     return out
 
 
@@ -147,14 +184,15 @@ class _Timed:
     and ``backward(loss)`` too."""
 
     def __init__(self, name: str, depth: int | None, k: int, backend: str, variant: str, batch: int, dtype: str,
-                 device: torch.device, warmup: int, compile_backend: str = "inductor", layout: str = "nchw"):
+                 device: torch.device, warmup: int, compile_backend: str = "inductor", layout: str = "nchw",
+                 budget: float | None = None):
         from effdense.cuda_graphs import GraphedStep, compiled_step, make_capturable
         size = input_size(name)
         torch.manual_seed(0)
         model = build_model(name, depth, k, "naive" if variant.startswith("compile") else backend, device)
         model = model.to(memory_format=LAYOUTS[layout])
         if variant == "compile":
-            model = torch.compile(model, backend=compile_backend)
+            model = compile_model(model, compile_backend, budget)
         self.plain = Step(model, batch, size, dtype, device)
         self.plain.x = self.plain.x.contiguous(memory_format=LAYOUTS[layout])
         self.forward = self.backward = None
@@ -192,16 +230,16 @@ def _spread(values: list[float], prefix: str) -> dict:
 def _speed_config(name: str, depth: int | None, k: int, batch: int, dtype: str, layout: str, device: torch.device,
                   backends: list[str], cfg: dict) -> list[dict]:
     rows, timed = [], []
-    for backend, variant in _variants(backends, device, dtype):
+    for backend, variant, budget in _variants(backends, device, dtype, cfg["budgets"]):
         row = dict(model=name, depth=depth, growth_rate=k, backend=backend, variant=variant, batch=batch,
-                   dtype=dtype, layout=layout)
+                   dtype=dtype, layout=layout, **({} if budget is None else {"budget": budget}))
         why = backend_unavailable(backend, device, DTYPES[dtype])
         if why is not None:
             rows.append(dict(row, status=f"unavailable: {why}"))
             continue
         try:
             t = _Timed(name, depth, k, backend, variant, batch, dtype, device, cfg["warmup"], cfg["compile_backend"],
-                       layout)
+                       layout, budget)
         except (torch.OutOfMemoryError, RuntimeError, ValueError) as err:
             if is_oom(err):
                 rows.append(dict(row, status="oom"))
@@ -210,12 +248,11 @@ def _speed_config(name: str, depth: int | None, k: int, batch: int, dtype: str, 
             _free(device)
             continue
         timed.append((row, t, {"step": [], "forward": [], "backward": []}))
-    for r in range(cfg["rounds"]):
-        for row, t, times in timed[r % len(timed):] + timed[:r % len(timed)] if timed else []:
-            times["step"].append(median_ms(t.step, device, 0, cfg["reps"]))
-            if t.forward is not None:
-                times["forward"].append(median_ms(t.forward, device, 0, 1))
-                times["backward"].append(median_ms(t.backward, device, 0, 1, setup=t.forward))
+    for row, t, times in _rotations(timed, cfg["rounds"]):
+        times["step"].append(median_ms(t.step, device, 0, cfg["reps"]))
+        if t.forward is not None:
+            times["forward"].append(median_ms(t.forward, device, 0, 1))
+            times["backward"].append(median_ms(t.backward, device, 0, 1, setup=t.forward))
     for row, t, times in timed:
         out = dict(row, status="ok", images=batch, first_step_s=t.first_step_s, peak_bytes=t.peak,
                    floor_bytes=t.floor, **_spread(times["step"], "step"))
@@ -226,6 +263,77 @@ def _speed_config(name: str, depth: int | None, k: int, batch: int, dtype: str, 
                        backward_ms=statistics.median(times["backward"]))
         out["images_per_s"] = batch / out["step_ms"] * 1e3
         rows.append(out)
+    del timed
+    _free(device)
+    return rows
+
+
+def inference(device: torch.device, quick: bool, backends: list[str], overrides: dict | None = None,
+              rows: list | None = None) -> tuple[dict, list[dict]]:
+    """Eval forward (``model.eval()`` under ``torch.inference_mode``) per model, batch and backend: latency (the
+    median ms per batch over interleaved rounds, as in :func:`speed`, with its spread), images/s, and the peak
+    memory a forward adds (:func:`effdense.tools.measure.measure_step`, as the speed and memory suites: the CPU
+    allocator's peak, CUDA's ``max_memory_allocated``). ``compile`` is naive under torch.compile (``inductor``
+    unless ``compile_backend``); every row's first call, the compile included, is timed on its own."""
+    if quick:
+        cfg = dict(models=[("bc", 10, 12)], batches=[2], warmup=1, rounds=2, reps=1)
+    else:
+        cfg = dict(models=[("bc", 100, 12)], batches=[1, 32, 256], warmup=3, rounds=7, reps=5)
+    cfg.update(dtype="fp32", compile_backend="inductor")
+    cfg = _override(cfg, _bc_models(cfg, overrides))
+    cfg["models"] = [list(m) for m in cfg["models"]]
+    rows = _begin(rows, cfg)
+    for name, depth, k in cfg["models"]:
+        for batch in cfg["batches"]:
+            rows += _inference_config(name, depth, k, batch, device, backends, cfg)
+    return cfg, rows
+
+
+def _eval_forward(name: str, depth: int | None, k: int, backend: str, x: torch.Tensor, cfg: dict) -> Callable:
+    """The eval forward of one backend's model on ``x``, as a closure (compiled on its first call)."""
+    torch.manual_seed(0)
+    model = build_model(name, depth, k, "naive" if backend == "compile" else backend, x.device).eval()
+    if backend == "compile":
+        model = compile_model(model, cfg["compile_backend"])
+    amp = DTYPES[cfg["dtype"]] if cfg["dtype"] != "fp32" else None
+
+    def forward() -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+            return model(x)
+    return forward
+
+
+def _inference_config(name: str, depth: int | None, k: int, batch: int, device: torch.device, backends: list[str],
+                      cfg: dict) -> list[dict]:
+    rows, timed = [], []
+    size = input_size(name)
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    for backend in backends:
+        row = dict(model=name, depth=depth, growth_rate=k, backend=backend, batch=batch, dtype=cfg["dtype"])
+        why = backend_unavailable(backend, device, DTYPES[cfg["dtype"]])
+        if why is not None:
+            rows.append(dict(row, status=f"unavailable: {why}"))
+            continue
+        try:
+            forward = _eval_forward(name, depth, k, backend, x, cfg)
+            t0 = time.perf_counter()
+            forward()
+            sync(device)
+            row["first_call_s"] = time.perf_counter() - t0
+            for _ in range(cfg["warmup"] - 1):
+                forward()
+            row["peak_bytes"] = measure_step(forward, device).peak_bytes
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            rows.append(dict(row, status="oom" if is_oom(err) else
+                             f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"))
+            _free(device)
+            continue
+        timed.append((row, forward, []))
+    for row, forward, times in _rotations(timed, cfg["rounds"]):
+        times.append(median_ms(forward, device, 0, cfg["reps"]))
+    for row, forward, times in timed:
+        out = dict(row, status="ok", images=batch, **_spread(times, "latency"))
+        rows.append(dict(out, images_per_s=batch / out["latency_ms"] * 1e3))
     del timed
     _free(device)
     return rows
@@ -630,4 +738,4 @@ def _interpreting() -> bool:
 
 
 SUITES = {"memory": memory, "speed": speed, "capacity": capacity, "kernels": kernels, "peers": peers,
-          "launches": launches, "loader": loader}
+          "launches": launches, "loader": loader, "inference": inference}

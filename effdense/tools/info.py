@@ -17,7 +17,7 @@ import torch
 from .. import __version__, backends
 
 #: the checkout this package runs from, when it runs from one (an editable install or the source tree)
-SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _version(module: str) -> str:

@@ -278,6 +278,8 @@ def test_environment_record_names_the_commit(monkeypatch):
     env = info.environment(torch.device("cpu"), ["prog", "--flag", "a b"])
     assert env["command"] == "prog --flag 'a b'" and env["torch"] == torch.__version__
     assert (env["commit"] is None) == (env["dirty"] is None)
+    if (pathlib.Path(info.__file__).resolve().parents[2] / ".git").exists() and shutil.which("git"):
+        assert env["commit"], "run from a git checkout, the commit is recorded (info.SOURCE_ROOT is the checkout)"
     monkeypatch.setenv("EFFDENSE_COMMIT", "0123456789abcdef")    # a copy without .git (the GPU machine)
     env = info.environment(torch.device("cpu"))
     assert env["commit"] == "0123456789abcdef" and env["dirty"] is None
@@ -296,3 +298,96 @@ def test_loader_suite_measures_images_per_worker_or_names_the_extra():
         assert rows[1]["images_per_s_per_worker"] == rows[1]["images_per_s"]
     _, rows = SUITES["loader"](cpu, True, ["naive"], {"workers": [], "size": 32, "model": "densenet121"})
     assert len(rows) == 1 and rows[0]["status"] == "ok" and rows[0]["images_per_s"] > 0
+
+
+def _cpp_or_nothing() -> list[str]:
+    from effdense import _ext
+    return ["cpp"] if _ext.available() else []
+
+
+def test_inference_suite_rows_fields_and_targets(tmp_path):
+    """Issue 28: eval forward of naive, torch.compile of naive and the block backends at a tiny size; latency,
+    images/s, peak memory and first call per row; the eval targets of batch 32 computed from the rows."""
+    wanted = ["naive", "torch", *_cpp_or_nothing(), "compile"]
+    assert cli.main(["--suite", "inference", "--device", "cpu", "--depths", "10", "--batches", "2", "32",
+                     "--backends", *wanted, "--set", 'compile_backend="aot_eager"', "rounds=2", "reps=1",
+                     "warmup=1", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("*/inference-*.json")
+    data = json.loads(path.read_text())
+    rows = data["rows"]
+    assert [(r["batch"], r["backend"]) for r in rows] == [(b, w) for b in (2, 32) for w in wanted]
+    for r in rows:
+        assert r["status"] == "ok" and r["depth"] == 10 and r["peak_bytes"] > 0 and r["first_call_s"] > 0, r
+        assert r["latency_ms_min"] <= r["latency_ms"] <= r["latency_ms_max"] and len(r["latency_ms_rounds"]) == 2
+        assert r["images_per_s"] == pytest.approx(r["batch"] / r["latency_ms"] * 1e3)
+    tg = report.targets(data)
+    by = {(t["backend"], t["target"].split(": ")[1]): t for t in tg}
+    efficient = [b for b in wanted if b in report.EFFICIENT]
+    assert len(tg) == 2 * len(efficient), "batch 32 only, two targets per memory-efficient backend"
+    naive = next(r for r in rows if r["backend"] == "naive" and r["batch"] == 32)
+    for b in efficient:
+        mine = next(r for r in rows if r["backend"] == b and r["batch"] == 32)
+        assert by[(b, "peak memory <= naive")]["value"] == pytest.approx(mine["peak_bytes"] / naive["peak_bytes"])
+        assert by[(b, "latency <= naive")]["value"] == pytest.approx(mine["latency_ms"] / naive["latency_ms"])
+    assert all(t["met"] == (t["value"] <= 1.0) for t in tg)
+    text = report.suite_markdown(data)
+    assert "latency ms" in text and "first call s" in text and "eval BC-10 k=12 batch 32" in text
+    assert ("What the missed targets would take" in text) == (not all(t["met"] for t in tg))
+
+
+@pytest.mark.parametrize("suite", ["speed", "memory"])
+def test_compile_rows_at_activation_memory_budgets(tmp_path, suite):
+    """Issue 28: the compile rows once per budget, each compiled under its own budget (a lower budget saves less,
+    so the step's peak falls: Dynamo must not hand the second model the first one's graphs), beside naive and
+    cpp in one run; the report puts them in a table of their own with cpp against each budget."""
+    wanted = ["naive", *_cpp_or_nothing(), "compile"]
+    size = ["--depths", "16", "--growth-rates", "12"] + (["--batch", "2"] if suite == "memory" else
+                                                         ["--batches", "2", "--dtypes", "fp32"])
+    extra = ["rss=false", "rounds=2", "reps=1", "warmup=1"] if suite == "speed" else []
+    assert cli.main(["--suite", suite, "--device", "cpu", *size, "--backends", *wanted, "--set", "budgets=[1.0,0.05]",
+                     'compile_backend="aot_eager_decomp_partition"', *extra, "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob(f"*/{suite}-*.json")
+    data = json.loads(path.read_text())
+    rows = data["rows"]
+    assert [(r["backend"], r.get("budget")) for r in rows] == [(b, None) for b in wanted[:-1]] + \
+        [("compile", 1.0), ("compile", 0.05)]
+    assert all(r["status"] == "ok" and r["peak_bytes"] > 0 for r in rows), rows
+    full, low = rows[-2:]
+    assert low["peak_bytes"] < full["peak_bytes"], "budget 0.05 recomputes: its step must need less memory"
+    if suite == "speed":
+        assert all(r["first_step_s"] > 0 and r["step_ms"] > 0 for r in rows)
+    assert report.view(data) == f"{suite} budgets" and f"### {suite} budgets" in report.suite_markdown(data)
+    tg = [t for t in report.targets(data) if "vs compile at budget" in t["target"]]
+    if "cpp" in wanted:
+        cpp = next(r for r in rows if r["backend"] == "cpp")
+        mem = {t["target"].rsplit(" ", 1)[1]: t["value"] for t in tg if "peak memory" in t["target"]}
+        assert mem == pytest.approx({"1": cpp["peak_bytes"] / full["peak_bytes"],
+                                     "0.05": cpp["peak_bytes"] / low["peak_bytes"]})
+        assert len(tg) == (4 if suite == "speed" else 2)
+
+
+def test_budget_runs_sit_beside_the_suites_own_table(tmp_path):
+    """A run of budgets below 1.0 does not replace the newest full speed table in the README section."""
+    stored = json.loads(next(FIXTURE.glob("*/memory-*.json")).read_text())
+    folder = tmp_path / "cpu-x"
+    folder.mkdir()
+    for name, budgets, stamp in (("plain", [1.0], "2026-01-01T00:00:00Z"), ("budgets", [1.0, 0.05],
+                                                                            "2026-01-02T00:00:00Z")):
+        env = dict(stored["env"], timestamp=stamp, command=f"run {name}", session=None)
+        (folder / f"memory-{name}.json").write_text(json.dumps(dict(stored, quick=False, env=env,
+                                                                    config=dict(stored["config"], budgets=budgets))))
+    found = report.newest(str(tmp_path))["cpu-x"]
+    assert set(found) == {"memory", "memory budgets"}
+    assert found["memory"]["env"]["command"] == "run plain"
+    text = report.section(str(tmp_path))
+    assert text.index("cpu-x: memory\n") < text.index("cpu-x: memory budgets")
+
+
+@pytest.mark.parametrize("bad", ["[2]", "[]", '["x"]'])
+def test_budgets_outside_zero_one_are_refused(bad, tmp_path):
+    with pytest.raises(ValueError, match=r"budgets: expected a list of activation memory budgets in \[0, 1\]"):
+        cli.main(["--suite", "memory", "--device", "cpu", "--backends", "naive", "--set", f"budgets={bad}",
+                  "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"activation memory budget must be in \[0, 1\], got 2"):
+        from benchmarks.common import compile_model
+        compile_model(torch.nn.Linear(1, 1), budget=2)
