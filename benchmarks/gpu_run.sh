@@ -139,7 +139,7 @@ TEST_FILES=(tests/backends/test_equivalence.py tests/backends/test_cpp_backend.p
 # machine finds them there. The selection is listed first, so that the summary can name the tests a deadline cut off.
 correctness() {
   local args=(-q -p no:cacheprovider -rfEs --timeout "$TEST_TIMEOUT" -k "cuda or triton" "${TEST_FILES[@]}")
-  "$PY" -m pytest "${args[@]}" --collect-only -q > "$WORK/collected.txt" || { tail -5 "$WORK/collected.txt"; return 4; }
+  "$PY" -m pytest "${args[@]}" --collect-only > "$WORK/collected.txt" || { tail -5 "$WORK/collected.txt"; return 4; }
   tail -1 "$WORK/collected.txt"
   if [ "$REHEARSE" = 1 ]; then           # on CPU the CUDA cases skip: the selection is checked, a few run for real
     "$PY" -m pytest -q -p no:cacheprovider -rfEs --timeout "$TEST_TIMEOUT" --junitxml "$WORK/junit.xml" \

@@ -78,7 +78,7 @@ mkdir -p "$WHEELS" "$CACHE/logs"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/effdense-cudabuild.XXXXXX")
 LOGS="$WORK/logs"
 mkdir -p "$LOGS"
-STAGE=setup COMPILE=- LINK=- IMPORT=- TESTRES=- TVER=- NERR=0 SOSIZE=-
+STAGE=setup COMPILE=- LINK=- IMPORT=- TESTRES=- SUITERES=- TVER=- NERR=0 SOSIZE=-
 finish() {  # finish RC: keep the logs, drop the work folder unless --keep, print the summary last
   local rc=$1 verdict=PASS
   [ "$rc" -ne 0 ] && verdict="FAIL($STAGE)"
@@ -208,7 +208,6 @@ NCUDA=$("$NVCC" --version | grep -o 'release [0-9.]*' | cut -d' ' -f2)
 
 # ---------------------------------------------------------------- build a wheel
 STAGE=compile
-SUITERES=-
 JOBS=${MAX_JOBS:-$(nproc)}
 ISA="${EFFDENSE_CPU_ISA:-avx2}"
 step "pip wheel --no-build-isolation (CUDA_HOME=$CUDA_HOME EFFDENSE_CUDA_ARCHS=$ARCHS EFFDENSE_CPU_ISA=$ISA MAX_JOBS=$JOBS)"
