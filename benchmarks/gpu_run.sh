@@ -71,7 +71,7 @@ print('effdense._C:', _ext.reason() or 'loaded')" ;;
       bench --suite speed --batches "$B64" --dtypes fp32 --backends naive checkpoint torch cpp triton \
         --set "models=$D121" rounds=5 reps=3 $SPEED_SET ;;
     peers)
-      bench --suite peers --backends naive --set batch="$B64" size="$PEER_SIZE" reps=10 ;;
+      bench --suite peers --backends naive --set batch="$B64" size="$PEER_SIZE" reps="$PEER_REPS" ;;
     speed-bc100-b256)
       bench --suite speed --depths "$BC" --growth-rates 12 --batches "$B256" --dtypes $DTYPES \
         --backends naive checkpoint torch cpp triton --set rounds=5 reps=3 $SPEED_SET ;;
@@ -163,8 +163,8 @@ case "${1:-}" in
 esac
 if [ "$REHEARSE" = 1 ]; then
   OUT=${OUT:-/tmp/effdense-gpu-rehearsal}
-  DEVICE=cpu BC=10 B64=2 B256=4 MEM_DEPTHS="10 16" D121='[["bc",16,12]]' PEER_SIZE=32 LAUNCH_DEPTH=10
-  COMPILE_BACKEND=aot_eager TEST_TIMEOUT=60 TOTAL=225 SPEED_SET="--set rounds=2 reps=1 warmup=1 rss=false" DTYPES=fp32
+  DEVICE=cpu BC=10 B64=2 B256=4 MEM_DEPTHS="10 16" D121='[["bc",16,12]]' PEER_SIZE=32 PEER_REPS=2 LAUNCH_DEPTH=10
+  COMPILE_BACKEND=aot_eager TEST_TIMEOUT=60 TOTAL=240 SPEED_SET="--set rounds=2 reps=1 warmup=1 rss=false" DTYPES=fp32
   INFER_BATCHES="1 2" INFER_SET="--set rounds=2 reps=1 warmup=1" BUDGETS="0.05"
   KERNEL_SIZES="batch=2 shapes=[[24,48]] reps=3 copy_elems=1048576 matmul_n=256 profile=false"
   export TRITON_INTERPRET=1
@@ -172,7 +172,7 @@ if [ "$REHEARSE" = 1 ]; then
 else
   OUT=${OUT:-/tmp/effdense-gpu-run}
   DEVICE=cuda BC=100 B64=64 B256=256 MEM_DEPTHS="100 250 400 700 1000" D121='[["densenet121",null,32]]'
-  PEER_SIZE=224 LAUNCH_DEPTH=40 COMPILE_BACKEND=inductor TEST_TIMEOUT=90 TOTAL=${EFFDENSE_GPU_TOTAL:-420}
+  PEER_SIZE=224 PEER_REPS=10 LAUNCH_DEPTH=40 COMPILE_BACKEND=inductor TEST_TIMEOUT=90 TOTAL=${EFFDENSE_GPU_TOTAL:-420}
   KERNEL_SIZES="" SPEED_SET="" DTYPES="fp32 bf16" INFER_BATCHES="1 32 256" INFER_SET="" BUDGETS="0.5 0.2 0.05"
 fi
 mkdir -p "$OUT"
@@ -186,7 +186,7 @@ CACHE=${EFFDENSE_CACHE:-$REPO/build/gpu-run-cache}
 export TRITON_CACHE_DIR="$CACHE/triton" TORCHINDUCTOR_CACHE_DIR="$CACHE/inductor"
 # one session: benchmarks.report merges this run's results of a suite (four speed phases) into one table
 export EFFDENSE_SESSION="gpu_run-$(date -u +%Y%m%dT%H%M%SZ)"
-export REHEARSE DEVICE DTYPES BC B64 B256 MEM_DEPTHS D121 PEER_SIZE LAUNCH_DEPTH COMPILE_BACKEND \
+export REHEARSE DEVICE DTYPES BC B64 B256 MEM_DEPTHS D121 PEER_SIZE PEER_REPS LAUNCH_DEPTH COMPILE_BACKEND \
   TEST_TIMEOUT KERNEL_SIZES SPEED_SET INFER_BATCHES INFER_SET BUDGETS WORK RESULTS PY
 if [ -z "${EFFDENSE_COMMIT:-}" ] && ! git -C "$REPO" rev-parse HEAD > /dev/null 2>&1; then
   echo "WARNING: no .git and no EFFDENSE_COMMIT: results will say commit unknown" | tee -a "$LOG"
@@ -218,20 +218,21 @@ run() {   # run NAME FULL_DEADLINE REHEARSAL_DEADLINE
   echo "    $name: $status (rc $rc) in ${dt}s" | tee -a "$LOG"
 }
 
-#   phase               full  rehearsal (seconds; on an idle 2-core CPU the rehearsal's phases take about half)
-run setup               30    15
+#   phase               full  rehearsal (seconds; the rehearsal's deadlines allow for the ~5 s import of torch 2.11+cu130
+#                                  in each process; on an idle 2-core CPU its phases take about a third)
+run setup               30    30
 [ -e "$WORK/need-build" ] && run build 240 0   # 16 jobs: a few minutes of nvcc; the last phases are then cut
 run correctness         130   25
 run speed-bc100-b64     45    20
-run memory              30    12
+run memory              30    15
 run compile             45    25
-run inference           30    14
-run budgets             60    16
-run capacity            20    6
+run inference           30    16
+run budgets             60    18
+run capacity            20    12
 run densenet121         20    18
 run speed-bc100-b256    20    20
-run peers               10    6
-run kernels             10    6
+run peers               10    20
+run kernels             10    12
 run launches            10    22
 
 # ------------------------------------------------------------------------------------------ results

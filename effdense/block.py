@@ -20,7 +20,15 @@ def exporting() -> bool:
     """Whether the forward is being captured into a graph for export: ``torch.jit.trace``, ``torch.onnx.export``
     (both exporters) or ``torch.export`` (``torch.jit.script`` is told apart by ``torch.jit.is_scripting()``)."""
     # cheapest first: is_in_onnx_export takes microseconds (two imports), and both ONNX exporters trace or export
-    return torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    return _is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+def _is_exporting() -> bool:
+    """``torch.compiler.is_exporting()``, read as its flag: dynamo in torch 2.11 folds the call itself to True under
+    ``torch.compile`` too (torch/_dynamo/variables/torch.py), which would put compiled models on the reference path;
+    the flag's value is what dynamo sees when it reads the attribute (False there, True under torch.export)."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
 
 
 class DenseLayer(nn.Module):

@@ -185,7 +185,9 @@ class EfficientDenseNet(nn.Module):
         if self.global_pool == "avg":
             out = F.adaptive_avg_pool2d(out, (1, 1))
         else:
-            out = F.adaptive_max_pool2d(out, (1, 1))
+            # a max pool over the whole map: adaptive_max_pool2d's value and gradient, and an operator that torch
+            # 2.11's ONNX exporter translates (it has no adaptive_max_pool2d)
+            out = F.max_pool2d(out, kernel_size=out.shape[-2:])
         out = torch.flatten(out, 1)
         if hasattr(self, "classifier"):  # include_top (TorchScript: a model without one has no such attribute)
             out = self.classifier(out)

@@ -1,7 +1,7 @@
 """``bash benchmarks/gpu_run.sh --rehearse``: the GPU command's phases on CPU at tiny sizes, so that the one call a
 lent GPU gets cannot fail on a typo, a missing file or an argument the scripts no longer accept (issue 14).
 
-One run (about 2 minutes on an idle 2-core machine, at most 225 s by the script's own overall deadline):
+One run (about 2 minutes on an idle 2-core machine, at most 240 s by the script's own overall deadline):
 it exits 0; every phase ran and none failed; every benchmark phase measured at least one row for each backend it
 names (a row may say the backend is unavailable on CPU): a phase that only proves its arguments parse fails;
 what comes back is at most 8 files no deeper than two folders; the results tarball holds every suite's results;
@@ -43,7 +43,7 @@ def rehearsal(tmp_path_factory):
 def test_rehearsal_exits_cleanly_within_its_deadline(rehearsal):
     proc, out, wall = rehearsal
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert wall < 245, f"the rehearsal took {wall:.0f} s (its overall deadline is 225 s plus packing)"
+    assert wall < 260, f"the rehearsal took {wall:.0f} s (its overall deadline is 240 s plus packing)"
     assert "phase" in proc.stdout and "result files" in proc.stdout, "the summary table ends the output"
 
 
