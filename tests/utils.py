@@ -13,6 +13,20 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 
 
+
+def randomize_bn(module: nn.Module, momentum: float | None = None) -> nn.Module:
+    """Non-trivial BN affine parameters and running statistics (so eval mode is a real test); ``momentum`` set
+    on every BN when given."""
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+            if momentum is not None:
+                m.momentum = momentum
+    return module
+
 def make_block(kwargs: dict, options: dict, dtype: torch.dtype = torch.float64, device="cpu") -> nn.Module:
     """An :class:`~effdense.EfficientDenseBlock` with non-trivial BN affine parameters and running statistics
     (so eval mode is a real test); ``options["momentum"]`` sets every BN's momentum."""
@@ -20,14 +34,7 @@ def make_block(kwargs: dict, options: dict, dtype: torch.dtype = torch.float64, 
 
     torch.manual_seed(0)
     block = EfficientDenseBlock(**kwargs).to(dtype)
-    for m in block.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.3, 0.3)
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-            if "momentum" in options:
-                m.momentum = options["momentum"]
+    randomize_bn(block, options.get("momentum"))
     return block.to(device)
 
 

@@ -7,8 +7,7 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
-from utils import rel_err
+from utils import randomize_bn, rel_err
 
 import effdense
 from effdense import EfficientDenseNet, backends
@@ -80,14 +79,7 @@ CPU_BACKENDS = ["auto", "naive", "checkpoint", "torch", "cpp"]
 def _model(build, backend: str = "auto") -> EfficientDenseNet:
     """A model in eval mode with non-trivial BN statistics and affine parameters (so eval mode is a real test)."""
     torch.manual_seed(0)
-    model = build()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.3, 0.3)
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
-    return model.set_backend(backend).eval()
+    return randomize_bn(build()).set_backend(backend).eval()
 
 
 def _check_export(model: EfficientDenseNet, exporter: str, x: torch.Tensor, tmp_path) -> None:
