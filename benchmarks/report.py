@@ -110,7 +110,8 @@ def provenance(data: dict) -> str:
         f"; {e.get('threads')} threads, load {'/'.join(f'{v:.1f}' for v in e['loadavg'])}" + \
         (f" (after: {'/'.join(f'{v:.1f}' for v in e['loadavg_end'])})" if e.get("loadavg_end") else "")
     cpu = f"; C++ CPU code {e['cpp_cpu']}" if e.get("cpp_cpu") and e.get("device_type") == "cpu" else ""
-    text = (f"{e['device']} ({e['device_type']}), {versions}; {tf32}{load}{cpu}; commit {commit}; "
+    device = e.get("cpu") or e["device"] if e["device_type"] == "cpu" else e["device"]
+    text = (f"{device} ({e['device_type']}), {versions}; {tf32}{load}{cpu}; commit {commit}; "
             f"{e['timestamp']}; `{e['command']}`")
     if data.get("runs"):
         text += f"; with {len(data['runs']) - 1} earlier run(s) of session {e.get('session')}: " + "; ".join(

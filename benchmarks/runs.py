@@ -68,6 +68,11 @@ def recorded(results: str = RESULTS) -> list[tuple[str, dict, dict]]:
     return sorted(runs, key=lambda r: r[1]["environment"]["timestamp"])
 
 
+def _device(env: dict) -> str:
+    """The device a run trained on: the GPU's name, or the CPU's model where recorded (older runs: the machine)."""
+    return env.get("cpu") or env["device"] if env["device_type"] == "cpu" else env["device"]
+
+
 def markdown(results: str = RESULTS, link_from: str | None = None) -> str:
     """A table of the recorded runs (empty string without any), curves linked relative to ``link_from``."""
     runs = recorded(results)
@@ -87,8 +92,7 @@ def markdown(results: str = RESULTS, link_from: str | None = None) -> str:
         commit = (env.get("commit") or "unknown")[:10] + (" (dirty)" if env.get("dirty") else "")
         lines.append(f"| {res['dataset']} | {res['model']} | {config.get('backend_resolved', '')} | "
                      f"{res['epochs_done']} | {res['test_acc']:.2%} | {speed} | {minutes} | {env.get('threads', '')} | "
-                     f"{env['device']} "
-                     f"({env['device_type']}, torch {env['torch']}) | {commit} | {curves} |")
+                     f"{_device(env)} ({env['device_type']}, torch {env['torch']}) | {commit} | {curves} |")
         commands.append(f"{i}. `{env['command']}` ({env['timestamp']})")
     return "\n".join(["#### training runs", "", *lines, "", "Commands:", "", *commands])
 

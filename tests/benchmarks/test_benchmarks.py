@@ -271,6 +271,7 @@ def test_training_run_is_recorded_and_listed(tmp_path):
     assert env["command"] in text and (env["commit"] or "unknown")[:10] in cells[9]
     minutes = sum(e["seconds"] for e in json.loads((folder / "log.json").read_text())["epochs"]) / 60
     assert cells[6] == f"{minutes:.1f}" and cells[7] == str(env["threads"]) == str(torch.get_num_threads())
+    assert cells[8].startswith(env["cpu"] + " (cpu, torch "), "the CPU's model names the device of a CPU run"
 
 
 def test_environment_record_names_the_commit(monkeypatch):
@@ -278,6 +279,11 @@ def test_environment_record_names_the_commit(monkeypatch):
     env = info.environment(torch.device("cpu"), ["prog", "--flag", "a b"])
     assert env["command"] == "prog --flag 'a b'" and env["torch"] == torch.__version__
     assert (env["commit"] is None) == (env["dirty"] is None)
+    assert env["cpu"] == info.cpu_model() and env["cpu"]
+    if pathlib.Path("/proc/cpuinfo").is_file():
+        names = [line.split(":", 1)[1].strip() for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        assert not names or env["cpu"] == names[0], "the model name from /proc/cpuinfo, not just the architecture"
     if (pathlib.Path(info.__file__).resolve().parents[2] / ".git").exists() and shutil.which("git"):
         assert env["commit"], "run from a git checkout, the commit is recorded (info.SOURCE_ROOT is the checkout)"
     monkeypatch.setenv("EFFDENSE_COMMIT", "0123456789abcdef")    # a copy without .git (the GPU machine)
