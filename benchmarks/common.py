@@ -58,6 +58,11 @@ def precision() -> dict:
     return dict(record, fp32_dot=kernels.dot_precision(torch.float32))
 
 
+def device_name(env: dict) -> str:
+    """The device a result ran on: the GPU's name, or the CPU's model where recorded (older results: the machine)."""
+    return env.get("cpu") or env["device"] if env["device_type"] == "cpu" else env["device"]
+
+
 def device_slug(env: dict) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{env['device_type']}-{env['device']}").strip("-").lower()
 

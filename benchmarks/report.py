@@ -99,6 +99,7 @@ def table(columns: list[tuple[str, str, str]], rows: list[dict]) -> str:
 
 
 def provenance(data: dict) -> str:
+    from .common import device_name
     e = data["env"]
     versions = f"torch {e['torch']}" + (f", triton {e['triton']}" if e.get("triton") else "") + \
         (f", CUDA {e['cuda']}" if e.get("cuda") else "") + (f", driver {e['driver']}" if e.get("driver") else "")
@@ -110,8 +111,7 @@ def provenance(data: dict) -> str:
         f"; {e.get('threads')} threads, load {'/'.join(f'{v:.1f}' for v in e['loadavg'])}" + \
         (f" (after: {'/'.join(f'{v:.1f}' for v in e['loadavg_end'])})" if e.get("loadavg_end") else "")
     cpu = f"; C++ CPU code {e['cpp_cpu']}" if e.get("cpp_cpu") and e.get("device_type") == "cpu" else ""
-    device = e.get("cpu") or e["device"] if e["device_type"] == "cpu" else e["device"]
-    text = (f"{device} ({e['device_type']}), {versions}; {tf32}{load}{cpu}; commit {commit}; "
+    text = (f"{device_name(e)} ({e['device_type']}), {versions}; {tf32}{load}{cpu}; commit {commit}; "
             f"{e['timestamp']}; `{e['command']}`")
     if data.get("runs"):
         text += f"; with {len(data['runs']) - 1} earlier run(s) of session {e.get('session')}: " + "; ".join(

@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 
-from .common import RESULTS, device_slug
+from .common import RESULTS, device_name, device_slug
 
 FILES = ("results.json", "log.json", "log.csv", "curves.png")
 
@@ -68,11 +68,6 @@ def recorded(results: str = RESULTS) -> list[tuple[str, dict, dict]]:
     return sorted(runs, key=lambda r: r[1]["environment"]["timestamp"])
 
 
-def _device(env: dict) -> str:
-    """The device a run trained on: the GPU's name, or the CPU's model where recorded (older runs: the machine)."""
-    return env.get("cpu") or env["device"] if env["device_type"] == "cpu" else env["device"]
-
-
 def markdown(results: str = RESULTS, link_from: str | None = None) -> str:
     """A table of the recorded runs (empty string without any), curves linked relative to ``link_from``."""
     runs = recorded(results)
@@ -92,7 +87,7 @@ def markdown(results: str = RESULTS, link_from: str | None = None) -> str:
         commit = (env.get("commit") or "unknown")[:10] + (" (dirty)" if env.get("dirty") else "")
         lines.append(f"| {res['dataset']} | {res['model']} | {config.get('backend_resolved', '')} | "
                      f"{res['epochs_done']} | {res['test_acc']:.2%} | {speed} | {minutes} | {env.get('threads', '')} | "
-                     f"{_device(env)} ({env['device_type']}, torch {env['torch']}) | {commit} | {curves} |")
+                     f"{device_name(env)} ({env['device_type']}, torch {env['torch']}) | {commit} | {curves} |")
         commands.append(f"{i}. `{env['command']}` ({env['timestamp']})")
     return "\n".join(["#### training runs", "", *lines, "", "Commands:", "", *commands])
 
